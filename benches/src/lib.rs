@@ -1,0 +1,1 @@
+//! Criterion benchmarks for slm live in `benches/`.

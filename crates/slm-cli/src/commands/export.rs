@@ -1,0 +1,35 @@
+//! `slm export MODEL --out DIR [--dtype f32|f16|bf16]`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use slm_model::{Model, StorageDType};
+
+use super::CommonArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// An HF directory or a .gguf file.
+    pub model: PathBuf,
+    /// Output HF directory (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage dtype of the saved weights: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
+    let dtype: StorageDType = args.dtype.parse().context("--dtype")?;
+    let model = Model::load(&args.model, &common.device()?)?;
+    model.save(&args.out, dtype, &[])?;
+    println!(
+        "exported {} ({} layers, {} parameters, {}) to {}",
+        args.model.display(),
+        model.spec.num_layers(),
+        model.spec.num_parameters(),
+        dtype.torch_name(),
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! `slm inspect MODEL [--json]`.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use slm_model::Model;
+
+use super::CommonArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// An HF directory or a .gguf file.
+    pub model: PathBuf,
+    /// Print JSON with HF config key names instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The JSON view: HF config fields, per-layer shapes with parameter counts, and the total.
+pub fn inspect_json(model: &Model) -> Value {
+    let spec = &model.spec;
+    let mut v = spec.to_hf_config("float32");
+    let obj = v.as_object_mut().expect("config is an object");
+    obj.remove("slm_layers");
+    obj.remove("torch_dtype");
+    let layers: Vec<Value> = spec
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "num_attention_heads": l.num_attention_heads,
+                "num_key_value_heads": l.num_key_value_heads,
+                "head_dim": l.head_dim,
+                "intermediate_size": l.intermediate_size,
+                "num_parameters": l.num_parameters(spec.hidden_size),
+            })
+        })
+        .collect();
+    obj.insert("layers".into(), Value::Array(layers));
+    obj.insert("num_parameters".into(), json!(spec.num_parameters()));
+    v
+}
+
+pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
+    let model = Model::load(&args.model, &common.device()?)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&inspect_json(&model))?);
+        return Ok(());
+    }
+    let s = &model.spec;
+    println!("model:        {}", args.model.display());
+    println!("vocab_size:   {}", s.vocab_size);
+    println!("hidden_size:  {}", s.hidden_size);
+    println!("layers:       {}", s.num_layers());
+    println!("rope_theta:   {}", s.rope_theta);
+    println!("rms_norm_eps: {:e}", s.rms_norm_eps);
+    println!("tied lm_head: {}", s.tie_word_embeddings);
+    println!("parameters:   {} ({:.1} M)", s.num_parameters(), s.num_parameters() as f64 / 1e6);
+    println!();
+    println!("{:>5} {:>6} {:>8} {:>8} {:>12} {:>12}", "layer", "heads", "kv_heads", "head_dim", "intermediate", "params");
+    for (i, l) in s.layers.iter().enumerate() {
+        println!(
+            "{:>5} {:>6} {:>8} {:>8} {:>12} {:>12}",
+            i,
+            l.num_attention_heads,
+            l.num_key_value_heads,
+            l.head_dim,
+            l.intermediate_size,
+            l.num_parameters(s.hidden_size)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! One module per subcommand, and the options every command shares.
+
+pub mod export;
+pub mod inspect;
+
+use anyhow::Context;
+use candle_core::Device;
+
+/// Options shared by every command.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Where to compute: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl CommonArgs {
+    pub fn device(&self) -> anyhow::Result<Device> {
+        slm_model::parse_device(&self.device).context("--device")
+    }
+}
+
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

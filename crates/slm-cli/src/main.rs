@@ -1,0 +1,38 @@
+//! `slm`: make Llama-family models smaller and measure what they lost.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "slm", version, about = "Compress Llama-family models in depth and width, and measure the loss")]
+struct Cli {
+    #[command(flatten)]
+    common: commands::CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print dimensions, per-layer shapes and parameter counts.
+    Inspect(commands::inspect::Args),
+    /// Write the model as an HF directory (config.json, model.safetensors, tokenizer.json).
+    Export(commands::export::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    commands::init_tracing(cli.common.verbose);
+    let result = match cli.command {
+        Command::Inspect(a) => commands::inspect::run(&cli.common, a),
+        Command::Export(a) => commands::export::run(&cli.common, a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

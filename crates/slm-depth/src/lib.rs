@@ -1,0 +1,1 @@
+//! slm-depth: see DESIGN.md.

@@ -1,0 +1,1 @@
+//! slm-lora: see DESIGN.md.

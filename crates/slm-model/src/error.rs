@@ -1,0 +1,57 @@
+//! One error type for the model core. Every variant that comes from a file names it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a model: expected an HF directory (config.json + model.safetensors) or a .gguf file")]
+    UnknownFormat { path: PathBuf },
+    #[error("{path}: invalid config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{path}: invalid safetensors: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{path}: tensor `{name}` has shape {actual:?}, but the config implies {expected:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: unsupported dtype {dtype} for tensor `{name}` (supported: F32, F16, BF16)")]
+    UnsupportedDtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    #[error("{path}: invalid GGUF: {message}")]
+    Gguf { path: PathBuf, message: String },
+    #[error("{path}: tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("tokenizer: {0}")]
+    Tokenize(String),
+    #[error("{path}: calibration corpus: {message}")]
+    Calibration { path: PathBuf, message: String },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

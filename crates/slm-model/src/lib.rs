@@ -1,0 +1,189 @@
+//! `slm-model`: the Llama-family model core of slm.
+//!
+//! Shapes ([`ModelSpec`], one [`LayerSpec`] per layer, so layers may differ in width), plain weights
+//! ([`Weights`]), the batched forward pass ([`forward`]), loading an HF directory or a llama GGUF, the tokenizer,
+//! saving an HF directory atomically, and calibration sampling. It knows nothing about pruning methods.
+
+pub mod calib;
+pub mod error;
+pub mod forward;
+pub mod gguf;
+pub mod hf;
+pub mod spec;
+pub mod testing;
+pub mod tokenizer;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+pub use error::{ModelError, Result};
+pub use forward::{Batch, ForwardOutput, Mode};
+pub use hf::StorageDType;
+pub use spec::{LayerSpec, ModelSpec};
+pub use tokenizer::Tokenizer;
+pub use weights::{LayerWeights, Weights, PROJECTIONS};
+
+/// Default calibration corpus, relative to the workspace root (see `../shared/data/README.md`).
+pub const DEFAULT_CALIBRATION_CORPUS: &str = "../shared/data/lambada_openai.test.jsonl";
+
+/// A loaded model: shapes, f32 weights on a device, and its tokenizer.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub spec: ModelSpec,
+    pub weights: Weights,
+    pub tokenizer: Option<Tokenizer>,
+    pub device: Device,
+    /// Where the model was loaded from (never overwritten by [`Model::save`]).
+    pub source: Option<PathBuf>,
+}
+
+impl Model {
+    /// Loads an HF directory or a `.gguf` file, dequantised / converted to f32 on `device`.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let _span = tracing::info_span!("load", path = %path.display()).entered();
+        if !path.exists() {
+            return Err(ModelError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model path does not exist"),
+            ));
+        }
+        let model = if path.is_file() && is_gguf(path) {
+            let (spec, weights, content) = gguf::load_gguf(path, device)?;
+            let tokenizer = Tokenizer::from_gguf(&content, path)?;
+            Model {
+                spec,
+                weights,
+                tokenizer: Some(tokenizer),
+                device: device.clone(),
+                source: Some(path.to_path_buf()),
+            }
+        } else if path.is_dir() && path.join("config.json").exists() {
+            let (spec, weights) = hf::load_hf(path, device)?;
+            let tok_path = path.join("tokenizer.json");
+            let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+            Model {
+                spec,
+                weights,
+                tokenizer,
+                device: device.clone(),
+                source: Some(path.to_path_buf()),
+            }
+        } else {
+            return Err(ModelError::UnknownFormat { path: path.to_path_buf() });
+        };
+        tracing::info!(
+            layers = model.spec.num_layers(),
+            params = model.spec.num_parameters(),
+            "loaded model"
+        );
+        Ok(model)
+    }
+
+    /// A model from parts; checks every weight shape against `spec`.
+    pub fn from_parts(spec: ModelSpec, weights: Weights, tokenizer: Option<Tokenizer>, device: &Device) -> Result<Self> {
+        let named: HashMap<String, candle_core::Tensor> = weights.named_tensors().into_iter().collect();
+        let weights = Weights::from_named(&spec, named, Path::new("<in-memory model>"))?;
+        Ok(Model {
+            spec,
+            weights,
+            tokenizer,
+            device: device.clone(),
+            source: None,
+        })
+    }
+
+    /// The tokenizer, or an error naming the model when it has none (an HF directory without `tokenizer.json`).
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| ModelError::Tokenizer {
+            path: self.source.clone().unwrap_or_default(),
+            message: "the model has no tokenizer.json".into(),
+        })
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.spec.num_parameters()
+    }
+
+    /// Saves an HF directory (`config.json`, `model.safetensors`, `tokenizer.json` and any `extra_files`, e.g.
+    /// `slm_plan.json`) atomically. Refuses to write over the model it was loaded from.
+    pub fn save(&self, dir: &Path, dtype: StorageDType, extra_files: &[(&str, Vec<u8>)]) -> Result<()> {
+        let _span = tracing::info_span!("save", dir = %dir.display()).entered();
+        let mut tensors = HashMap::new();
+        for (name, t) in self.weights.named_tensors() {
+            let t = t.to_device(&Device::Cpu)?.to_dtype(dtype.dtype())?.contiguous()?;
+            tensors.insert(name, t);
+        }
+        let config = serde_json::to_vec_pretty(&self.spec.to_hf_config(dtype.torch_name()))
+            .map_err(|e| ModelError::InvalidArgument(format!("cannot serialise config: {e}")))?;
+        let mut files: Vec<(&str, Vec<u8>)> = vec![("config.json", config)];
+        if let Some(tok) = &self.tokenizer {
+            let json = tok
+                .inner()
+                .to_string(false)
+                .map_err(|e| ModelError::Tokenize(format!("cannot serialise tokenizer: {e}")))?;
+            files.push(("tokenizer.json", json.into_bytes()));
+            files.push(("tokenizer_config.json", self.tokenizer_config().into_bytes()));
+        }
+        files.extend(extra_files.iter().map(|(n, b)| (*n, b.clone())));
+        hf::write_dir_atomically(dir, &tensors, &files, self.source.as_deref())
+    }
+
+    /// A minimal `tokenizer_config.json` so transformers' `AutoTokenizer` picks the fast tokenizer without BOS.
+    fn tokenizer_config(&self) -> String {
+        let tok = self.tokenizer.as_ref();
+        let name = |id: Option<u32>| id.and_then(|i| tok.and_then(|t| t.inner().id_to_token(i)));
+        serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": false,
+            "add_eos_token": false,
+            "bos_token": name(self.spec.bos_token_id),
+            "eos_token": name(self.spec.eos_token_id),
+            "model_max_length": self.spec.max_position_embeddings,
+        })
+        .to_string()
+    }
+
+    /// The same model with weights on `device` in f32.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Model {
+            weights: self.weights.to(device, DType::F32)?,
+            device: device.clone(),
+            ..self.clone()
+        })
+    }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    use std::io::Read;
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`. A CUDA device in a build without the `cuda` feature is a clear error.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.trim().to_ascii_lowercase();
+    let ordinal = match s.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => 0,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => {
+                return Err(ModelError::InvalidArgument(format!(
+                    "unknown device `{s}` (expected cpu, cuda or cuda:N)"
+                )))
+            }
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(ModelError::InvalidArgument(format!(
+            "device `{s}`: this build of slm has no CUDA support (rebuild with `--features cuda`)"
+        )));
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// Path of the default model fetched by `scripts/setup.sh`, relative to the workspace root.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -1,0 +1,1 @@
+//! slm-width: see DESIGN.md.

@@ -52,11 +52,17 @@ impl Model {
         }
         let model = if path.is_file() && is_gguf(path) {
             let (spec, weights, content) = gguf::load_gguf(path, device)?;
-            let tokenizer = Tokenizer::from_gguf(&content, path)?;
+            // A GGUF without any tokenizer metadata still loads (weights only); a broken tokenizer is an error.
+            let tokenizer = if content.metadata.contains_key("tokenizer.ggml.model") {
+                Some(Tokenizer::from_gguf(&content, path)?)
+            } else {
+                tracing::warn!("{}: no tokenizer in the GGUF", path.display());
+                None
+            };
             Model {
                 spec,
                 weights,
-                tokenizer: Some(tokenizer),
+                tokenizer,
                 device: device.clone(),
                 source: Some(path.to_path_buf()),
             }

@@ -1,0 +1,42 @@
+//! Calibration windows from the default corpus: exact length, seeded, no document reused.
+
+use slm_model::calib::{calibration_windows, read_jsonl_texts, sample_windows};
+use slm_model::testing::{default_model_path, shared_dir};
+use slm_model::Model;
+
+#[test]
+fn windows_are_seeded_and_exact_length() {
+    let model = Model::load(&default_model_path(), &candle_core::Device::Cpu).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let corpus = shared_dir().join("data/lambada_openai.test.jsonl");
+    let a = calibration_windows(&corpus, tok, 10, 128, 1234).unwrap();
+    let b = calibration_windows(&corpus, tok, 10, 128, 1234).unwrap();
+    let c = calibration_windows(&corpus, tok, 10, 128, 99).unwrap();
+    assert_eq!(a.len(), 10);
+    assert!(a.iter().all(|w| w.len() == 128));
+    assert_eq!(a, b, "same seed, same windows");
+    assert_ne!(a, c, "another seed, other windows");
+    assert!(a.windows(2).all(|p| p[0] != p[1]));
+    // The windows are real text from the corpus: the first 20 tokens of a window decode to a substring of it.
+    let texts = read_jsonl_texts(&corpus).unwrap();
+    let head = tok.decode(&a[0][..20]).unwrap();
+    assert!(texts.iter().any(|t| t.contains(head.trim())), "{head:?} not found in the corpus");
+}
+
+#[test]
+fn a_corpus_too_small_or_malformed_is_a_clear_error() {
+    let model = Model::load(&default_model_path(), &candle_core::Device::Cpu).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("small.jsonl");
+    std::fs::write(&p, "{\"text\": \"one short document\"}\n{\"text\": \"and another\"}\n").unwrap();
+    let e = calibration_windows(&p, tok, 2, 128, 0).unwrap_err().to_string();
+    assert!(e.contains("small.jsonl") && e.contains("corpus too small"), "{e}");
+    std::fs::write(&p, "{\"text\": \"fine\"}\n{\"body\": 3}\n").unwrap();
+    let e = calibration_windows(&p, tok, 1, 4, 0).unwrap_err().to_string();
+    assert!(e.contains("small.jsonl") && e.contains("line 2") && e.contains("`text`"), "{e}");
+    // A long document on its own yields a window inside it.
+    let long = vec!["word ".repeat(300)];
+    let w = sample_windows(&long, tok, 1, 64, 5, &p).unwrap();
+    assert_eq!(w[0].len(), 64);
+}

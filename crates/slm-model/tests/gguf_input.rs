@@ -1,0 +1,119 @@
+//! GGUF loading on small files written here: the Q/K un-permutation end to end, and clear errors for an
+//! unsupported architecture or tensor type.
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use slm_model::testing::tiny_model;
+use slm_model::{Model, ModelError};
+
+/// llama.cpp's `permute` for interleaved rotary (convert_hf_to_gguf.py).
+fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
+    let (out, inp) = w.dims2().unwrap();
+    w.reshape((n_head, 2, out / n_head / 2, inp))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((out, inp))
+        .unwrap()
+}
+
+/// Writes `m` as a llama GGUF the way llama.cpp's converter would (f32 tensors, permuted Q/K).
+fn write_gguf(m: &Model, path: &std::path::Path, arch: &str) {
+    let s = &m.spec;
+    let l = s.layers[0];
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut push = |name: String, t: &Tensor| tensors.push((name, QTensor::quantize(t, GgmlDType::F32).unwrap()));
+    push("token_embd.weight".into(), &m.weights.embed_tokens);
+    push("output_norm.weight".into(), &m.weights.norm);
+    push("output.weight".into(), m.weights.lm_head.as_ref().unwrap());
+    for (i, w) in m.weights.layers.iter().enumerate() {
+        push(format!("blk.{i}.attn_norm.weight"), &w.input_layernorm);
+        push(format!("blk.{i}.attn_q.weight"), &llama_cpp_permute(&w.q_proj, l.num_attention_heads));
+        push(format!("blk.{i}.attn_k.weight"), &llama_cpp_permute(&w.k_proj, l.num_key_value_heads));
+        push(format!("blk.{i}.attn_v.weight"), &w.v_proj);
+        push(format!("blk.{i}.attn_output.weight"), &w.o_proj);
+        push(format!("blk.{i}.ffn_norm.weight"), &w.post_attention_layernorm);
+        push(format!("blk.{i}.ffn_gate.weight"), &w.gate_proj);
+        push(format!("blk.{i}.ffn_up.weight"), &w.up_proj);
+        push(format!("blk.{i}.ffn_down.weight"), &w.down_proj);
+    }
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String(arch.into())),
+        ("llama.block_count", Value::U32(s.layers.len() as u32)),
+        ("llama.embedding_length", Value::U32(s.hidden_size as u32)),
+        ("llama.feed_forward_length", Value::U32(l.intermediate_size as u32)),
+        ("llama.attention.head_count", Value::U32(l.num_attention_heads as u32)),
+        ("llama.attention.head_count_kv", Value::U32(l.num_key_value_heads as u32)),
+        ("llama.rope.freq_base", Value::F32(s.rope_theta as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(s.rms_norm_eps as f32)),
+        ("llama.context_length", Value::U32(s.max_position_embeddings as u32)),
+        ("llama.vocab_size", Value::U32(s.vocab_size as u32)),
+    ];
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta_refs, &t_refs).unwrap();
+}
+
+fn err_of(r: Result<Model, ModelError>) -> String {
+    r.err().expect("expected an error").to_string()
+}
+
+#[test]
+fn gguf_round_trip_recovers_hf_layout_and_logits() {
+    let m = tiny_model(2, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_gguf(&m, &p, "llama");
+    let back = Model::load(&p, &Device::Cpu).unwrap();
+    assert_eq!(back.spec.layers, m.spec.layers);
+    assert_eq!((back.spec.vocab_size, back.spec.hidden_size), (m.spec.vocab_size, m.spec.hidden_size));
+    assert!((back.spec.rms_norm_eps - m.spec.rms_norm_eps).abs() < 1e-12, "eps is stored as f32");
+    for ((na, a), (_, b)) in m.weights.named_tensors().iter().zip(back.weights.named_tensors().iter()) {
+        assert_eq!(a.to_vec2::<f32>().ok(), b.to_vec2::<f32>().ok(), "{na}");
+    }
+    let ids = [1u32, 2, 3, 40, 50];
+    let d = slm_model::testing::max_abs_diff(&m.logits_all(&ids).unwrap(), &back.logits_all(&ids).unwrap());
+    assert_eq!(d, 0.0);
+}
+
+#[test]
+fn unsupported_architecture_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("gpt2.gguf");
+    write_gguf(&tiny_model(1, 1), &p, "gpt2");
+    let e = err_of(Model::load(&p, &Device::Cpu));
+    assert!(e.contains("gpt2.gguf") && e.contains("unsupported architecture `gpt2`"), "{e}");
+}
+
+#[test]
+fn unsupported_quantisation_type_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("iq.gguf");
+    write_gguf(&tiny_model(1, 2), &p, "llama");
+    // Rewrite the first tensor's type field (u32 after its name, rank and dims) to 16 = IQ2_XXS.
+    let mut bytes = std::fs::read(&p).unwrap();
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let rank = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let type_at = at + 4 + 8 * rank;
+    assert_eq!(u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()), 0, "expected F32 before patching");
+    bytes[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    let e = err_of(Model::load(&p, &Device::Cpu));
+    assert!(e.contains("iq.gguf") && e.contains("unsupported quantisation type"), "{e}");
+}
+
+#[test]
+fn truncated_gguf_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("cut.gguf");
+    write_gguf(&tiny_model(1, 3), &p, "llama");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err_of(Model::load(&p, &Device::Cpu));
+    assert!(e.contains("cut.gguf") && e.contains("invalid GGUF"), "{e}");
+}

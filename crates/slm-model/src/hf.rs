@@ -186,6 +186,7 @@ pub fn write_dir_atomically(
             let p = tmp.join(fname);
             std::fs::write(&p, bytes).map_err(|e| ModelError::io(&p, e))?;
         }
+        make_readable(&tmp)?;
         if dir.exists() {
             let old = parent.join(format!(".{name}.old-{}", std::process::id()));
             std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
@@ -200,4 +201,22 @@ pub fn write_dir_atomically(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// The safetensors writer creates its file owner-only; a model directory is meant to be shared like any other
+/// output, so give every file the usual 0644 (and the directory 0755).
+#[cfg(unix)]
+fn make_readable(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| ModelError::io(dir, e))?;
+    for entry in std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))? {
+        let p = entry.map_err(|e| ModelError::io(dir, e))?.path();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).map_err(|e| ModelError::io(&p, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn make_readable(_dir: &Path) -> Result<()> {
+    Ok(())
 }

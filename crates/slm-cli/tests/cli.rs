@@ -1,0 +1,68 @@
+//! The `slm` binary end to end: inspect, export, and clear errors for bad flags.
+
+use std::process::Command;
+
+use slm_model::testing::default_model_path;
+
+fn slm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_slm"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn inspect_json_uses_hf_names_and_counts_parameters() {
+    let out = run_ok(slm().arg("inspect").arg(default_model_path()).arg("--json"));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["num_hidden_layers"], 30);
+    assert_eq!(v["hidden_size"], 576);
+    assert_eq!(v["num_attention_heads"], 9);
+    assert_eq!(v["num_key_value_heads"], 3);
+    assert_eq!(v["tie_word_embeddings"], true);
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 30);
+    assert_eq!(layers[0]["intermediate_size"], 1536);
+    assert_eq!(layers[0]["head_dim"], 64);
+    // Hand count per layer: 2*576 norms + 576*(576+192+192+576) attention + 3*576*1536 MLP.
+    assert_eq!(layers[0]["num_parameters"], 3_540_096);
+    // transformers reports 134,515,008 parameters for this model (lm-eval's results.json).
+    assert_eq!(v["num_parameters"], 134_515_008u64);
+}
+
+#[test]
+fn export_then_inspect_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bf16");
+    run_ok(slm().arg("export").arg(default_model_path()).arg("--out").arg(&out).args(["--dtype", "bf16"]));
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    let st = std::fs::metadata(out.join("model.safetensors")).unwrap().len();
+    assert!(st > 2 * 134_000_000 && st < 2 * 136_000_000, "bf16 file of {st} bytes");
+    let v: serde_json::Value =
+        serde_json::from_str(&run_ok(slm().arg("inspect").arg(&out).arg("--json"))).unwrap();
+    assert_eq!(v["num_parameters"], 134_515_008u64);
+}
+
+#[test]
+fn bad_flags_and_paths_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = run_err(slm().arg("export").arg(default_model_path()).arg("--out").arg(dir.path().join("x")).args(["--dtype", "f8"]));
+    assert!(e.contains("unknown dtype `f8`"), "{e}");
+    let e = run_err(slm().arg("inspect").arg(default_model_path()).args(["--device", "tpu"]));
+    assert!(e.contains("unknown device `tpu`"), "{e}");
+    let e = run_err(slm().arg("inspect").arg(dir.path().join("missing-model")));
+    assert!(e.contains("missing-model") && e.contains("does not exist"), "{e}");
+    let e = run_err(slm().arg("inspect").arg(dir.path()));
+    assert!(e.contains("not a model"), "{e}");
+}

@@ -19,6 +19,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Write the model as an HF directory (config.json, model.safetensors, tokenizer.json).
     Export(commands::export::Args),
+    /// Zero-shot evaluation, with lm-evaluation-harness's prompts, scoring and results JSON.
+    Eval(commands::eval::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -27,6 +29,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(&cli.common, a),
         Command::Export(a) => commands::export::run(&cli.common, a),
+        Command::Eval(a) => commands::eval::run(&cli.common, a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -61,6 +61,14 @@ pub enum EvalError {
         got: usize,
     },
 
+    /// The model failed during a forward pass.
+    #[error("model: {0}")]
+    Model(#[from] slm_model::ModelError),
+
+    /// A candle tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+
     /// An argument outside its valid range (window lengths and the like).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -10,7 +10,7 @@
 //!    lm-eval's HFLM builds them: trailing whitespace moved from context to continuation,
 //!    continuation tokens = `enc(context + continuation)[len(enc(context))..]`, left truncation to
 //!    the last `max_length + 1` tokens, no BOS. The [`TextEncoder`] must add no special tokens.
-//! 3. **The scoring engine** (not in this crate yet) turns every [`TokenRequest`] into a
+//! 3. **The scoring engine** ([`Engine`]) turns every [`TokenRequest`] into a
 //!    [`RequestResult`]:
 //!    - run the model on [`TokenRequest::input`] = `context ++ continuation[..n-1]`
 //!      (`n = continuation.len()`), causal attention, positions from 0;
@@ -34,15 +34,19 @@
 //! - `wikitext2-128`: [`wikitext2_text`] → encode once → [`fixed_windows`]`(tokens, 128)` →
 //!   engine → [`window_perplexity`].
 
+pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod perplexity;
 pub mod request;
 pub mod results;
+pub mod run;
 pub mod task;
 pub mod text;
 
+pub use engine::Engine;
 pub use error::EvalError;
+pub use run::{evaluate, Progress, Settings, Silent, TaskRun};
 pub use metrics::{
     aggregate, argmax, avg7, mean, mean_stderr, score_doc, score_docs, DocResult, MetricValue,
     RequestResult,

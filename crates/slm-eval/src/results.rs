@@ -24,11 +24,11 @@ pub enum Json {
 }
 
 impl Json {
-    fn str(s: impl Into<String>) -> Json {
+    pub fn str(s: impl Into<String>) -> Json {
         Json::Str(s.into())
     }
 
-    fn obj<K: Into<String>>(pairs: impl IntoIterator<Item = (K, Json)>) -> Json {
+    pub fn obj<K: Into<String>>(pairs: impl IntoIterator<Item = (K, Json)>) -> Json {
         Json::Obj(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
     }
 

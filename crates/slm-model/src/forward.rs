@@ -24,7 +24,7 @@ pub enum Mode {
     Differentiable,
 }
 
-/// A prepared batch: padded ids, lengths, the causal + padding mask and the rotary tables.
+/// A prepared batch: padded ids, lengths, the attention mask and the rotary tables.
 pub struct Batch {
     /// `[B, T]` u32 token ids, right-padded.
     pub ids: Tensor,
@@ -32,41 +32,110 @@ pub struct Batch {
     pub seq_len: usize,
     /// `[B, 1, 1, T, T]` additive mask (0 or -inf), broadcast over KV heads and query groups.
     pub mask: Tensor,
-    /// `[T, head_dim/2]` per distinct head_dim (usually one).
+    /// cos/sin per distinct head_dim (usually one): `[T, head_dim/2]` when every sequence sits at positions
+    /// `0..T`, `[B, T, head_dim/2]` for packed sequences.
     rotary: Vec<(usize, Tensor, Tensor)>,
 }
 
+/// One shared prefix followed by branches, packed into one sequence: the prefix once, then each branch. A branch
+/// token attends to the prefix and to the earlier tokens of its own branch, and its position continues from the
+/// end of the prefix, so every branch is computed exactly as if it followed the prefix alone. Scoring several
+/// continuations of one context this way runs the context once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedSequence {
+    pub prefix: Vec<u32>,
+    pub branches: Vec<Vec<u32>>,
+}
+
+impl PackedSequence {
+    /// Tokens in the packed layout.
+    pub fn len(&self) -> usize {
+        self.prefix.len() + self.branches.iter().map(Vec::len).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Index, in the packed layout, of token `k` of the sequence `prefix ++ branches[b]` (`k` counts prefix
+    /// tokens too, so `k < prefix.len()` is a prefix token).
+    pub fn index_of(&self, b: usize, k: usize) -> usize {
+        if k < self.prefix.len() {
+            return k;
+        }
+        self.prefix.len() + self.branches[..b].iter().map(Vec::len).sum::<usize>() + (k - self.prefix.len())
+    }
+
+    /// Ids, rotary positions and the segment of each packed token (0: prefix, b + 1: branch b).
+    fn layout(&self) -> (Vec<u32>, Vec<usize>, Vec<usize>) {
+        let mut ids = self.prefix.clone();
+        let mut pos: Vec<usize> = (0..self.prefix.len()).collect();
+        let mut seg = vec![0; self.prefix.len()];
+        for (b, br) in self.branches.iter().enumerate() {
+            ids.extend_from_slice(br);
+            pos.extend(self.prefix.len()..self.prefix.len() + br.len());
+            seg.extend(std::iter::repeat_n(b + 1, br.len()));
+        }
+        (ids, pos, seg)
+    }
+}
+
 impl Batch {
-    /// Pads `sequences` on the right and builds the mask and rotary tables for every head_dim in `spec`.
+    /// Pads `sequences` on the right and builds the causal + padding mask and rotary tables for every head_dim in
+    /// `spec`.
     pub fn new(spec: &ModelSpec, sequences: &[Vec<u32>], device: &Device) -> Result<Self> {
-        if sequences.is_empty() || sequences.iter().any(|s| s.is_empty()) {
+        let layouts: Vec<(Vec<u32>, Vec<usize>, Vec<usize>)> = sequences
+            .iter()
+            .map(|s| (s.clone(), (0..s.len()).collect(), vec![0; s.len()]))
+            .collect();
+        Self::build(spec, layouts, false, device)
+    }
+
+    /// Packs each [`PackedSequence`] (see there) and pads on the right.
+    pub fn packed(spec: &ModelSpec, sequences: &[PackedSequence], device: &Device) -> Result<Self> {
+        let layouts = sequences.iter().map(PackedSequence::layout).collect();
+        Self::build(spec, layouts, true, device)
+    }
+
+    /// `layouts[s] = (ids, rotary positions, segments)`: token i attends to token j iff `j <= i` and j is in the
+    /// prefix (segment 0) or in i's segment.
+    fn build(
+        spec: &ModelSpec,
+        layouts: Vec<(Vec<u32>, Vec<usize>, Vec<usize>)>,
+        per_sequence_positions: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        if layouts.is_empty() || layouts.iter().any(|(ids, _, _)| ids.is_empty()) {
             return Err(ModelError::InvalidArgument("forward needs at least one non-empty sequence".into()));
         }
-        let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
+        let lengths: Vec<usize> = layouts.iter().map(|(ids, _, _)| ids.len()).collect();
         let t = *lengths.iter().max().unwrap_or(&1);
-        if t > spec.max_position_embeddings {
+        let max_pos = layouts.iter().flat_map(|(_, p, _)| p.iter().copied()).max().unwrap_or(0);
+        if max_pos >= spec.max_position_embeddings {
             return Err(ModelError::InvalidArgument(format!(
-                "sequence of {t} tokens is longer than the model's max_position_embeddings {}",
+                "sequence of {} tokens is longer than the model's max_position_embeddings {}",
+                max_pos + 1,
                 spec.max_position_embeddings
             )));
         }
-        if let Some(bad) = sequences.iter().flatten().find(|&&id| id as usize >= spec.vocab_size) {
+        if let Some(bad) = layouts.iter().flat_map(|(ids, _, _)| ids).find(|&&id| id as usize >= spec.vocab_size) {
             return Err(ModelError::InvalidArgument(format!(
                 "token id {bad} is outside the vocabulary ({})",
                 spec.vocab_size
             )));
         }
-        let b = sequences.len();
+        let b = layouts.len();
         let mut ids = vec![0u32; b * t];
         let mut mask = vec![f32::NEG_INFINITY; b * t * t];
-        for (s, seq) in sequences.iter().enumerate() {
+        for (s, (seq, _, seg)) in layouts.iter().enumerate() {
             ids[s * t..s * t + seq.len()].copy_from_slice(seq);
-            // Query i attends to keys j <= i that are real tokens. Padded queries (i >= len) still see every real
-            // key, so no row is fully masked; their outputs are never read.
+            // Padded queries (i >= len) see every real key of the prefix, so no row is fully masked; their
+            // outputs are never read.
             for i in 0..t {
+                let own = seg.get(i).copied().unwrap_or(0);
                 let row = &mut mask[(s * t + i) * t..(s * t + i + 1) * t];
                 for (j, m) in row.iter_mut().enumerate().take(seq.len()) {
-                    if j <= i {
+                    if j <= i && (seg[j] == 0 || seg[j] == own) {
                         *m = 0.0;
                     }
                 }
@@ -76,10 +145,28 @@ impl Batch {
         let mask = Tensor::from_vec(mask, (b, 1, 1, t, t), device)?;
         let mut rotary: Vec<(usize, Tensor, Tensor)> = Vec::new();
         for l in &spec.layers {
-            if !rotary.iter().any(|(d, _, _)| *d == l.head_dim) {
-                let (cos, sin) = rotary_tables(l.head_dim, t, spec.rope_theta, device)?;
-                rotary.push((l.head_dim, cos, sin));
+            if rotary.iter().any(|(d, _, _)| *d == l.head_dim) {
+                continue;
             }
+            let half = l.head_dim / 2;
+            let (cos, sin) = rotary_tables(l.head_dim, t.max(max_pos + 1), spec.rope_theta);
+            let (cos, sin) = if per_sequence_positions {
+                let gather = |table: &[f32]| {
+                    let mut out = vec![0f32; b * t * half];
+                    for (s, (_, pos, _)) in layouts.iter().enumerate() {
+                        for (i, &p) in pos.iter().enumerate() {
+                            out[(s * t + i) * half..(s * t + i + 1) * half]
+                                .copy_from_slice(&table[p * half..(p + 1) * half]);
+                        }
+                    }
+                    Tensor::from_vec(out, (b, t, half), device)
+                };
+                (gather(&cos)?, gather(&sin)?)
+            } else {
+                let n = cos.len() / half;
+                (Tensor::from_vec(cos, (n, half), device)?, Tensor::from_vec(sin, (n, half), device)?)
+            };
+            rotary.push((l.head_dim, cos, sin));
         }
         Ok(Batch {
             ids,
@@ -94,17 +181,22 @@ impl Batch {
         self.lengths.len()
     }
 
-    fn rotary(&self, head_dim: usize) -> Result<(&Tensor, &Tensor)> {
-        self.rotary
+    /// cos/sin for the batch's `t` positions: `[t, hd/2]` or `[B, t, hd/2]`.
+    fn rotary(&self, head_dim: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let (_, cos, sin) = self
+            .rotary
             .iter()
             .find(|(d, _, _)| *d == head_dim)
-            .map(|(_, c, s)| (c, s))
-            .ok_or_else(|| ModelError::InvalidArgument(format!("no rotary table for head_dim {head_dim}")))
+            .ok_or_else(|| ModelError::InvalidArgument(format!("no rotary table for head_dim {head_dim}")))?;
+        Ok(match cos.rank() {
+            2 => (cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?),
+            _ => (cos.narrow(1, 0, t)?.contiguous()?, sin.narrow(1, 0, t)?.contiguous()?),
+        })
     }
 }
 
-/// cos/sin tables `[T, head_dim/2]` for HF's (non-interleaved, rotate-half) rotary embedding.
-fn rotary_tables(head_dim: usize, t: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+/// cos/sin tables (row-major `[T, head_dim/2]`) for HF's (non-interleaved, rotate-half) rotary embedding.
+fn rotary_tables(head_dim: usize, t: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
         .map(|k| (1.0 / theta.powf(2.0 * k as f64 / head_dim as f64)) as f32)
@@ -119,10 +211,20 @@ fn rotary_tables(head_dim: usize, t: usize, theta: f64, device: &Device) -> Resu
             sin.push(a.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (t, half), device)?,
-        Tensor::from_vec(sin, (t, half), device)?,
-    ))
+    (cos, sin)
+}
+
+/// Differentiable rotary embedding (rotate-half) for `x: [B, H, T, hd]` and cos/sin `[T, hd/2]` or
+/// `[B, T, hd/2]`.
+fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cos.rank() == 2 {
+        return Ok(candle_nn::rotary_emb::rope_slow(x, cos, sin)?);
+    }
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    let half = x.dim(D::Minus1)? / 2;
+    let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
@@ -159,17 +261,13 @@ pub fn decoder_layer(
     let q = linear(&xn, &w.q_proj)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
     let k = linear(&xn, &w.k_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let v = linear(&xn, &w.v_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-    let (cos, sin) = batch.rotary(hd)?;
-    let (cos, sin) = (cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?);
+    let (cos, sin) = batch.rotary(hd, t)?;
     let (q, k) = match mode {
         Mode::Inference => (
             candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
             candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
         ),
-        Mode::Differentiable => (
-            candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?,
-            candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?,
-        ),
+        Mode::Differentiable => (rope_differentiable(&q, &cos, &sin)?, rope_differentiable(&k, &cos, &sin)?),
     };
     // Grouped-query attention without copying K/V: the `rep` query heads that share a KV head are adjacent, so
     // q [B, nh, T, hd] is viewed as [B, nkv, rep*T, hd] and multiplied by that head's K directly.
@@ -262,20 +360,31 @@ impl Model {
         mode: Mode,
     ) -> Result<ForwardOutput> {
         let batch = Batch::new(&self.spec, sequences, &self.device)?;
-        let mut x = self.embed(&batch)?;
+        self.forward_batch(&batch, positions, hidden_states, mode)
+    }
+
+    /// [`Model::forward`] on a prepared batch (e.g. [`Batch::packed`]); `positions` index the batch's layout.
+    pub fn forward_batch(
+        &self,
+        batch: &Batch,
+        positions: &[Vec<usize>],
+        hidden_states: bool,
+        mode: Mode,
+    ) -> Result<ForwardOutput> {
+        let mut x = self.embed(batch)?;
         let mut hidden = Vec::new();
         if hidden_states {
             hidden.push(x.clone());
         }
         for i in 0..self.spec.num_layers() {
-            x = self.run_layers(x, i..i + 1, &batch, mode)?;
+            x = self.run_layers(x, i..i + 1, batch, mode)?;
             if hidden_states {
                 hidden.push(x.clone());
             }
         }
         let fin = self.final_norm(&x, mode)?;
         let logits = if positions.iter().any(|p| !p.is_empty()) {
-            Some(self.logits_at(&fin, &batch, positions)?)
+            Some(self.logits_at(&fin, batch, positions)?)
         } else {
             None
         };

@@ -220,3 +220,20 @@ fn make_readable(dir: &Path) -> Result<()> {
 fn make_readable(_dir: &Path) -> Result<()> {
     Ok(())
 }
+
+/// Writes one file atomically: the bytes go to a temporary sibling that is renamed over `path`, so a reader sees
+/// the old file or the new one, never a partial write. Creates missing parent directories.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| ModelError::io(&parent, e))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| ModelError::io(path, e))
+}

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 pub use error::{ModelError, Result};
-pub use forward::{Batch, ForwardOutput, Mode};
-pub use hf::StorageDType;
+pub use forward::{Batch, ForwardOutput, Mode, PackedSequence};
+pub use hf::{write_file_atomically, StorageDType};
 pub use spec::{LayerSpec, ModelSpec};
 pub use tokenizer::Tokenizer;
 pub use weights::{LayerWeights, Weights, PROJECTIONS};

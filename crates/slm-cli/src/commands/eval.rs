@@ -1,0 +1,241 @@
+//! `slm eval MODEL --tasks a,b,... [--limit N] [--batch-size B] [--output-path P] [--log-samples]`: zero-shot
+//! evaluation with lm-evaluation-harness 0.4.13's prompts, scoring and results layout.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use slm_eval::{reports_avg7, results_file_name, results_json, sanitize_model_name, RunInfo, Task, TaskRun};
+use slm_model::Model;
+
+use super::CommonArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// An HF directory or a .gguf file.
+    pub model: PathBuf,
+    /// Comma-separated tasks: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, wikitext,
+    /// wikitext2-128; `avg7` stands for the first seven.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub tasks: Vec<String>,
+    /// Evaluate only the first N documents of each task (wikitext2-128: the first N windows).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Sequences per forward pass (a sequence holds one context and all its continuations).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Directory holding the task JSONL files (names as in ../shared/data/README.md).
+    #[arg(long, default_value = slm_eval::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Truncate requests on the left to this many tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Where to write the results JSON: a `.json` file, or a directory (lm-eval's layout:
+    /// DIR/<model>/results_<time>.json).
+    #[arg(long)]
+    pub output_path: Option<PathBuf>,
+    /// Also write per-document records (samples_<task>_<time>.jsonl) next to the results JSON.
+    #[arg(long, requires = "output_path")]
+    pub log_samples: bool,
+}
+
+/// Task names from `--tasks`, expanded and checked before any work starts.
+pub fn parse_tasks(names: &[String]) -> anyhow::Result<Vec<Task>> {
+    let mut tasks: Vec<Task> = Vec::new();
+    for n in names.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let expanded: Vec<&str> = if n == "avg7" { slm_eval::AVG7.iter().map(|(t, _)| *t).collect() } else { vec![n] };
+        for e in expanded {
+            let t = Task::from_name(e).context("--tasks")?;
+            if !tasks.contains(&t) {
+                tasks.push(t);
+            }
+        }
+    }
+    if tasks.is_empty() {
+        bail!("--tasks: no task given");
+    }
+    Ok(tasks)
+}
+
+struct Bar(Option<ProgressBar>);
+
+impl slm_eval::Progress for Bar {
+    fn start(&mut self, task: &str, requests: u64) {
+        let pb = ProgressBar::new(requests);
+        pb.set_style(
+            ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} requests  {elapsed} < ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        pb.set_prefix(task.to_string());
+        self.0 = Some(pb);
+    }
+    fn advance(&mut self, requests: u64) {
+        if let Some(pb) = &self.0 {
+            pb.inc(requests);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(pb) = self.0.take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
+    let tasks = parse_tasks(&args.tasks)?;
+    if !args.data_dir.is_dir() {
+        bail!("--data-dir {}: not a directory", args.data_dir.display());
+    }
+    for t in &tasks {
+        let p = t.data_path(&args.data_dir);
+        if !p.is_file() {
+            bail!("data file for task `{}` not found: {} (set --data-dir)", t.name(), p.display());
+        }
+    }
+    let start_time = unix_now();
+    let model = Model::load(&args.model, &common.device()?)?;
+    let max_length = args.max_length.unwrap_or(model.spec.max_position_embeddings);
+    if max_length < 2 {
+        bail!("--max-length must be at least 2, got {max_length}");
+    }
+    let settings = slm_eval::Settings {
+        data_dir: &args.data_dir,
+        limit: args.limit,
+        max_length,
+        batch_size: args.batch_size,
+        share_context: true,
+    };
+    let mut runs: Vec<TaskRun> = Vec::new();
+    for &task in &tasks {
+        let t0 = Instant::now();
+        let run = slm_eval::evaluate(&model, task, &settings, &mut Bar(None))
+            .with_context(|| format!("task {}", task.name()))?;
+        tracing::info!(
+            task = task.name(),
+            docs = run.report.n_effective,
+            requests = run.requests,
+            seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+            "evaluated"
+        );
+        runs.push(run);
+    }
+    let reports: Vec<_> = runs.iter().map(|r| r.report.clone()).collect();
+    print!("{}", table(&reports));
+    let avg = reports_avg7(&reports);
+    if let Some(a) = avg {
+        println!("\navg-7 (acc: boolq piqa winogrande arc_easy; acc_norm: hellaswag arc_challenge openbookqa): {a:.4}");
+    }
+
+    if let Some(out) = &args.output_path {
+        let tok = model.tokenizer().ok();
+        let token = |id: Option<u32>| {
+            id.map(|i| (tok.and_then(|t| t.inner().id_to_token(i)).unwrap_or_default(), i))
+        };
+        let info = RunInfo {
+            model: "slm".into(),
+            model_args: vec![("pretrained".into(), args.model.display().to_string()), ("dtype".into(), "float32".into())],
+            model_name: args.model.display().to_string(),
+            model_num_parameters: model.spec.num_parameters() as u64,
+            model_dtype: "float32".into(),
+            batch_size: args.batch_size,
+            device: common.device.clone(),
+            limit: args.limit,
+            max_length,
+            pad_token: token(model.spec.eos_token_id),
+            eos_token: token(model.spec.eos_token_id),
+            bos_token: token(model.spec.bos_token_id),
+            eot_token_id: model.spec.eos_token_id,
+            start_time,
+            end_time: unix_now(),
+        };
+        let json = results_json(&reports, &info, &args.data_dir.display().to_string());
+        let (results_path, dir) = output_location(out, &args.model, start_time);
+        slm_model::write_file_atomically(&results_path, json.to_pretty_string().as_bytes())?;
+        println!("results: {}", results_path.display());
+        if args.log_samples {
+            let stamp = results_file_name(start_time);
+            let stamp = stamp.trim_start_matches("results_").trim_end_matches(".json");
+            for run in &runs {
+                let p = dir.join(format!("samples_{}_{stamp}.jsonl", run.report.task.name()));
+                let mut text = String::new();
+                for s in &run.samples {
+                    text.push_str(&s.to_python_line());
+                    text.push('\n');
+                }
+                slm_model::write_file_atomically(&p, text.as_bytes())?;
+                println!("samples: {}", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// lm-eval's `--output_path`: a path ending in `.json` is the results file itself; anything else is a directory
+/// under which `<sanitised model name>/results_<time>.json` goes. Returns (results file, its directory).
+fn output_location(out: &Path, model: &Path, start_time: f64) -> (PathBuf, PathBuf) {
+    if out.extension().is_some_and(|e| e == "json") {
+        let dir = out.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        (out.to_path_buf(), dir)
+    } else {
+        let dir = out.join(sanitize_model_name(&model.display().to_string()));
+        (dir.join(results_file_name(start_time)), dir)
+    }
+}
+
+/// lm-eval's markdown results table.
+fn table(reports: &[slm_eval::TaskReport]) -> String {
+    let mut s = String::from("|    Tasks    |Version|n-shot|    Metric     |   | Value  |   |Stderr|\n");
+    s.push_str("|-------------|------:|-----:|---------------|---|-------:|---|-----:|\n");
+    for r in reports {
+        for (i, m) in r.metrics.iter().enumerate() {
+            let (name, version) = if i == 0 {
+                (r.task.name().to_string(), format!("{}", r.task.spec().version))
+            } else {
+                (String::new(), String::new())
+            };
+            let arrow = if m.metric.higher_is_better() { "↑" } else { "↓" };
+            let stderr = m.stderr.map(|e| format!("{e:.4}")).unwrap_or_else(|| "N/A".into());
+            s.push_str(&format!(
+                "|{name:<13}|{version:>7}|{:>6}|{:<15}|{arrow}  |{:>8.4}|±  |{stderr:>6}|\n",
+                0,
+                m.metric.name(),
+                m.value
+            ));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn avg7_expands_and_duplicates_collapse() {
+        let t = parse_tasks(&["avg7".into(), "boolq".into(), "wikitext2-128".into()]).unwrap();
+        assert_eq!(t.len(), 8);
+        assert_eq!(t[0].name(), "boolq");
+        assert_eq!(t[7].name(), "wikitext2-128");
+    }
+
+    #[test]
+    fn unknown_task_is_an_error_naming_it() {
+        let e = parse_tasks(&["piqa".into(), "mmlu".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("mmlu"), "{e:#}");
+    }
+
+    #[test]
+    fn output_path_json_file_or_directory() {
+        let (f, d) = output_location(Path::new("out/r.json"), Path::new("m.gguf"), 0.0);
+        assert_eq!((f.as_path(), d.as_path()), (Path::new("out/r.json"), Path::new("out")));
+        let (f, d) = output_location(Path::new("out"), Path::new("models/x.gguf"), 0.0);
+        assert_eq!(d, Path::new("out/models__x.gguf"));
+        assert!(f.starts_with(&d) && f.to_string_lossy().ends_with(".json"));
+    }
+}

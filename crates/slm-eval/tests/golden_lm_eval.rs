@@ -1,0 +1,113 @@
+//! `slm-eval` against lm-evaluation-harness 0.4.13 on the first 25 documents of each task
+//! (`shared/golden/lm-eval-first25`, produced by lm-eval with transformers, f32, CPU).
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use slm_eval::{build_token_requests, score_docs, Engine, Task, TokenRequest};
+use slm_model::testing::{default_model_path, shared_dir};
+use slm_model::Model;
+
+fn golden(task: &str) -> Vec<Value> {
+    let path: PathBuf = shared_dir().join("golden/lm-eval-first25").join(format!("{task}.jsonl"));
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn check_task(name: &str) {
+    let model = Model::load(&default_model_path(), &candle_core::Device::Cpu).unwrap();
+    let task = Task::from_name(name).unwrap();
+    let gold = golden(name);
+    let docs = task.load_docs(&shared_dir().join("data"), Some(gold.len())).unwrap();
+    assert_eq!(docs.len(), 25);
+
+    // Requests: string-identical to lm-eval's.
+    for (d, g) in docs.iter().zip(&gold) {
+        assert_eq!(d.doc_id as u64, g["doc_id"].as_u64().unwrap());
+        assert_eq!(d.gold as u64, g["gold"].as_u64().unwrap(), "{name} doc {}: gold", d.doc_id);
+        let greq = g["requests"].as_array().unwrap();
+        assert_eq!(d.requests.len(), greq.len(), "{name} doc {}: request count", d.doc_id);
+        for (r, gr) in d.requests.iter().zip(greq) {
+            assert_eq!(r.context, gr["context"].as_str().unwrap(), "{name} doc {}: context", d.doc_id);
+            assert_eq!(r.continuation, gr["continuation"].as_str().unwrap(), "{name} doc {}", d.doc_id);
+        }
+    }
+
+    // Log-likelihoods within 2e-3; per-document acc / acc_norm identical.
+    let tok = model.tokenizer().unwrap();
+    let doc_requests = build_token_requests(tok, &docs, model.spec.max_position_embeddings).unwrap();
+    let flat: Vec<TokenRequest> = doc_requests.iter().flat_map(|d| d.requests.clone()).collect();
+    let results = Engine::new(&model, 16).unwrap().score(&flat, &mut |_| {}).unwrap();
+    let mut it = results.into_iter();
+    let per_doc: Vec<Vec<_>> = doc_requests.iter().map(|d| it.by_ref().take(d.requests.len()).collect()).collect();
+    let scored = score_docs(&task, &docs, &per_doc).unwrap();
+    let mut worst = 0f64;
+    for (s, g) in scored.iter().zip(&gold) {
+        let gll: Vec<f64> = g["loglikelihood"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        for (ll, gl) in s.loglikelihoods.iter().zip(&gll) {
+            worst = worst.max((ll - gl).abs());
+        }
+        assert_eq!(s.acc, g["metrics"]["acc"].as_f64().unwrap(), "{name} doc {}: acc", s.doc_id);
+        match g["metrics"].get("acc_norm") {
+            Some(v) => assert_eq!(s.acc_norm, v.as_f64(), "{name} doc {}: acc_norm", s.doc_id),
+            None => assert_eq!(s.acc_norm, None),
+        }
+    }
+    eprintln!("{name}: worst |ll - golden| = {worst:.2e}");
+    assert!(worst <= 2e-3, "{name}: worst |ll - golden| = {worst:.2e} > 2e-3");
+}
+
+#[test]
+fn boolq_matches_lm_eval() {
+    check_task("boolq");
+}
+#[test]
+fn piqa_matches_lm_eval() {
+    check_task("piqa");
+}
+#[test]
+fn hellaswag_matches_lm_eval() {
+    check_task("hellaswag");
+}
+#[test]
+fn winogrande_matches_lm_eval() {
+    check_task("winogrande");
+}
+#[test]
+fn arc_easy_matches_lm_eval() {
+    check_task("arc_easy");
+}
+#[test]
+fn arc_challenge_matches_lm_eval() {
+    check_task("arc_challenge");
+}
+#[test]
+fn openbookqa_matches_lm_eval() {
+    check_task("openbookqa");
+}
+
+/// Packing the continuations of a context into one sequence changes no log-likelihood beyond float noise.
+#[test]
+fn shared_context_equals_scoring_each_request_alone() {
+    let model = Model::load(&default_model_path(), &candle_core::Device::Cpu).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let mut flat = Vec::new();
+    for name in ["hellaswag", "arc_easy", "winogrande"] {
+        let docs = Task::from_name(name).unwrap().load_docs(&shared_dir().join("data"), Some(6)).unwrap();
+        for d in build_token_requests(tok, &docs, 8192).unwrap() {
+            flat.extend(d.requests);
+        }
+    }
+    let shared = Engine::new(&model, 4).unwrap().score(&flat, &mut |_| {}).unwrap();
+    let alone = Engine::new(&model, 1).unwrap().share_context(false).score(&flat, &mut |_| {}).unwrap();
+    let mut worst = 0f64;
+    for (a, b) in shared.iter().zip(&alone) {
+        worst = worst.max((a.loglikelihood - b.loglikelihood).abs());
+        assert_eq!(a.is_greedy, b.is_greedy);
+    }
+    eprintln!("shared vs alone: worst |diff| = {worst:.2e}");
+    assert!(worst <= 1e-4, "shared vs alone: {worst:.2e}");
+}

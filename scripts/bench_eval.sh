@@ -100,15 +100,14 @@ doc_to_choice: "{{choices.text}}"
 '"$acc_metrics"
 
 # Build the HF datasets cache for the seven files now (lm-eval would otherwise convert them on its first run,
-# inside the timed region). Same call and arguments as lm-eval's Task.download, hence the same cache entries.
+# inside the timed region). Same arguments as lm-eval's ConfigurableTask.download, hence the same cache entries.
 "$py" - "$data" <<'PY' >/dev/null 2>&1
 import sys, datasets
 d = sys.argv[1]
 for split, f in [("validation", "boolq.validation.jsonl"), ("validation", "piqa.validation.jsonl"),
                  ("validation", "hellaswag.validation.jsonl"), ("validation", "winogrande_xl.validation.jsonl"),
                  ("test", "arc_easy.test.jsonl"), ("test", "arc_challenge.test.jsonl"), ("test", "openbookqa.test.jsonl")]:
-    datasets.load_dataset(path="json", name=None, data_dir=None, cache_dir=None, download_mode=None,
-                          data_files={split: f"{d}/{f}"})
+    datasets.load_dataset(path="json", name=None, data_files={split: f"{d}/{f}"})
 PY
 
 now() { echo "$EPOCHREALTIME"; }
@@ -185,24 +184,33 @@ def fmt(r, t, m):
 print("\n| task | lm-eval acc | slm acc | lm-eval acc_norm | slm acc_norm |\n|---|---|---|---|---|")
 for t in files:
     print(f"| {t} | {fmt(lm, t, 'acc')} | {fmt(slm, t, 'acc')} | {fmt(lm, t, 'acc_norm')} | {fmt(slm, t, 'acc_norm')} |")
+# SLM-paper average: acc for boolq, piqa, winogrande, arc_easy; acc_norm for hellaswag, arc_challenge, openbookqa.
+avg_metric = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc",
+              "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+def avg7(r):
+    vals = [r.get(t, {}).get(f"{m},none") for t, m in avg_metric.items()]
+    return "" if any(v is None for v in vals) else f"{sum(vals) / len(vals):.4f}"
+print(f"| avg-7 (acc / acc_norm as in SLM) | {avg7(lm)} | {avg7(slm)} | | |")
 
 # lm-eval's per-document log-likelihoods vs the golden run (first 25 documents of each task).
 if golden and lm_files:
-    print("\n| task | docs vs golden | max abs Δll | acc/acc_norm identical |\n|---|---|---|---|")
+    print("\n| task | docs vs golden | same requests | max abs Δll | acc/acc_norm identical |\n|---|---|---|---|---|")
     for t in files:
         gpath = os.path.join(golden, f"{t}.jsonl")
         spath = sorted(glob.glob(os.path.join(work, "lm-eval", "**", f"samples_{t}_local_*.jsonl"), recursive=True))
         if not os.path.exists(gpath) or not spath:
             continue
         gold = {d["doc_id"]: d for d in map(json.loads, open(gpath, encoding="utf-8"))}
-        n, worst, same = 0, 0.0, True
+        n, worst, same, same_req = 0, 0.0, True, True
         for s in map(json.loads, open(spath[-1], encoding="utf-8")):
             g = gold.get(s["doc_id"])
             if g is None:
                 continue
             lls = [float(r[0]) for r in s["filtered_resps"]]
+            reqs = [{"context": a["arg_0"], "continuation": a["arg_1"]} for a in s["arguments"].values()]
+            same_req &= reqs == g["requests"]
             n += 1
             worst = max([worst] + [abs(a - b) for a, b in zip(lls, g["loglikelihood"])])
             same &= len(lls) == len(g["loglikelihood"]) and all(s.get(k) == v for k, v in g["metrics"].items())
-        print(f"| {t} | {n} | {worst:.2e} | {'yes' if same else 'NO'} |")
+        print(f"| {t} | {n} | {'yes' if same_req else 'NO'} | {worst:.2e} | {'yes' if same else 'NO'} |")
 PY

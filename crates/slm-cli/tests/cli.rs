@@ -66,3 +66,75 @@ fn bad_flags_and_paths_are_clear_errors() {
     let e = run_err(slm().arg("inspect").arg(dir.path()));
     assert!(e.contains("not a model"), "{e}");
 }
+
+fn golden_results() -> serde_json::Value {
+    let p = slm_model::testing::shared_dir().join("golden/lm-eval-first25/results.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn eval_writes_lm_eval_results_and_samples_that_match_the_golden_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.json");
+    let stdout = run_ok(
+        slm()
+            .args(["eval"])
+            .arg(default_model_path())
+            .args(["--tasks", "winogrande,openbookqa", "--limit", "25", "--batch-size", "8", "--log-samples"])
+            .arg("--data-dir")
+            .arg(slm_model::testing::shared_dir().join("data"))
+            .arg("--output-path")
+            .arg(&out),
+    );
+    assert!(stdout.contains("|openbookqa"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let g = golden_results();
+    for task in ["winogrande", "openbookqa"] {
+        let ours = &r["results"][task];
+        let theirs = &g["results"][format!("{task}_local")];
+        for key in ["acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"] {
+            assert_eq!(ours.get(key), theirs.get(key), "{task} {key}");
+        }
+        assert_eq!(r["n-samples"][task], g["n-samples"][format!("{task}_local")], "{task} n-samples");
+        assert_eq!(r["versions"][task], 1.0);
+        assert_eq!(r["n-shot"][task], 0);
+    }
+    // Not all seven tasks: no avg-7.
+    assert!(r.get("avg-7").is_none());
+    // Per-document records next to the results file, one line per document, metrics as in the golden samples.
+    let samples: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("samples_openbookqa_"))
+        .collect();
+    assert_eq!(samples.len(), 1);
+    let golden_lines = std::fs::read_to_string(
+        slm_model::testing::shared_dir().join("golden/lm-eval-first25/openbookqa.jsonl"),
+    )
+    .unwrap();
+    let ours = std::fs::read_to_string(&samples[0]).unwrap();
+    assert_eq!(ours.lines().count(), 25);
+    for (a, b) in ours.lines().zip(golden_lines.lines()) {
+        let (a, b): (serde_json::Value, serde_json::Value) =
+            (serde_json::from_str(a).unwrap(), serde_json::from_str(b).unwrap());
+        for key in ["doc_id", "gold", "requests", "metrics"] {
+            assert_eq!(a[key], b[key], "{key}");
+        }
+    }
+}
+
+#[test]
+fn eval_rejects_unknown_task_missing_file_and_malformed_record() {
+    let e = run_err(slm().arg("eval").arg(default_model_path()).args(["--tasks", "piqa,mmlu"]));
+    assert!(e.contains("unknown task `mmlu`"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let e = run_err(slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()));
+    assert!(e.contains("arc_easy.test.jsonl") && e.contains("not found"), "{e}");
+
+    let good = std::fs::read_to_string(slm_model::testing::shared_dir().join("data/arc_easy.test.jsonl")).unwrap();
+    let first = good.lines().next().unwrap();
+    std::fs::write(dir.path().join("arc_easy.test.jsonl"), format!("{first}\n{{\"id\": \"x\", \"question\": 3}}\n")).unwrap();
+    let e = run_err(slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()));
+    assert!(e.contains("arc_easy.test.jsonl:2"), "{e}");
+}

@@ -111,3 +111,35 @@ fn shared_context_equals_scoring_each_request_alone() {
     eprintln!("shared vs alone: worst |diff| = {worst:.2e}");
     assert!(worst <= 1e-4, "shared vs alone: {worst:.2e}");
 }
+
+/// `wikitext2-128` perplexity equals exp(mean token loss) computed directly from the model's full logits.
+#[test]
+fn wikitext2_128_perplexity_equals_direct_token_loss() {
+    use candle_core::D;
+    let model = Model::load(&default_model_path(), &candle_core::Device::Cpu).unwrap();
+    let settings = slm_eval::Settings {
+        data_dir: &shared_dir().join("data"),
+        limit: Some(3),
+        max_length: 8192,
+        batch_size: 2,
+        share_context: true,
+    };
+    let run = slm_eval::evaluate(&model, Task::from_name("wikitext2-128").unwrap(), &settings, &mut slm_eval::Silent)
+        .unwrap();
+    assert_eq!(run.report.n_effective, 3);
+    let ppl = run.report.metrics[0].value;
+
+    let text = slm_eval::wikitext2_text(&shared_dir().join("data")).unwrap();
+    let tokens = model.tokenizer().unwrap().encode(&text).unwrap();
+    let (mut nll, mut n) = (0f64, 0usize);
+    for w in tokens.chunks_exact(128).take(3) {
+        let logp = candle_nn::ops::log_softmax(&model.logits_all(w).unwrap(), D::Minus1).unwrap();
+        let rows: Vec<Vec<f32>> = logp.to_vec2().unwrap();
+        for i in 0..127 {
+            nll -= rows[i][w[i + 1] as usize] as f64;
+            n += 1;
+        }
+    }
+    let direct = (nll / n as f64).exp();
+    assert!((ppl - direct).abs() / direct < 1e-5, "engine {ppl} vs direct {direct}");
+}

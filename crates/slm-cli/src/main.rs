@@ -24,6 +24,13 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Like other Unix tools, end quietly when stdout is closed early (`slm inspect ... | head`) instead of
+    // panicking on the failed write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default SIGPIPE action at start-up, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     commands::init_tracing(cli.common.verbose);
     let result = match cli.command {

@@ -6,7 +6,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 cargo build --release -p slm-cli
-slm=./target/release/slm
+slm="${CARGO_TARGET_DIR:-$root/target}/release/slm"
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 "$slm" inspect "$model"
 "$slm" export "$model" --out out/smollm2-135m-f32 --dtype f32

@@ -177,6 +177,11 @@ for k, w in walls.items():
     print(f"| {k} | {w:.1f} | {docs / w:.2f} |")
 if len(walls) == 2:
     print(f"\nratio slm / lm-eval (docs/s) = {walls['lm-eval'] / walls['slm']:.2f}x")
+slm_log = os.path.join(work, "slm.log")
+if os.path.exists(slm_log):
+    for line in open(slm_log, encoding="utf-8"):
+        if "useful compute:" in line:
+            print("slm " + line[line.index("useful compute:"):].strip())
 
 def fmt(r, t, m):
     v = r.get(t, {}).get(f"{m},none", r.get(t, {}).get(m))

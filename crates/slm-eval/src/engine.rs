@@ -28,6 +28,26 @@ pub struct Engine<'a> {
     model: &'a Model,
     batch_size: usize,
     share_context: bool,
+    stats: std::cell::Cell<EngineStats>,
+}
+
+/// Work done by an [`Engine`], for throughput reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Real (non-padding) tokens run through the layers.
+    pub tokens: u64,
+    /// Positions whose logits were computed.
+    pub logit_rows: u64,
+}
+
+impl EngineStats {
+    /// Matmul FLOPs of that work: `2 · layer parameters` per token plus `2 · hidden · vocab` per logit row
+    /// (attention scores and padding not counted).
+    pub fn useful_flops(&self, spec: &slm_model::ModelSpec) -> f64 {
+        let layer_params: usize = spec.layers.iter().map(|l| l.num_parameters(spec.hidden_size)).sum();
+        2.0 * layer_params as f64 * self.tokens as f64
+            + 2.0 * (spec.hidden_size * spec.vocab_size) as f64 * self.logit_rows as f64
+    }
 }
 
 /// One packed sequence: its context and the requests whose continuations are its branches.
@@ -43,13 +63,18 @@ impl<'a> Engine<'a> {
         if batch_size == 0 {
             return Err(EvalError::InvalidArgument("batch size must be at least 1".into()));
         }
-        Ok(Engine { model, batch_size, share_context: true })
+        Ok(Engine { model, batch_size, share_context: true, stats: Default::default() })
     }
 
     /// With `false`, every request is its own sequence (the reference the shared-context path is tested against).
     pub fn share_context(mut self, share: bool) -> Self {
         self.share_context = share;
         self
+    }
+
+    /// Work done so far.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.get()
     }
 
     /// Results in request order. `progress(n)` is called after each forward pass with the number of requests it
@@ -146,6 +171,10 @@ impl<'a> Engine<'a> {
         let logits = out.logits.expect("every request has a continuation token");
         let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
         let n = targets.len();
+        let mut st = self.stats.get();
+        st.tokens += packs.iter().map(|p| p.len() as u64).sum::<u64>();
+        st.logit_rows += n as u64;
+        self.stats.set(st);
         let idx = Tensor::from_vec(targets.clone(), (n, 1), logp.device())?;
         let token_lp: Vec<f32> = logp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
         let greedy: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;

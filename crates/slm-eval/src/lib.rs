@@ -44,7 +44,7 @@ pub mod run;
 pub mod task;
 pub mod text;
 
-pub use engine::Engine;
+pub use engine::{Engine, EngineStats};
 pub use error::EvalError;
 pub use run::{evaluate, Progress, Settings, Silent, TaskRun};
 pub use metrics::{

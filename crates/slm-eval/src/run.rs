@@ -50,8 +50,10 @@ pub struct TaskRun {
     pub report: TaskReport,
     /// `--log-samples` records, one per document (window, for `wikitext2-128`).
     pub samples: Vec<Json>,
-    /// Requests scored and the model input tokens they needed (after context sharing).
+    /// Requests scored.
     pub requests: usize,
+    /// Tokens and logit rows the engine computed.
+    pub stats: crate::engine::EngineStats,
 }
 
 /// The tokenizer of the model, or a clear error.
@@ -65,12 +67,16 @@ fn score(
     name: &str,
     requests: &[TokenRequest],
     progress: &mut dyn Progress,
-) -> Result<Vec<f64>, EvalError> {
+) -> Result<(Vec<crate::RequestResult>, crate::engine::EngineStats), EvalError> {
     progress.start(name, requests.len() as u64);
     let engine = Engine::new(model, s.batch_size)?.share_context(s.share_context);
     let out = engine.score(requests, &mut |n| progress.advance(n))?;
     progress.finish();
-    Ok(out.into_iter().map(|r| r.loglikelihood).collect())
+    Ok((out, engine.stats()))
+}
+
+fn lls(results: &[crate::RequestResult]) -> Vec<f64> {
+    results.iter().map(|r| r.loglikelihood).collect()
 }
 
 /// Evaluates `task` on `model`.
@@ -82,10 +88,8 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
             let docs = task.load_docs(s.data_dir, s.limit)?;
             let doc_requests = build_token_requests(tok, &docs, s.max_length)?;
             let flat: Vec<TokenRequest> = doc_requests.iter().flat_map(|d| d.requests.iter().cloned()).collect();
-            progress.start(task.name(), flat.len() as u64);
-            let engine = Engine::new(model, s.batch_size)?.share_context(s.share_context);
-            let mut results = engine.score(&flat, &mut |n| progress.advance(n))?.into_iter();
-            progress.finish();
+            let (results, stats) = score(model, s, task.name(), &flat, progress)?;
+            let mut results = results.into_iter();
             let per_doc: Vec<Vec<_>> =
                 doc_requests.iter().map(|d| results.by_ref().take(d.requests.len()).collect()).collect();
             let doc_results = score_docs(&task, &docs, &per_doc)?;
@@ -99,6 +103,7 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
                 },
                 samples,
                 requests: flat.len(),
+                stats,
             })
         }
         TaskKind::RollingPerplexity => {
@@ -114,8 +119,8 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
                 counts.push(r.len());
                 requests.extend(r);
             }
-            let lls = score(model, s, task.name(), &requests, progress)?;
-            let mut it = lls.iter().copied();
+            let (results, stats) = score(model, s, task.name(), &requests, progress)?;
+            let mut it = lls(&results).into_iter();
             let doc_lls: Vec<f64> =
                 counts.iter().map(|&c| doc_loglikelihood(&it.by_ref().take(c).collect::<Vec<_>>())).collect();
             let samples = docs
@@ -139,6 +144,7 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
                 },
                 samples,
                 requests: requests.len(),
+                stats,
             })
         }
         TaskKind::WindowPerplexity => {
@@ -147,7 +153,8 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
             if let Some(n) = s.limit {
                 windows.truncate(n);
             }
-            let lls = score(model, s, task.name(), &windows, progress)?;
+            let (results, stats) = score(model, s, task.name(), &windows, progress)?;
+            let lls = lls(&results);
             let samples = lls
                 .iter()
                 .enumerate()
@@ -162,6 +169,7 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
                 },
                 samples,
                 requests: windows.len(),
+                stats,
             })
         }
     }

@@ -112,19 +112,30 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         share_context: true,
     };
     let mut runs: Vec<TaskRun> = Vec::new();
+    let (mut flops, mut seconds) = (0.0, 0.0);
     for &task in &tasks {
         let t0 = Instant::now();
         let run = slm_eval::evaluate(&model, task, &settings, &mut Bar(None))
             .with_context(|| format!("task {}", task.name()))?;
+        let (f, secs) = (run.stats.useful_flops(&model.spec), t0.elapsed().as_secs_f64());
         tracing::info!(
             task = task.name(),
             docs = run.report.n_effective,
             requests = run.requests,
-            seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+            tokens = run.stats.tokens,
+            seconds = format!("{secs:.1}"),
+            gflop_per_s = format!("{:.1}", f / secs / 1e9),
             "evaluated"
         );
+        flops += f;
+        seconds += secs;
         runs.push(run);
     }
+    tracing::info!(
+        "useful compute: {:.1} GFLOP in {seconds:.1} s = {:.1} GFLOP/s (layer and LM-head matmuls of the tokens run)",
+        flops / 1e9,
+        flops / seconds / 1e9
+    );
     let reports: Vec<_> = runs.iter().map(|r| r.report.clone()).collect();
     print!("{}", table(&reports));
     let avg = reports_avg7(&reports);

@@ -3,6 +3,7 @@
 pub mod eval;
 pub mod export;
 pub mod inspect;
+pub mod similarity;
 
 use anyhow::Context;
 use candle_core::Device;

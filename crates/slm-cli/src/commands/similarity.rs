@@ -1,0 +1,167 @@
+//! `slm similarity MODEL --out DIR [--calib FILE] [--samples N] [--seq-len T] [--seed S]`: layer×layer linear
+//! CKA, cosine and angular-distance matrices of a model's layer outputs on calibration text (SLM's "patch"
+//! analysis), written as `DIR/similarity.json`, `DIR/cka.png` and `DIR/cosine.png`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use slm_depth::similarity::{angular_distance, cka_matrix, cosine_matrix, layer_outputs, write_heatmap_png};
+use slm_model::Model;
+
+use super::CommonArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// An HF directory or a .gguf file.
+    pub model: PathBuf,
+    /// Output directory (similarity.json, cka.png, cosine.png).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Calibration corpus: JSONL with a `text` field per line.
+    #[arg(long, default_value = slm_model::DEFAULT_CALIBRATION_CORPUS)]
+    pub calib: PathBuf,
+    /// Number of calibration windows (the examples CKA compares; at least 2).
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Seed of the calibration sampling.
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// CKA at or above which a run of consecutive layers counts as one "patch" in the printed summary.
+    #[arg(long, default_value_t = 0.9)]
+    pub patch_threshold: f64,
+}
+
+/// Heat-map colour ranges: both metrics on [0, 1] so that colours mean the same across models (cosines below 0
+/// are drawn as 0).
+const CKA_RANGE: (f64, f64) = (0.0, 1.0);
+const COSINE_RANGE: (f64, f64) = (0.0, 1.0);
+
+pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
+    if args.samples < 2 {
+        bail!("--samples: CKA needs at least 2 windows, got {}", args.samples);
+    }
+    if args.seq_len == 0 {
+        bail!("--seq-len must be positive");
+    }
+    let model = Model::load(&args.model, &common.device()?)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let tokenizer = model.tokenizer()?;
+    let windows = slm_model::calib::calibration_windows(&args.calib, tokenizer, args.samples, args.seq_len, args.seed)
+        .with_context(|| format!("sampling calibration windows from {}", args.calib.display()))?;
+
+    let start = Instant::now();
+    let hidden = layer_outputs(&model, &windows).context("computing layer outputs")?;
+    tracing::info!(
+        representations = hidden.len(),
+        windows = windows.len(),
+        seconds = start.elapsed().as_secs_f64(),
+        "layer outputs"
+    );
+    let cka = cka_matrix(&hidden).context("computing the CKA matrix")?;
+    let cosine = cosine_matrix(&hidden).context("computing the cosine matrix")?;
+    drop(hidden);
+    let angular: Vec<Vec<f64>> = cosine.iter().map(|r| r.iter().map(|&c| angular_distance(c)).collect()).collect();
+    let labels: Vec<String> = std::iter::once("embeddings".to_string())
+        .chain((0..model.spec.num_layers()).map(|i| format!("layer {i}")))
+        .collect();
+
+    let json = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "calibration": {
+            "file": args.calib.display().to_string(),
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "seed": args.seed,
+        },
+        "representation": "per-example flattening of each [seq_len, hidden] layer output; index 0 is the \
+                           embeddings, index i+1 the output of layer i",
+        "layers": labels,
+        "cka": cka,
+        "cosine": cosine,
+        "angular_distance": angular,
+        "heatmap_range": { "cka": [CKA_RANGE.0, CKA_RANGE.1], "cosine": [COSINE_RANGE.0, COSINE_RANGE.1] },
+    });
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let json_path = args.out.join("similarity.json");
+    let bytes = serde_json::to_vec_pretty(&json).context("serialising similarity.json")?;
+    slm_model::write_file_atomically(&json_path, &bytes)?;
+    write_heatmap_png(&args.out.join("cka.png"), &cka, CKA_RANGE.0, CKA_RANGE.1)?;
+    write_heatmap_png(&args.out.join("cosine.png"), &cosine, COSINE_RANGE.0, COSINE_RANGE.1)?;
+
+    println!(
+        "{}: {} representations (embeddings + {} layers), {} windows × {} tokens from {} (seed {})",
+        args.model.display(),
+        labels.len(),
+        model.spec.num_layers(),
+        args.samples,
+        args.seq_len,
+        args.calib.display(),
+        args.seed
+    );
+    println!("{:<12} {:>10} {:>10} {:>10}", "", "CKA next", "cos next", "ang next");
+    for i in 0..labels.len() - 1 {
+        println!(
+            "{:<12} {:>10.4} {:>10.4} {:>10.4}",
+            labels[i],
+            cka[i][i + 1],
+            cosine[i][i + 1],
+            angular[i][i + 1]
+        );
+    }
+    let patches = patches(&cka, args.patch_threshold);
+    if patches.is_empty() {
+        println!("no run of consecutive representations has pairwise CKA >= {}", args.patch_threshold);
+    } else {
+        let list: Vec<String> =
+            patches.iter().map(|&(a, b)| format!("{}..={}", labels[a], labels[b])).collect();
+        println!("patches (pairwise CKA >= {}): {}", args.patch_threshold, list.join(", "));
+    }
+    println!(
+        "wrote {}, {}, {}",
+        json_path.display(),
+        args.out.join("cka.png").display(),
+        args.out.join("cosine.png").display()
+    );
+    Ok(())
+}
+
+/// Maximal runs `[a, b]` (b > a) of consecutive representations whose pairwise CKA is all `>= threshold`,
+/// found greedily from the bottom.
+fn patches(cka: &[Vec<f64>], threshold: f64) -> Vec<(usize, usize)> {
+    let n = cka.len();
+    let mut out = Vec::new();
+    let mut a = 0;
+    while a < n {
+        let mut b = a;
+        while b + 1 < n && (a..=b).all(|k| cka[k][b + 1] >= threshold) {
+            b += 1;
+        }
+        if b > a {
+            out.push((a, b));
+        }
+        a = b + 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::patches;
+
+    #[test]
+    fn patches_are_maximal_greedy_runs() {
+        let m = vec![
+            vec![1.0, 0.5, 0.4, 0.3],
+            vec![0.5, 1.0, 0.95, 0.91],
+            vec![0.4, 0.95, 1.0, 0.97],
+            vec![0.3, 0.91, 0.97, 1.0],
+        ];
+        assert_eq!(patches(&m, 0.9), vec![(1, 3)]);
+        assert_eq!(patches(&m, 0.96), vec![(2, 3)]);
+        assert!(patches(&m, 0.99).is_empty());
+    }
+}

@@ -1,0 +1,260 @@
+//! Scoring candidate models on calibration windows against the dense model, incrementally.
+//!
+//! A candidate is the dense model with some windows merged and some layers removed. Every layer below the lowest
+//! changed one computes exactly what the dense model computes, so the dense hidden states are cached once and a
+//! candidate runs only from its lowest changed layer upward. `layer_forwards` counts the layers actually run;
+//! `full_layer_forwards` counts what recomputing every candidate from the embeddings would have cost.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+use slm_model::{forward::decoder_layer, Batch, LayerSpec, LayerWeights, Mode, Model};
+
+use crate::error::{DepthError, Result};
+use crate::merge::{merge_window, MergeOp};
+
+/// How similar a candidate's output is to the dense model's, in (−1, 1]; higher is more similar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Criterion {
+    /// The reference: per window, the cosine between the flattened `[T, d]` final-norm outputs; mean over windows.
+    Cosine,
+    /// Mean over tokens of the cosine between final-norm output vectors.
+    TokenCosine,
+    /// `exp(−mean over tokens of KL(p_dense ‖ p_candidate))` of the next-token distributions.
+    Kl,
+}
+
+impl Criterion {
+    pub const ALL: [Criterion; 3] = [Criterion::Cosine, Criterion::TokenCosine, Criterion::Kl];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Criterion::Cosine => "cosine",
+            Criterion::TokenCosine => "token-cosine",
+            Criterion::Kl => "kl",
+        }
+    }
+}
+
+impl std::str::FromStr for Criterion {
+    type Err = DepthError;
+    fn from_str(s: &str) -> Result<Self> {
+        Criterion::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
+            DepthError::InvalidArgument(format!("unknown criterion `{s}` (known: cosine, token-cosine, kl)"))
+        })
+    }
+}
+
+/// A candidate: windows `[lo, hi]` merged with the calibration's operator, and layers removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Candidate {
+    pub merges: Vec<[usize; 2]>,
+    pub removed: Vec<usize>,
+}
+
+impl Candidate {
+    pub fn merges(mut merges: Vec<[usize; 2]>) -> Self {
+        merges.sort();
+        Candidate { merges, removed: Vec::new() }
+    }
+
+    pub fn removed(mut removed: Vec<usize>) -> Self {
+        removed.sort();
+        Candidate { merges: Vec::new(), removed }
+    }
+
+    fn lowest_changed(&self, num_layers: usize) -> usize {
+        self.merges.iter().map(|w| w[0]).chain(self.removed.iter().copied()).min().unwrap_or(num_layers)
+    }
+
+    /// Layers of the candidate.
+    pub fn num_layers(&self, dense_layers: usize) -> usize {
+        dense_layers - self.merges.iter().map(|[lo, hi]| hi - lo).sum::<usize>() - self.removed.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Quantity {
+    Similarity(Criterion),
+    Nll,
+}
+
+/// The dense model's calibration activations, and memoised candidate scores.
+pub struct Calibration<'m> {
+    model: &'m Model,
+    batch: Batch,
+    pub windows: Vec<Vec<u32>>,
+    /// `L + 1` dense hidden states `[B, T, d]`: the embeddings, then each layer's output.
+    pub dense_hidden: Vec<Tensor>,
+    /// The dense model's final-norm output `[B, T, d]`.
+    pub dense_final: Tensor,
+    dense_logp: Option<Tensor>,
+    operator: MergeOp,
+    merged: HashMap<(usize, usize), (LayerSpec, LayerWeights)>,
+    memo: HashMap<(Candidate, Quantity), f64>,
+    /// Run every candidate from the embeddings (the reference loop's cost), for comparison and tests.
+    pub incremental: bool,
+    pub layer_forwards: u64,
+    pub full_layer_forwards: u64,
+    pub evaluations: u64,
+}
+
+impl<'m> Calibration<'m> {
+    /// Runs the dense model once on `windows` (equal lengths) and caches its hidden states.
+    pub fn new(model: &'m Model, windows: Vec<Vec<u32>>, operator: MergeOp) -> Result<Self> {
+        if windows.is_empty() || windows.iter().any(|w| w.len() < 2 || w.len() != windows[0].len()) {
+            return Err(DepthError::InvalidArgument(
+                "calibration needs at least one window, all of the same length ≥ 2".into(),
+            ));
+        }
+        let batch = Batch::new(&model.spec, &windows, &model.device)?;
+        let none: Vec<Vec<usize>> = vec![Vec::new(); windows.len()];
+        let out = model.forward_batch(&batch, &none, true, Mode::Inference)?;
+        let dense_final = out.final_hidden.expect("hidden states were requested");
+        let l = model.spec.num_layers() as u64;
+        Ok(Calibration {
+            model,
+            batch,
+            windows,
+            dense_hidden: out.hidden,
+            dense_final,
+            dense_logp: None,
+            operator,
+            merged: HashMap::new(),
+            memo: HashMap::new(),
+            incremental: true,
+            layer_forwards: l,
+            full_layer_forwards: l,
+            evaluations: 0,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        self.model
+    }
+
+    pub fn operator(&self) -> MergeOp {
+        self.operator
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.model.spec.num_layers()
+    }
+
+    fn merged_layer(&mut self, lo: usize, hi: usize) -> Result<&(LayerSpec, LayerWeights)> {
+        if !self.merged.contains_key(&(lo, hi)) {
+            let m = &self.model;
+            let layer = merge_window(&m.weights.layers[lo..=hi], &m.spec.layers[lo..=hi], lo, self.operator)?;
+            self.merged.insert((lo, hi), layer);
+        }
+        Ok(&self.merged[&(lo, hi)])
+    }
+
+    /// The candidate's final-norm output `[B, T, d]`.
+    pub fn candidate_final(&mut self, c: &Candidate) -> Result<Tensor> {
+        let l = self.num_layers();
+        for &[lo, hi] in &c.merges {
+            if lo >= hi || hi >= l {
+                return Err(DepthError::InvalidArgument(format!("merge window [{lo}, {hi}] is not valid for {l} layers")));
+            }
+        }
+        let start = if self.incremental { c.lowest_changed(l) } else { 0 };
+        let mut x = self.dense_hidden[start].clone();
+        let eps = self.model.spec.rms_norm_eps;
+        let mut i = start;
+        while i < l {
+            if let Some(&[lo, hi]) = c.merges.iter().find(|w| w[0] == i) {
+                let (spec, w) = self.merged_layer(lo, hi)?.clone();
+                x = decoder_layer(&x, &w, &spec, &self.batch, eps, Mode::Inference)?;
+                self.layer_forwards += 1;
+                i = hi + 1;
+            } else {
+                if !c.removed.contains(&i) {
+                    let m = self.model;
+                    x = decoder_layer(&x, &m.weights.layers[i], &m.spec.layers[i], &self.batch, eps, Mode::Inference)?;
+                    self.layer_forwards += 1;
+                }
+                i += 1;
+            }
+        }
+        self.full_layer_forwards += c.num_layers(l) as u64;
+        self.evaluations += 1;
+        Ok(self.model.final_norm(&x, Mode::Inference)?)
+    }
+
+    /// Log-probabilities `[B·(T−1), V]` at every position that predicts a next token.
+    fn log_probs(&self, fin: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = fin.dims3()?;
+        let x = fin.narrow(1, 0, t - 1)?.reshape((b * (t - 1), d))?;
+        let logits = x.matmul(&self.model.weights.lm_head().t()?)?;
+        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+
+    /// The candidate's similarity to the dense model (memoised).
+    pub fn similarity(&mut self, criterion: Criterion, c: &Candidate) -> Result<f64> {
+        let key = (c.clone(), Quantity::Similarity(criterion));
+        if let Some(&v) = self.memo.get(&key) {
+            return Ok(v);
+        }
+        let fin = self.candidate_final(c)?;
+        let v = match criterion {
+            Criterion::Cosine => {
+                let (b, t, d) = fin.dims3()?;
+                let a = self.dense_final.reshape((b, t * d))?.to_dtype(DType::F64)?;
+                let f = fin.reshape((b, t * d))?.to_dtype(DType::F64)?;
+                mean_row_cosine(&a, &f)?
+            }
+            Criterion::TokenCosine => {
+                let (b, t, d) = fin.dims3()?;
+                let a = self.dense_final.reshape((b * t, d))?.to_dtype(DType::F64)?;
+                let f = fin.reshape((b * t, d))?.to_dtype(DType::F64)?;
+                mean_row_cosine(&a, &f)?
+            }
+            Criterion::Kl => {
+                if self.dense_logp.is_none() {
+                    self.dense_logp = Some(self.log_probs(&self.dense_final)?);
+                }
+                let p = self.dense_logp.as_ref().expect("set above");
+                let q = self.log_probs(&fin)?;
+                let kl = (p.exp()? * (p - &q)?)?.sum(D::Minus1)?.to_dtype(DType::F64)?.mean_all()?;
+                (-kl.to_scalar::<f64>()?).exp()
+            }
+        };
+        self.memo.insert(key, v);
+        Ok(v)
+    }
+
+    /// Total negative log-likelihood of the calibration windows' next tokens under the candidate (memoised).
+    pub fn nll(&mut self, c: &Candidate) -> Result<f64> {
+        let key = (c.clone(), Quantity::Nll);
+        if let Some(&v) = self.memo.get(&key) {
+            return Ok(v);
+        }
+        let fin = self.candidate_final(c)?;
+        let logp = self.log_probs(&fin)?;
+        let targets: Vec<u32> = self.windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
+        let n = targets.len();
+        let idx = Tensor::from_vec(targets, (n, 1), logp.device())?;
+        let lp: Vec<f32> = logp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
+        let v = -lp.iter().map(|&x| x as f64).sum::<f64>();
+        self.memo.insert(key, v);
+        Ok(v)
+    }
+
+    /// Perplexity of the calibration windows under the candidate.
+    pub fn perplexity(&mut self, c: &Candidate) -> Result<f64> {
+        let n: usize = self.windows.iter().map(|w| w.len() - 1).sum();
+        Ok((self.nll(c)? / n as f64).exp())
+    }
+}
+
+/// Mean over rows of the cosine between matching rows of `a` and `b` (`[N, D]`, f64).
+fn mean_row_cosine(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let dot = (a * b)?.sum(D::Minus1)?;
+    let na = a.sqr()?.sum(D::Minus1)?.sqrt()?;
+    let nb = b.sqr()?.sum(D::Minus1)?.sqrt()?;
+    let cos = (dot / (na * nb)?)?;
+    Ok(cos.mean_all()?.to_scalar::<f64>()?)
+}

@@ -21,6 +21,8 @@ enum Command {
     Export(commands::export::Args),
     /// Zero-shot evaluation, with lm-evaluation-harness's prompts, scoring and results JSON.
     Eval(commands::eval::Args),
+    /// Depth pruning: sliding layer merging or a baseline (ShortGPT, LaCo, SLEB, Shortened-LLaMA PPL).
+    Depth(commands::depth::Args),
     /// Layer×layer linear CKA and cosine matrices of a model's layer outputs on calibration text (JSON + heat-map PNGs).
     Similarity(commands::similarity::Args),
 }
@@ -39,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(a) => commands::inspect::run(&cli.common, a),
         Command::Export(a) => commands::export::run(&cli.common, a),
         Command::Eval(a) => commands::eval::run(&cli.common, a),
+        Command::Depth(a) => commands::depth::run(&cli.common, a),
         Command::Similarity(a) => commands::similarity::run(&cli.common, a),
     };
     match result {

@@ -47,8 +47,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if args.seq_len == 0 {
         bail!("--seq-len must be positive");
     }
-    let model = Model::load(&args.model, &common.device()?)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let model =
+        Model::load(&args.model, &common.device()?).with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = model.tokenizer()?;
     let windows = slm_model::calib::calibration_windows(&args.calib, tokenizer, args.samples, args.seq_len, args.seed)
         .with_context(|| format!("sampling calibration windows from {}", args.calib.display()))?;
@@ -104,20 +104,13 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     );
     println!("{:<12} {:>10} {:>10} {:>10}", "", "CKA next", "cos next", "ang next");
     for i in 0..labels.len() - 1 {
-        println!(
-            "{:<12} {:>10.4} {:>10.4} {:>10.4}",
-            labels[i],
-            cka[i][i + 1],
-            cosine[i][i + 1],
-            angular[i][i + 1]
-        );
+        println!("{:<12} {:>10.4} {:>10.4} {:>10.4}", labels[i], cka[i][i + 1], cosine[i][i + 1], angular[i][i + 1]);
     }
     let patches = patches(&cka, args.patch_threshold);
     if patches.is_empty() {
         println!("no run of consecutive representations has pairwise CKA >= {}", args.patch_threshold);
     } else {
-        let list: Vec<String> =
-            patches.iter().map(|&(a, b)| format!("{}..={}", labels[a], labels[b])).collect();
+        let list: Vec<String> = patches.iter().map(|&(a, b)| format!("{}..={}", labels[a], labels[b])).collect();
         println!("patches (pairwise CKA >= {}): {}", args.patch_threshold, list.join(", "));
     }
     println!(

@@ -1,0 +1,150 @@
+//! `slm depth MODEL --out DIR (--threshold T | --target-ratio R | --target-layers N) [--method ...] [--merge ...]`:
+//! depth pruning by sliding layer merging or a baseline; writes an HF directory plus `slm_plan.json`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use slm_depth::{apply, plan_depth, Calibration, Criterion, MergeOp, Method, Settings, Stop};
+use slm_model::{Model, StorageDType};
+
+use super::CommonArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// An HF directory or a .gguf file.
+    pub model: PathBuf,
+    /// Output HF directory (written atomically), with slm_plan.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// slm (sliding layer merging), shortgpt, laco, sleb or ppl (Shortened-LLaMA).
+    #[arg(long, default_value = "slm")]
+    pub method: String,
+    /// Merge operator for slm/laco: paper, reference, average, delete or top.
+    #[arg(long, default_value = "reference")]
+    pub merge: String,
+    /// Similarity criterion for slm/laco: cosine (the reference), token-cosine or kl.
+    #[arg(long, default_value = "cosine")]
+    pub criterion: String,
+    /// Merge while the similarity to the dense model stays above T, in (0, 1] (slm/laco).
+    #[arg(long, conflicts_with_all = ["target_ratio", "target_layers"])]
+    pub threshold: Option<f64>,
+    /// Remove this share of the parameters, in (0, 1) (rounded to whole layers).
+    #[arg(long, conflicts_with = "target_layers")]
+    pub target_ratio: Option<f64>,
+    /// Remove this many layers.
+    #[arg(long)]
+    pub target_layers: Option<usize>,
+    /// Calibration corpus: JSONL with a `text` field per line.
+    #[arg(long, default_value = slm_model::DEFAULT_CALIBRATION_CORPUS)]
+    pub calib: PathBuf,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// LaCo: layers per merge (base + followers) and the step after a merge.
+    #[arg(long, default_value_t = 4)]
+    pub laco_layers: usize,
+    #[arg(long, default_value_t = 2)]
+    pub laco_interval: usize,
+    /// Recompute every candidate from the embeddings instead of from the lowest changed layer (for comparison).
+    #[arg(long)]
+    pub no_incremental: bool,
+    /// Storage dtype of the output: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
+    let method: Method = args.method.parse().context("--method")?;
+    let op: MergeOp = args.merge.parse().context("--merge")?;
+    let criterion: Criterion = args.criterion.parse().context("--criterion")?;
+    let dtype: StorageDType = args.dtype.parse().context("--dtype")?;
+    if let Some(t) = args.threshold {
+        slm_depth::search::check_threshold(t).context("--threshold")?;
+    }
+    let model = Model::load(&args.model, &common.device()?)?;
+    let stop = match (args.threshold, args.target_ratio, args.target_layers) {
+        (Some(t), None, None) => Stop::Threshold(t),
+        (None, Some(r), None) => Stop::TargetLayers(slm_depth::layers_for_ratio(&model.spec, r).context("--target-ratio")?),
+        (None, None, Some(n)) => Stop::TargetLayers(n),
+        _ => bail!("give one of --threshold, --target-ratio or --target-layers"),
+    };
+    let tokenizer = model.tokenizer()?;
+    let windows = slm_model::calib::calibration_windows(&args.calib, tokenizer, args.samples, args.seq_len, args.seed)?;
+
+    let start = Instant::now();
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"));
+    spinner.set_message(format!("{} search on {} calibration windows", method.name(), windows.len()));
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    let mut cal = Calibration::new(&model, windows, op)?;
+    cal.incremental = !args.no_incremental;
+    let settings = Settings {
+        criterion,
+        laco_layers: args.laco_layers,
+        laco_interval: args.laco_interval,
+        ..Settings::new(method, stop)
+    };
+    let outcome = plan_depth(&mut cal, &settings)?;
+    spinner.finish_and_clear();
+    let search_seconds = start.elapsed().as_secs_f64();
+
+    let pruned = apply(&model, &outcome.plan)?;
+    let (before, after) = (model.spec.num_parameters(), pruned.spec.num_parameters());
+    let ratio = 1.0 - after as f64 / before as f64;
+    let plan_json = serde_json::json!({
+        "method": method.name(),
+        "operator": if method.merges() { Some(op.name()) } else { None },
+        "criterion": if method.merges() { Some(criterion.name()) } else { None },
+        "threshold": outcome.threshold,
+        "stop": match stop { Stop::Threshold(t) => serde_json::json!({"threshold": t}), Stop::TargetLayers(n) => serde_json::json!({"target_layers": n}) },
+        "plan": outcome.plan,
+        "kept_layers": outcome.plan.output_layers(),
+        "layers_before": model.spec.num_layers(),
+        "layers_after": pruned.spec.num_layers(),
+        "parameters_before": before,
+        "parameters_after": after,
+        "parameter_reduction": ratio,
+        "calibration": {"file": args.calib.display().to_string(), "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
+        "search": {
+            "steps": outcome.steps,
+            "layer_scores": outcome.layer_scores,
+            "evaluations": cal.evaluations,
+            "reference_loop_evaluations": outcome.reference_evaluations,
+            "layer_forwards": cal.layer_forwards,
+            "layer_forwards_full_recompute": cal.full_layer_forwards,
+            "incremental": cal.incremental,
+            "seconds": search_seconds,
+        },
+        "source_model": args.model.display().to_string(),
+    });
+    let plan_bytes = serde_json::to_vec_pretty(&plan_json)?;
+    pruned.save(&args.out, dtype, &[("slm_plan.json", plan_bytes)])?;
+
+    println!("method:      {}{}", method.name(), if method.merges() { format!(" (operator {op}, criterion {})", criterion.name()) } else { String::new() });
+    if let Some(t) = outcome.threshold {
+        let how = if matches!(stop, Stop::Threshold(_)) { "given" } else { "found by search" };
+        println!("threshold:   {t:.6} ({how})");
+    }
+    println!("merges:      {:?}", outcome.plan.merges);
+    println!("removed:     {:?}", outcome.plan.removed);
+    println!(
+        "layers:      {} -> {} ({} removed)",
+        model.spec.num_layers(),
+        pruned.spec.num_layers(),
+        outcome.plan.layers_removed()
+    );
+    println!("parameters:  {before} -> {after} ({:.2}% removed)", 100.0 * ratio);
+    println!(
+        "search:      {:.1} s, {} candidate evaluations, {} layer-forwards ({} if every candidate ran from the embeddings)",
+        search_seconds, cal.evaluations, cal.layer_forwards, cal.full_layer_forwards
+    );
+    println!("wrote {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! Depth pruning: merge operators, plans, the sliding-window search against an oracle, incremental scoring,
+//! target search and bad input.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use slm_depth::{
+    apply, layers_for_ratio, merge_window, plan_depth, sliding_merge, Calibration, Candidate, Criterion, DepthPlan,
+    MergeOp, Method, Settings, Stop,
+};
+use slm_model::testing::{default_model_path, max_abs_diff, tiny_model};
+use slm_model::{LayerWeights, Mode, Model};
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+fn same_layer(a: &LayerWeights, b: &LayerWeights) -> bool {
+    a.named().iter().zip(b.named().iter()).all(|((_, x), (_, y))| bits(x) == bits(y))
+}
+
+fn logits(m: &Model, ids: &[u32]) -> Tensor {
+    m.logits_all(ids).unwrap()
+}
+
+const IDS: [u32; 9] = [3, 14, 15, 9, 26, 5, 35, 8, 9];
+
+#[test]
+fn a_one_layer_window_is_the_identity_for_every_operator() {
+    let m = tiny_model(4, 1);
+    for op in MergeOp::ALL {
+        let (spec, w) = merge_window(&m.weights.layers[2..3], &m.spec.layers[2..3], 2, op).unwrap();
+        assert_eq!(spec, m.spec.layers[2]);
+        assert!(same_layer(&w, &m.weights.layers[2]), "{op}");
+    }
+    let plan = DepthPlan::new(4, vec![], vec![], MergeOp::Paper).unwrap();
+    assert_eq!(max_abs_diff(&logits(&apply(&m, &plan).unwrap(), &IDS), &logits(&m, &IDS)), 0.0);
+}
+
+#[test]
+fn delete_equals_dropping_the_upper_layers_of_the_window() {
+    let m = tiny_model(5, 2);
+    let merged = apply(&m, &DepthPlan::new(5, vec![[1, 3]], vec![], MergeOp::Delete).unwrap()).unwrap();
+    let dropped = apply(&m, &DepthPlan::new(5, vec![], vec![2, 3], MergeOp::Delete).unwrap()).unwrap();
+    assert_eq!(merged.spec.num_layers(), 3);
+    assert_eq!(max_abs_diff(&logits(&merged, &IDS), &logits(&dropped, &IDS)), 0.0);
+    // `top` keeps the top layer whole: the same as dropping the lower ones.
+    let top = apply(&m, &DepthPlan::new(5, vec![[1, 3]], vec![], MergeOp::Top).unwrap()).unwrap();
+    let dropped = apply(&m, &DepthPlan::new(5, vec![], vec![1, 2], MergeOp::Delete).unwrap()).unwrap();
+    assert_eq!(max_abs_diff(&logits(&top, &IDS), &logits(&dropped, &IDS)), 0.0);
+}
+
+#[test]
+fn paper_merge_of_equal_layers_returns_that_layer_and_reference_is_top_projections_with_lowest_norms() {
+    let mut m = tiny_model(4, 3);
+    let l1 = m.weights.layers[1].clone();
+    m.weights.layers[2] = l1.clone();
+    m.weights.layers[3] = l1.clone();
+    let (_, w) = merge_window(&m.weights.layers[1..4], &m.spec.layers[1..4], 1, MergeOp::Paper).unwrap();
+    assert!(same_layer(&w, &l1));
+
+    let m = tiny_model(4, 4);
+    let (_, r) = merge_window(&m.weights.layers[0..3], &m.spec.layers[0..3], 0, MergeOp::Reference).unwrap();
+    assert_eq!(bits(&r.q_proj), bits(&m.weights.layers[2].q_proj));
+    assert_eq!(bits(&r.down_proj), bits(&m.weights.layers[2].down_proj));
+    assert_eq!(bits(&r.input_layernorm), bits(&m.weights.layers[0].input_layernorm));
+    assert_eq!(bits(&r.post_attention_layernorm), bits(&m.weights.layers[0].post_attention_layernorm));
+    // paper = θ0 + (θ1 − θ0) + (θ2 − θ0), checked element by element by hand-written arithmetic.
+    let (_, p) = merge_window(&m.weights.layers[0..3], &m.spec.layers[0..3], 0, MergeOp::Paper).unwrap();
+    let get = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (a, b, c) = (get(&m.weights.layers[0].up_proj), get(&m.weights.layers[1].up_proj), get(&m.weights.layers[2].up_proj));
+    let want: Vec<f32> = (0..a.len()).map(|i| (a[i] + (b[i] - a[i])) + (c[i] - a[i])).collect();
+    assert_eq!(get(&p.up_proj), want);
+    // average = mean of the window, norms too.
+    let (_, v) = merge_window(&m.weights.layers[0..3], &m.spec.layers[0..3], 0, MergeOp::Average).unwrap();
+    let (na, nb, nc) = (
+        get(&m.weights.layers[0].input_layernorm),
+        get(&m.weights.layers[1].input_layernorm),
+        get(&m.weights.layers[2].input_layernorm),
+    );
+    for (i, x) in get(&v.input_layernorm).iter().enumerate() {
+        assert!((x - (na[i] + nb[i] + nc[i]) / 3.0).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn parameter_counts_after_apply_are_as_computed() {
+    let m = tiny_model(6, 5);
+    // Hand count per tiny layer: 2·32 norms + 32·(32+16+16+32) attention + 3·32·48 MLP = 64 + 3072 + 4608.
+    let per_layer = 64 + 3072 + 4608;
+    let plan = DepthPlan::new(6, vec![[1, 3]], vec![5], MergeOp::Paper).unwrap();
+    assert_eq!(plan.layers_removed(), 3);
+    assert_eq!(plan.output_layers(), vec![(0, 0), (1, 3), (4, 4)]);
+    let p = apply(&m, &plan).unwrap();
+    assert_eq!(p.spec.num_layers(), 3);
+    assert_eq!(m.spec.num_parameters() - p.spec.num_parameters(), 3 * per_layer);
+}
+
+#[test]
+fn merging_layers_of_different_widths_is_a_clear_error() {
+    let mut m = tiny_model(3, 6);
+    m.spec.layers[1].intermediate_size = 40;
+    let l = &mut m.weights.layers[1];
+    l.gate_proj = l.gate_proj.narrow(0, 0, 40).unwrap();
+    l.up_proj = l.up_proj.narrow(0, 0, 40).unwrap();
+    l.down_proj = l.down_proj.narrow(1, 0, 40).unwrap();
+    let e = merge_window(&m.weights.layers[0..2], &m.spec.layers[0..2], 0, MergeOp::Paper).unwrap_err().to_string();
+    assert!(e.contains("0..=1") && e.contains("equal shapes"), "{e}");
+    assert!(merge_window(&m.weights.layers[0..2], &m.spec.layers[0..2], 0, MergeOp::Delete).is_ok());
+}
+
+/// A similarity oracle from a table keyed by (committed windows, candidate window); unknown keys fail the test.
+fn table(entries: &[(&[[usize; 2]], [usize; 2], f64)]) -> impl FnMut(&[[usize; 2]]) -> slm_depth::error::Result<f64> {
+    let map: HashMap<(Vec<[usize; 2]>, [usize; 2]), f64> =
+        entries.iter().map(|(c, w, s)| ((c.to_vec(), *w), *s)).collect();
+    move |merges: &[[usize; 2]]| {
+        let (w, committed) = merges.split_last().unwrap();
+        Ok(*map.get(&(committed.to_vec(), *w)).unwrap_or_else(|| panic!("unexpected candidate {merges:?}")))
+    }
+}
+
+#[test]
+fn sliding_search_follows_the_reference_loop() {
+    // 7 layers: the first window is [4, 5] (layer 6 is never merged).
+    let mut oracle = table(&[
+        (&[], [4, 5], 0.9),
+        (&[], [3, 5], 0.8),
+        (&[], [2, 5], 0.5), // fails: commit [3, 5], restart at hi = 2 (the one-layer window passes unscored)
+        (&[[3, 5]], [1, 2], 0.6), // equal to the threshold: strict '>' fails, a two-layer failure slides down
+        (&[[3, 5]], [0, 1], 0.95), // passes and lo reaches -1: the open window is dropped
+    ]);
+    let r = sliding_merge(7, 0.6, &mut oracle).unwrap();
+    assert_eq!(r.merges, vec![[3, 5]]);
+    let scored: Vec<(usize, usize, bool)> = r.steps.iter().map(|s| (s.lo, s.hi, s.passed)).collect();
+    assert_eq!(scored, vec![(4, 5, true), (3, 5, true), (2, 5, false), (1, 2, false), (0, 1, true)]);
+    // The reference also "scores" the one-layer window [2, 2] after the commit.
+    assert_eq!(r.reference_evaluations, 6);
+}
+
+#[test]
+fn sliding_search_window_reaching_layer_zero_and_consecutive_commits() {
+    // Everything passes: the window grows to layer 0 and is never committed.
+    let mut all = |_: &[[usize; 2]]| -> slm_depth::error::Result<f64> { Ok(1.0) };
+    assert!(sliding_merge(6, 0.5, &mut all).unwrap().merges.is_empty());
+    // Nothing passes: slide down one layer at a time, no commit.
+    let mut none = |_: &[[usize; 2]]| -> slm_depth::error::Result<f64> { Ok(0.0) };
+    let r = sliding_merge(6, 0.5, &mut none).unwrap();
+    assert!(r.merges.is_empty());
+    assert_eq!(r.steps.iter().map(|s| (s.lo, s.hi)).collect::<Vec<_>>(), vec![(3, 4), (2, 3), (1, 2), (0, 1)]);
+    // Two commits: [3, 4] then [1, 2] (the window [0, 2] fails).
+    let mut two = table(&[
+        (&[], [3, 4], 0.9),
+        (&[], [2, 4], 0.1),
+        (&[[3, 4]], [1, 2], 0.9),
+        (&[[3, 4]], [0, 2], 0.1),
+    ]);
+    assert_eq!(sliding_merge(6, 0.5, &mut two).unwrap().merges, vec![[3, 4], [1, 2]]);
+}
+
+#[test]
+fn bad_thresholds_ratios_and_targets_are_clear_errors() {
+    let mut any = |_: &[[usize; 2]]| -> slm_depth::error::Result<f64> { Ok(1.0) };
+    for t in [0.0, -0.1, 1.5, f64::NAN] {
+        let e = sliding_merge(10, t, &mut any).unwrap_err().to_string();
+        assert!(e.contains("threshold must be in (0, 1]"), "{e}");
+    }
+    assert!(sliding_merge(10, 1.0, &mut any).is_ok());
+    let m = tiny_model(6, 7);
+    for r in [0.0, 1.0, -0.2, 1.3] {
+        let e = layers_for_ratio(&m.spec, r).unwrap_err().to_string();
+        assert!(e.contains("target ratio must be in (0, 1)"), "{e}");
+    }
+    // 0.9 of the parameters would leave fewer than two layers.
+    assert!(layers_for_ratio(&m.spec, 0.9).unwrap_err().to_string().contains("at least two must remain"));
+    let windows = vec![vec![1u32, 2, 3, 4, 5, 6], vec![7, 8, 9, 10, 11, 12]];
+    let mut cal = Calibration::new(&m, windows, MergeOp::Reference).unwrap();
+    let e = plan_depth(&mut cal, &Settings::new(Method::ShortGpt, Stop::TargetLayers(5))).unwrap_err().to_string();
+    assert!(e.contains("at least two must remain"), "{e}");
+    let e = plan_depth(&mut cal, &Settings::new(Method::ShortGpt, Stop::Threshold(0.5))).unwrap_err().to_string();
+    assert!(e.contains("--target-layers"), "{e}");
+    assert!(DepthPlan::new(6, vec![[2, 4], [4, 5]], vec![], MergeOp::Paper).is_err());
+    assert!(DepthPlan::new(6, vec![[3, 3]], vec![], MergeOp::Paper).is_err());
+    assert!(DepthPlan::new(6, vec![], vec![6], MergeOp::Paper).is_err());
+    assert!("median".parse::<MergeOp>().is_err() && "magic".parse::<Method>().is_err());
+}
+
+fn default_calibration(model: &Model, n: usize, len: usize) -> Vec<Vec<u32>> {
+    let corpus = slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl");
+    slm_model::calib::calibration_windows(&corpus, model.tokenizer().unwrap(), n, len, 1234).unwrap()
+}
+
+#[test]
+fn incremental_scores_equal_full_recomputation_on_the_default_model() {
+    let model = Model::load(&default_model_path(), &Device::Cpu).unwrap();
+    let windows = default_calibration(&model, 4, 64);
+    let mut inc = Calibration::new(&model, windows.clone(), MergeOp::Reference).unwrap();
+    let mut full = Calibration::new(&model, windows.clone(), MergeOp::Reference).unwrap();
+    full.incremental = false;
+    let cands = [
+        Candidate::merges(vec![[20, 24]]),
+        Candidate::merges(vec![[3, 5], [20, 24]]),
+        Candidate::removed(vec![7, 12]),
+        Candidate { merges: vec![[25, 27]], removed: vec![10] },
+    ];
+    for c in &cands {
+        for crit in Criterion::ALL {
+            let (a, b) = (inc.similarity(crit, c).unwrap(), full.similarity(crit, c).unwrap());
+            assert!((a - b).abs() <= 1e-5, "{c:?} {crit:?}: {a} vs {b}");
+        }
+        let (a, b) = (inc.nll(c).unwrap(), full.nll(c).unwrap());
+        assert!((a - b).abs() / b <= 1e-5, "{c:?} nll: {a} vs {b}");
+    }
+    assert!(inc.layer_forwards < full.layer_forwards);
+    assert_eq!(inc.full_layer_forwards, full.full_layer_forwards);
+    // The candidate's output is the applied model's output.
+    let plan = DepthPlan::new(30, vec![[20, 24]], vec![], MergeOp::Reference).unwrap();
+    let pruned = apply(&model, &plan).unwrap();
+    let out = pruned.forward(&windows, &vec![vec![]; windows.len()], true, Mode::Inference).unwrap();
+    let fin = inc.candidate_final(&Candidate::merges(vec![[20, 24]])).unwrap();
+    assert!(max_abs_diff(&fin, &out.final_hidden.unwrap()) <= 1e-4);
+    // The dense model is its own perfect match.
+    assert!((inc.similarity(Criterion::Cosine, &Candidate::default()).unwrap() - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn target_modes_land_within_one_layer_of_the_request() {
+    let model = Model::load(&default_model_path(), &Device::Cpu).unwrap();
+    // 35% of 134.5M parameters at 3.54M per layer: 13.3 → 13 layers; 20%: 7.6 → 8.
+    assert_eq!(layers_for_ratio(&model.spec, 0.35).unwrap(), 13);
+    assert_eq!(layers_for_ratio(&model.spec, 0.20).unwrap(), 8);
+    let windows = default_calibration(&model, 2, 48);
+    let mut cal = Calibration::new(&model, windows, MergeOp::Reference).unwrap();
+    let n = layers_for_ratio(&model.spec, 0.20).unwrap();
+    let slm = plan_depth(&mut cal, &Settings::new(Method::Slm, Stop::TargetLayers(n))).unwrap();
+    assert!(slm.plan.layers_removed().abs_diff(n) <= 1, "{:?}", slm.plan);
+    let t = slm.threshold.unwrap();
+    assert!(t > 0.0 && t <= 1.0);
+    for method in [Method::ShortGpt, Method::Ppl, Method::Sleb] {
+        let o = plan_depth(&mut cal, &Settings::new(method, Stop::TargetLayers(n))).unwrap();
+        assert_eq!(o.plan.layers_removed(), n, "{method:?}");
+        let pruned = apply(&model, &o.plan).unwrap();
+        assert_eq!(pruned.spec.num_layers(), 30 - n);
+    }
+}

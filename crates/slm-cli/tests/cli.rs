@@ -138,3 +138,46 @@ fn eval_rejects_unknown_task_missing_file_and_malformed_record() {
     let e = run_err(slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()));
     assert!(e.contains("arc_easy.test.jsonl:2"), "{e}");
 }
+
+#[test]
+fn depth_writes_a_loadable_model_with_its_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pruned");
+    let stdout = run_ok(
+        slm()
+            .arg("depth")
+            .arg(default_model_path())
+            .arg("--out")
+            .arg(&out)
+            .args(["--method", "shortgpt", "--target-layers", "5", "--samples", "2", "--seq-len", "32"])
+            .arg("--calib")
+            .arg(slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl")),
+    );
+    assert!(stdout.contains("30 -> 25 (5 removed)"), "{stdout}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("slm_plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["method"], "shortgpt");
+    assert_eq!(plan["plan"]["removed"].as_array().unwrap().len(), 5);
+    assert_eq!(plan["layers_after"], 25);
+    let m = slm_model::Model::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(m.spec.num_layers(), 25);
+    assert_eq!(plan["parameters_after"].as_u64().unwrap() as usize, m.spec.num_parameters());
+}
+
+#[test]
+fn depth_rejects_bad_threshold_ratio_and_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x");
+    for (flags, want) in [
+        (vec!["--threshold", "1.5"], "threshold must be in (0, 1]"),
+        (vec!["--threshold", "0"], "threshold must be in (0, 1]"),
+        (vec!["--target-ratio", "1.2"], "target ratio must be in (0, 1)"),
+        (vec!["--target-layers", "29"], "at least two must remain"),
+        (vec!["--method", "magic", "--target-layers", "3"], "unknown depth method `magic`"),
+        (vec!["--merge", "median", "--target-layers", "3"], "unknown merge operator `median`"),
+    ] {
+        let e = run_err(slm().arg("depth").arg(default_model_path()).arg("--out").arg(&out).args(&flags));
+        assert!(e.contains(want), "{flags:?}: {e}");
+    }
+    assert!(!out.exists());
+}

@@ -105,7 +105,8 @@ pub fn layers_for_ratio(spec: &ModelSpec, ratio: f64) -> Result<usize> {
     Ok(n.max(1))
 }
 
-fn check_target(num_layers: usize, n: usize) -> Result<()> {
+/// A target of `n` removed layers must remove one and leave two.
+pub fn check_target(num_layers: usize, n: usize) -> Result<()> {
     if n == 0 || n + 2 > num_layers {
         return Err(DepthError::InvalidArgument(format!(
             "cannot remove {n} of {num_layers} layers: at least one must go and at least two must remain"

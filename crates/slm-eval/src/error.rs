@@ -16,12 +16,8 @@ pub enum EvalError {
     MissingDataFile { task: String, path: PathBuf },
 
     /// The data file exists but could not be read.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
 
     /// One JSONL record is not valid JSON, lacks a field, or has a field of the wrong kind.
     /// `line` is 1-based.

@@ -458,7 +458,7 @@ pub(crate) fn for_each_record(
         } else {
             EvalError::Io {
                 path: path.to_path_buf(),
-                source: e,
+                error: e,
             }
         }
     })?;
@@ -470,7 +470,7 @@ pub(crate) fn for_each_record(
             }
             _ => EvalError::Io {
                 path: path.to_path_buf(),
-                source: e,
+                error: e,
             },
         })?;
         if line.trim().is_empty() {

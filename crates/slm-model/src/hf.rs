@@ -96,7 +96,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !index.exists() {
         return Err(ModelError::Io {
             path: single,
-            source: std::io::Error::new(
+            error: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "no model.safetensors and no model.safetensors.index.json in the model directory",
             ),

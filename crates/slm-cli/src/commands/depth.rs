@@ -75,6 +75,9 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         (None, None, Some(n)) => Stop::TargetLayers(n),
         _ => bail!("give one of --threshold, --target-ratio or --target-layers"),
     };
+    if let Stop::TargetLayers(n) = stop {
+        slm_depth::method::check_target(model.spec.num_layers(), n).context("--target-layers")?;
+    }
     let tokenizer = model.tokenizer()?;
     let windows = slm_model::calib::calibration_windows(&args.calib, tokenizer, args.samples, args.seq_len, args.seed)?;
 

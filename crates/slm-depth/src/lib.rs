@@ -9,6 +9,7 @@ pub mod error;
 pub mod merge;
 pub mod method;
 pub mod plan;
+pub mod refit;
 pub mod score;
 pub mod search;
 pub mod similarity;

@@ -24,16 +24,21 @@ pub enum Criterion {
     TokenCosine,
     /// `exp(−mean over tokens of KL(p_dense ‖ p_candidate))` of the next-token distributions.
     Kl,
+    /// Local, on the dense model only: for each window, the mean over tokens of the cosine between the residual
+    /// stream entering its lowest layer and leaving its highest (how little the window changes the stream, the
+    /// multi-layer form of ShortGPT's block influence); the candidate's score is its worst window's.
+    BlockCosine,
 }
 
 impl Criterion {
-    pub const ALL: [Criterion; 3] = [Criterion::Cosine, Criterion::TokenCosine, Criterion::Kl];
+    pub const ALL: [Criterion; 4] = [Criterion::Cosine, Criterion::TokenCosine, Criterion::Kl, Criterion::BlockCosine];
 
     pub fn name(self) -> &'static str {
         match self {
             Criterion::Cosine => "cosine",
             Criterion::TokenCosine => "token-cosine",
             Criterion::Kl => "kl",
+            Criterion::BlockCosine => "block-cosine",
         }
     }
 }
@@ -42,7 +47,7 @@ impl std::str::FromStr for Criterion {
     type Err = DepthError;
     fn from_str(s: &str) -> Result<Self> {
         Criterion::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
-            DepthError::InvalidArgument(format!("unknown criterion `{s}` (known: cosine, token-cosine, kl)"))
+            DepthError::InvalidArgument(format!("unknown criterion `{s}` (known: cosine, token-cosine, kl, block-cosine)"))
         })
     }
 }
@@ -135,6 +140,11 @@ impl<'m> Calibration<'m> {
         self.model
     }
 
+    /// The calibration windows as a prepared batch.
+    pub fn batch(&self) -> &Batch {
+        &self.batch
+    }
+
     pub fn operator(&self) -> MergeOp {
         self.operator
     }
@@ -198,8 +208,20 @@ impl<'m> Calibration<'m> {
         if let Some(&v) = self.memo.get(&key) {
             return Ok(v);
         }
+        if criterion == Criterion::BlockCosine {
+            let mut worst = 1.0f64;
+            for &[lo, hi] in &c.merges {
+                worst = worst.min(self.block_cosine(lo, hi)?);
+            }
+            for &i in &c.removed {
+                worst = worst.min(self.block_cosine(i, i)?);
+            }
+            self.memo.insert(key, worst);
+            return Ok(worst);
+        }
         let fin = self.candidate_final(c)?;
         let v = match criterion {
+            Criterion::BlockCosine => unreachable!("handled above"),
             Criterion::Cosine => {
                 let (b, t, d) = fin.dims3()?;
                 let a = self.dense_final.reshape((b, t * d))?.to_dtype(DType::F64)?;
@@ -224,6 +246,14 @@ impl<'m> Calibration<'m> {
         };
         self.memo.insert(key, v);
         Ok(v)
+    }
+
+    /// Mean over tokens of cos(dense stream entering layer `lo`, dense stream leaving layer `hi`).
+    pub fn block_cosine(&self, lo: usize, hi: usize) -> Result<f64> {
+        let (b, t, d) = self.dense_hidden[lo].dims3()?;
+        let x = self.dense_hidden[lo].reshape((b * t, d))?.to_dtype(DType::F64)?;
+        let y = self.dense_hidden[hi + 1].reshape((b * t, d))?.to_dtype(DType::F64)?;
+        mean_row_cosine(&x, &y)
     }
 
     /// Total negative log-likelihood of the calibration windows' next tokens under the candidate (memoised).

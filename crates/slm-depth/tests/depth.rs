@@ -242,3 +242,61 @@ fn target_modes_land_within_one_layer_of_the_request() {
         assert_eq!(pruned.spec.num_layers(), 30 - n);
     }
 }
+
+#[test]
+fn block_cosine_of_one_layer_is_one_minus_block_influence() {
+    let m = tiny_model(4, 8);
+    let windows = vec![vec![1u32, 5, 9, 13, 17, 21], vec![2, 6, 10, 14, 18, 22]];
+    let mut cal = Calibration::new(&m, windows, MergeOp::Top).unwrap();
+    let bi = slm_depth::baselines::block_influence(&cal).unwrap();
+    for (i, b) in bi.iter().enumerate() {
+        assert!((cal.block_cosine(i, i).unwrap() - (1.0 - b)).abs() < 1e-12);
+    }
+    // A candidate's block-cosine score is its worst window's; no forward pass is run.
+    let before = cal.layer_forwards;
+    let s = cal.similarity(Criterion::BlockCosine, &Candidate::merges(vec![[0, 1], [2, 3]])).unwrap();
+    let want = cal.block_cosine(0, 1).unwrap().min(cal.block_cosine(2, 3).unwrap());
+    assert_eq!(s, want);
+    assert_eq!(cal.layer_forwards, before);
+}
+
+#[test]
+fn refit_lowers_the_calibration_error_it_minimises() {
+    // Drop layer 2 of 4: layer 1 then stands in for layers 1..=2 and its down_proj is re-fitted to reproduce the
+    // dense stream after layer 2 on the calibration windows.
+    let m = tiny_model(4, 9);
+    let windows: Vec<Vec<u32>> = (0..6).map(|s| (0..24).map(|i| ((i * 7 + s * 13) % 64) as u32).collect()).collect();
+    let cal = Calibration::new(&m, windows.clone(), MergeOp::Delete).unwrap();
+    let plan = DepthPlan::new(4, vec![], vec![2], MergeOp::Delete).unwrap();
+    let err = |model: &Model| {
+        let out = model.forward(&windows, &vec![vec![]; windows.len()], true, Mode::Inference).unwrap();
+        // hidden[2] is the pruned model's output of its layer 1; compare with the dense output of layer 2 as the
+        // fit does: first position left out, each token's error relative to its dense target's norm.
+        let target = cal.dense_hidden[3].narrow(1, 1, 23).unwrap();
+        let d = (out.hidden[2].narrow(1, 1, 23).unwrap() - &target).unwrap();
+        let norm = target.sqr().unwrap().sum_keepdim(2).unwrap();
+        d.sqr().unwrap().sum_keepdim(2).unwrap().div(&norm).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    let plain = apply(&m, &plan).unwrap();
+    let refit = slm_depth::refit::apply_with_refit(&cal, &plan, 1e-3).unwrap();
+    let (e0, e1) = (err(&plain), err(&refit));
+    eprintln!("weighted calibration error: plain {e0}, refit {e1}");
+    assert!(e1 < 0.7 * e0, "refit error {e1} vs plain {e0}");
+    // Only layer 1's down_proj changed.
+    assert_ne!(bits(&refit.weights.layers[1].down_proj), bits(&plain.weights.layers[1].down_proj));
+    assert!(same_layer(&refit.weights.layers[0], &plain.weights.layers[0]));
+    assert!(same_layer(&refit.weights.layers[2], &plain.weights.layers[2]));
+    assert!(slm_depth::refit::apply_with_refit(&cal, &plan, 0.0).is_err());
+}
+
+#[test]
+fn cholesky_solves_a_hand_worked_system() {
+    // [[4, 2], [2, 3]] x = [[2, 1], [1, 2]]  →  x = [[0.5, -0.125], [0, 0.75]].
+    let mut g = vec![4.0, 2.0, 2.0, 3.0];
+    let mut b = vec![2.0, 1.0, 1.0, 2.0];
+    slm_depth::refit::cholesky_solve(&mut g, &mut b, 2, 2).unwrap();
+    let want = [0.5, -0.125, 0.0, 0.75];
+    for (x, w) in b.iter().zip(want) {
+        assert!((x - w).abs() < 1e-12, "{b:?}");
+    }
+}

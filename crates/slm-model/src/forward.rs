@@ -254,6 +254,20 @@ pub fn decoder_layer(
     eps: f64,
     mode: Mode,
 ) -> Result<Tensor> {
+    let h = attention_block(x, w, l, batch, eps, mode)?;
+    let a = mlp_activations(&h, w, eps, mode)?;
+    Ok((&h + linear(&a, &w.down_proj)?)?)
+}
+
+/// The attention half of a decoder layer: `x + o_proj(attn(input_layernorm(x)))`.
+pub fn attention_block(
+    x: &Tensor,
+    w: &LayerWeights,
+    l: &LayerSpec,
+    batch: &Batch,
+    eps: f64,
+    mode: Mode,
+) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (l.num_attention_heads, l.num_key_value_heads, l.head_dim);
     let rep = nh / nkv;
@@ -280,11 +294,16 @@ pub fn decoder_layer(
     };
     let ctx = probs.reshape((b, nkv, rep * t, t))?.matmul(&v)?;
     let ctx = ctx.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-    let h = (x + linear(&ctx, &w.o_proj)?)?;
-    let hn = rms_norm(&h, &w.post_attention_layernorm, eps, mode)?;
+    Ok((x + linear(&ctx, &w.o_proj)?)?)
+}
+
+/// The MLP's hidden activations `silu(gate(n)) * up(n)`, `n = post_attention_layernorm(h)`: the input of
+/// `down_proj`, `[B, T, intermediate]`.
+pub fn mlp_activations(h: &Tensor, w: &LayerWeights, eps: f64, mode: Mode) -> Result<Tensor> {
+    let hn = rms_norm(h, &w.post_attention_layernorm, eps, mode)?;
     let gate = linear(&hn, &w.gate_proj)?.silu()?;
     let up = linear(&hn, &w.up_proj)?;
-    Ok((&h + linear(&(gate * up)?, &w.down_proj)?)?)
+    Ok((gate * up)?)
 }
 
 /// What a forward pass returns.

@@ -55,6 +55,10 @@ pub struct Args {
     /// Recompute every candidate from the embeddings instead of from the lowest changed layer (for comparison).
     #[arg(long)]
     pub no_incremental: bool,
+    /// Re-fit the down_proj of every layer that stands in for several dense layers by ridge least squares on the
+    /// calibration activations (λ = RIDGE · mean diagonal of AᵀA). Off unless given; 0.1 is a good start.
+    #[arg(long, value_name = "RIDGE")]
+    pub refit: Option<f64>,
     /// Storage dtype of the output: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -65,6 +69,11 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let op: MergeOp = args.merge.parse().context("--merge")?;
     let criterion: Criterion = args.criterion.parse().context("--criterion")?;
     let dtype: StorageDType = args.dtype.parse().context("--dtype")?;
+    if let Some(r) = args.refit {
+        if !(r > 0.0) {
+            bail!("--refit: the ridge must be positive, got {r}");
+        }
+    }
     if let Some(t) = args.threshold {
         slm_depth::search::check_threshold(t).context("--threshold")?;
     }
@@ -98,7 +107,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     spinner.finish_and_clear();
     let search_seconds = start.elapsed().as_secs_f64();
 
-    let pruned = apply(&model, &outcome.plan)?;
+    let pruned = match args.refit {
+        Some(ridge) => slm_depth::refit::apply_with_refit(&cal, &outcome.plan, ridge).context("--refit")?,
+        None => apply(&model, &outcome.plan)?,
+    };
     let (before, after) = (model.spec.num_parameters(), pruned.spec.num_parameters());
     let ratio = 1.0 - after as f64 / before as f64;
     let plan_json = serde_json::json!({
@@ -109,6 +121,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         "stop": match stop { Stop::Threshold(t) => serde_json::json!({"threshold": t}), Stop::TargetLayers(n) => serde_json::json!({"target_layers": n}) },
         "plan": outcome.plan,
         "kept_layers": outcome.plan.output_layers(),
+        "refit_ridge": args.refit,
         "layers_before": model.spec.num_layers(),
         "layers_after": pruned.spec.num_layers(),
         "parameters_before": before,

@@ -30,6 +30,10 @@ pub struct Args {
     /// Seed of the calibration sampling.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
+    /// Leave out the first N positions of every window (the attention-sink token carries one activation thousands
+    /// of times larger than the rest, which otherwise decides CKA on its own).
+    #[arg(long, default_value_t = 0)]
+    pub skip_first: usize,
     /// CKA at or above which a run of consecutive layers counts as one "patch" in the printed summary.
     #[arg(long, default_value_t = 0.9)]
     pub patch_threshold: f64,
@@ -54,7 +58,14 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("sampling calibration windows from {}", args.calib.display()))?;
 
     let start = Instant::now();
+    if args.skip_first >= args.seq_len {
+        bail!("--skip-first {} leaves no position of a {}-token window", args.skip_first, args.seq_len);
+    }
     let hidden = layer_outputs(&model, &windows).context("computing layer outputs")?;
+    let hidden: Vec<candle_core::Tensor> = hidden
+        .iter()
+        .map(|h| h.narrow(1, args.skip_first, args.seq_len - args.skip_first))
+        .collect::<candle_core::Result<_>>()?;
     tracing::info!(
         representations = hidden.len(),
         windows = windows.len(),
@@ -76,6 +87,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
             "samples": args.samples,
             "seq_len": args.seq_len,
             "seed": args.seed,
+            "skip_first": args.skip_first,
         },
         "representation": "per-example flattening of each [seq_len, hidden] layer output; index 0 is the \
                            embeddings, index i+1 the output of layer i",

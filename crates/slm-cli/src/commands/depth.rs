@@ -36,17 +36,8 @@ pub struct Args {
     /// Remove this many layers.
     #[arg(long)]
     pub target_layers: Option<usize>,
-    /// Calibration corpus: JSONL with a `text` field per line.
-    #[arg(long, default_value = slm_model::DEFAULT_CALIBRATION_CORPUS)]
-    pub calib: PathBuf,
-    /// Calibration windows.
-    #[arg(long, default_value_t = 10)]
-    pub samples: usize,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: usize,
-    #[arg(long, default_value_t = 1234)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub calib: super::CalibArgs,
     /// LaCo: layers per merge (base + followers) and the step after a merge.
     #[arg(long, default_value_t = 4)]
     pub laco_layers: usize,
@@ -87,8 +78,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if let Stop::TargetLayers(n) = stop {
         slm_depth::method::check_target(model.spec.num_layers(), n).context("--target-layers")?;
     }
-    let tokenizer = model.tokenizer()?;
-    let windows = slm_model::calib::calibration_windows(&args.calib, tokenizer, args.samples, args.seq_len, args.seed)?;
+    let windows = args.calib.windows(&model)?;
 
     let start = Instant::now();
     let spinner = ProgressBar::new_spinner();
@@ -127,7 +117,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         "parameters_before": before,
         "parameters_after": after,
         "parameter_reduction": ratio,
-        "calibration": {"file": args.calib.display().to_string(), "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
+        "calibration": args.calib.json(),
         "search": {
             "steps": outcome.steps,
             "layer_scores": outcome.layer_scores,

@@ -41,3 +41,33 @@ pub fn init_tracing(verbose: u8) {
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
+
+/// Calibration text options shared by the commands that sample calibration windows.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CalibArgs {
+    /// Calibration corpus: JSONL with a `text` field per line.
+    #[arg(long = "calib", default_value = slm_model::DEFAULT_CALIBRATION_CORPUS)]
+    pub file: std::path::PathBuf,
+    /// Number of calibration windows.
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Seed of the calibration sampling.
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+}
+
+impl CalibArgs {
+    /// The seeded calibration windows, tokenised with the model's tokenizer.
+    pub fn windows(&self, model: &slm_model::Model) -> anyhow::Result<Vec<Vec<u32>>> {
+        slm_model::calib::calibration_windows(&self.file, model.tokenizer()?, self.samples, self.seq_len, self.seed)
+            .with_context(|| format!("sampling calibration windows from {}", self.file.display()))
+    }
+
+    /// The settings as recorded in output JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({"file": self.file.display().to_string(), "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed})
+    }
+}

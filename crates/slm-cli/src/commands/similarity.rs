@@ -18,18 +18,8 @@ pub struct Args {
     /// Output directory (similarity.json, cka.png, cosine.png).
     #[arg(long)]
     pub out: PathBuf,
-    /// Calibration corpus: JSONL with a `text` field per line.
-    #[arg(long, default_value = slm_model::DEFAULT_CALIBRATION_CORPUS)]
-    pub calib: PathBuf,
-    /// Number of calibration windows (the examples CKA compares; at least 2).
-    #[arg(long, default_value_t = 10)]
-    pub samples: usize,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: usize,
-    /// Seed of the calibration sampling.
-    #[arg(long, default_value_t = 1234)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub calib: super::CalibArgs,
     /// Leave out the first N positions of every window (the attention-sink token carries one activation thousands
     /// of times larger than the rest, which otherwise decides CKA on its own).
     #[arg(long, default_value_t = 0)]
@@ -45,26 +35,24 @@ const CKA_RANGE: (f64, f64) = (0.0, 1.0);
 const COSINE_RANGE: (f64, f64) = (0.0, 1.0);
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
-    if args.samples < 2 {
-        bail!("--samples: CKA needs at least 2 windows, got {}", args.samples);
+    if args.calib.samples < 2 {
+        bail!("--samples: CKA needs at least 2 windows, got {}", args.calib.samples);
     }
-    if args.seq_len == 0 {
+    if args.calib.seq_len == 0 {
         bail!("--seq-len must be positive");
     }
     let model =
         Model::load(&args.model, &common.device()?).with_context(|| format!("loading {}", args.model.display()))?;
-    let tokenizer = model.tokenizer()?;
-    let windows = slm_model::calib::calibration_windows(&args.calib, tokenizer, args.samples, args.seq_len, args.seed)
-        .with_context(|| format!("sampling calibration windows from {}", args.calib.display()))?;
+    let windows = args.calib.windows(&model)?;
 
     let start = Instant::now();
-    if args.skip_first >= args.seq_len {
-        bail!("--skip-first {} leaves no position of a {}-token window", args.skip_first, args.seq_len);
+    if args.skip_first >= args.calib.seq_len {
+        bail!("--skip-first {} leaves no position of a {}-token window", args.skip_first, args.calib.seq_len);
     }
     let hidden = layer_outputs(&model, &windows).context("computing layer outputs")?;
     let hidden: Vec<candle_core::Tensor> = hidden
         .iter()
-        .map(|h| h.narrow(1, args.skip_first, args.seq_len - args.skip_first))
+        .map(|h| h.narrow(1, args.skip_first, args.calib.seq_len - args.skip_first))
         .collect::<candle_core::Result<_>>()?;
     tracing::info!(
         representations = hidden.len(),
@@ -82,13 +70,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 
     let json = serde_json::json!({
         "model": args.model.display().to_string(),
-        "calibration": {
-            "file": args.calib.display().to_string(),
-            "samples": args.samples,
-            "seq_len": args.seq_len,
-            "seed": args.seed,
-            "skip_first": args.skip_first,
-        },
+        "calibration": args.calib.json(),
+        "skip_first": args.skip_first,
         "representation": "per-example flattening of each [seq_len, hidden] layer output; index 0 is the \
                            embeddings, index i+1 the output of layer i",
         "layers": labels,
@@ -109,10 +92,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         args.model.display(),
         labels.len(),
         model.spec.num_layers(),
-        args.samples,
-        args.seq_len,
-        args.calib.display(),
-        args.seed
+        args.calib.samples,
+        args.calib.seq_len,
+        args.calib.file.display(),
+        args.calib.seed
     );
     println!("{:<12} {:>10} {:>10} {:>10}", "", "CKA next", "cos next", "ang next");
     for i in 0..labels.len() - 1 {

@@ -25,6 +25,8 @@ enum Command {
     Depth(commands::depth::Args),
     /// Layer×layer linear CKA and cosine matrices of a model's layer outputs on calibration text (JSON + heat-map PNGs).
     Similarity(commands::similarity::Args),
+    /// Width pruning (LLM-Pruner): remove attention units (a KV head with its query heads) and MLP channels by Taylor importance.
+    Width(commands::width::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => commands::eval::run(&cli.common, a),
         Command::Depth(a) => commands::depth::run(&cli.common, a),
         Command::Similarity(a) => commands::similarity::run(&cli.common, a),
+        Command::Width(a) => commands::width::run(&cli.common, a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -181,3 +181,90 @@ fn depth_rejects_bad_threshold_ratio_and_method() {
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl");
+    let depth = dir.path().join("depth");
+    run_ok(
+        slm()
+            .arg("depth")
+            .arg(default_model_path())
+            .arg("--out")
+            .arg(&depth)
+            .args(["--method", "shortgpt", "--target-layers", "13", "--samples", "2", "--seq-len", "32"])
+            .arg("--calib")
+            .arg(&calib),
+    );
+    let width = dir.path().join("width");
+    let stdout = run_ok(
+        slm()
+            .arg("width")
+            .arg(&depth)
+            .arg("--out")
+            .arg(&width)
+            .args(["--pruning-ratio", "0.25", "--importance", "element2", "--samples", "2", "--seq-len", "32"])
+            .arg("--calib")
+            .arg(&calib),
+    );
+    // 17 layers: the default range keeps round(4*17/32) = 2 first and round(2*17/32) = 1 last layers dense.
+    assert!(stdout.contains("layers:      2..16 pruned at ratio 0.2500"), "{stdout}");
+    // 3 - floor(2.25) = 1 KV head (3 query heads) and 1536 - 1152 = 384 channels per pruned layer.
+    assert!(stdout.contains("heads 9/3 -> 6/2 (query/KV), MLP 1536 -> 1152"), "{stdout}");
+    assert!(stdout.contains("3 backward passes on 2 windows"), "{stdout}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(width.join("slm_plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["previous_plan"]["method"], "shortgpt", "the depth step's plan is kept");
+    assert_eq!(plan["plan"]["layers"].as_array().unwrap().len(), 14);
+    let m = slm_model::Model::load(&width, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(m.spec.num_layers(), 17);
+    assert_eq!(m.spec.layers[5].intermediate_size, 1152);
+    assert_eq!(m.spec.layers[0].intermediate_size, 1536);
+    // Per pruned layer: 3 query heads (192 q rows, 192 o columns) + 1 KV head (64 k, 64 v rows) = 576*512, plus
+    // 384 channels * 3 * 576; 14 layers.
+    let removed = 14 * (576 * 512 + 384 * 3 * 576);
+    assert_eq!(plan["parameters_before"].as_u64().unwrap() - plan["parameters_after"].as_u64().unwrap(), removed as u64);
+    assert_eq!(m.spec.num_parameters() as u64, plan["parameters_after"].as_u64().unwrap());
+    let eval = run_ok(
+        slm()
+            .arg("eval")
+            .arg(&width)
+            .args(["--tasks", "wikitext2-128", "--limit", "2", "--data-dir"])
+            .arg(slm_model::testing::shared_dir().join("data")),
+    );
+    assert!(eval.contains("wikitext2-128"), "{eval}");
+}
+
+#[test]
+fn width_target_ratio_lands_on_the_requested_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w");
+    let stdout = run_ok(
+        slm().arg("width").arg(default_model_path()).arg("--out").arg(&out).args(["--target-ratio", "0.2", "--importance", "l2"]),
+    );
+    // Ratio 0.3106 on layers 4..28: 1 of 3 KV heads (576*512 parameters) and 478 of 1536 channels per layer.
+    assert!(stdout.contains("4..28 pruned at ratio 0.3106"), "{stdout}");
+    let removed = 24 * (576 * 512 + 478 * 3 * 576);
+    assert_eq!(removed, 26_901_504);
+    assert!(stdout.contains(&format!("134515008 -> {} (20.00% of all removed", 134_515_008 - removed)), "{stdout}");
+}
+
+#[test]
+fn width_rejects_bad_ratio_range_and_importance() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x");
+    for (flags, want) in [
+        (vec!["--pruning-ratio", "1.0"], "pruning ratio must be in [0, 1), got 1"),
+        (vec!["--pruning-ratio=-0.5"], "pruning ratio must be in [0, 1)"),
+        (vec!["--pruning-ratio", "0.7"], "would remove all 3 KV heads"),
+        (vec!["--pruning-ratio", "0.2", "--layers", "20..40"], "outside the model's 30 layers"),
+        (vec!["--pruning-ratio", "0.2", "--importance", "magic"], "unknown importance `magic`"),
+        (vec!["--target-ratio", "0.95"], "can remove at most"),
+        (vec![], "give one of --pruning-ratio or --target-ratio"),
+    ] {
+        let e = run_err(slm().arg("width").arg(default_model_path()).arg("--out").arg(&out).args(&flags));
+        assert!(e.contains(want), "{flags:?}: {e}");
+    }
+    assert!(!out.exists());
+}

@@ -5,6 +5,7 @@ pub mod eval;
 pub mod export;
 pub mod inspect;
 pub mod similarity;
+pub mod width;
 
 use anyhow::Context;
 use candle_core::Device;

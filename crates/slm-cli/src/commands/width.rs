@@ -1,0 +1,175 @@
+//! `slm width MODEL --out DIR (--pruning-ratio R | --target-ratio P) [--importance ...] [--layers A..B]`:
+//! LLM-Pruner-style removal of attention units (a KV head with its query heads) and MLP channels, ranked by
+//! Taylor importance on calibration windows; writes an HF directory (per-layer widths) plus `slm_plan.json`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use slm_model::{Model, StorageDType};
+use slm_width::{
+    apply, default_layer_range, gradients, parse_layer_range, plan_width, ratio_for_target, Aggregation, Importance,
+    WidthSettings,
+};
+
+use super::CommonArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// An HF directory (a depth-pruned one too) or a .gguf file.
+    pub model: PathBuf,
+    /// Output HF directory (written atomically), with slm_plan.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Share of the units (KV-head groups, MLP channels) removed in every pruned layer, in [0, 1).
+    #[arg(long, conflicts_with = "target_ratio")]
+    pub pruning_ratio: Option<f64>,
+    /// Instead: remove this share of all parameters, in (0, 1); the pruning ratio is searched.
+    #[arg(long)]
+    pub target_ratio: Option<f64>,
+    /// element1 (first-order Taylor), element2 (+ Fisher second order), vector, l2 (magnitude) or random.
+    #[arg(long, default_value = "element1")]
+    pub importance: String,
+    /// How a unit's member matrices combine, channel by channel: sum, mean or max.
+    #[arg(long, default_value = "sum")]
+    pub aggregation: String,
+    /// Layers to prune, A..B (end exclusive) or A..=B. Default: LLM-Pruner's 4..30 of 32 scaled to the depth
+    /// (the first round(4L/32) and last round(2L/32) layers stay dense; 4..28 for 30 layers).
+    #[arg(long)]
+    pub layers: Option<String>,
+    #[command(flatten)]
+    pub calib: super::CalibArgs,
+    /// Storage dtype of the output: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// (current, peak) resident memory of this process in MiB, from /proc (None elsewhere).
+fn memory_mib() -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
+    let importance: Importance = args.importance.parse().context("--importance")?;
+    let aggregation: Aggregation = args.aggregation.parse().context("--aggregation")?;
+    let dtype: StorageDType = args.dtype.parse().context("--dtype")?;
+    if let Some(r) = args.pruning_ratio {
+        slm_width::groups::check_ratio(r).context("--pruning-ratio")?;
+    }
+    let model = Model::load(&args.model, &common.device()?)?;
+    let n = model.spec.num_layers();
+    let range = match &args.layers {
+        Some(s) => parse_layer_range(s, n).context("--layers")?,
+        None => default_layer_range(n),
+    };
+    let ratio = match (args.pruning_ratio, args.target_ratio) {
+        (Some(r), None) => r,
+        (None, Some(t)) => ratio_for_target(&model.spec, &range, t).context("--target-ratio")?,
+        _ => bail!("give one of --pruning-ratio or --target-ratio"),
+    };
+    // Fails early (before the gradient pass) when the ratio would empty a layer.
+    slm_width::parameters_after(&model.spec, ratio, &range).context("--pruning-ratio")?;
+    let layers: Vec<usize> = range.clone().collect();
+
+    let start = Instant::now();
+    let rss_before = memory_mib();
+    let (grads, windows) = if importance.needs_gradient() {
+        let windows = args.calib.windows(&model)?;
+        let passes = 1 + if importance.needs_fisher() { windows.len() } else { 0 };
+        let bar = ProgressBar::new(passes as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} backward passes [{elapsed} < {eta}]")
+                .expect("valid template"),
+        );
+        bar.set_message(format!("gradients on {} windows of {} tokens", windows.len(), args.calib.seq_len));
+        let g = gradients(&model, &windows, &layers, importance.needs_fisher(), &mut || bar.inc(1))?;
+        bar.finish_and_clear();
+        (Some(g), windows.len())
+    } else {
+        (None, 0)
+    };
+    let grad_seconds = start.elapsed().as_secs_f64();
+    let rss_after = memory_mib();
+    let settings = WidthSettings {
+        ratio,
+        importance,
+        aggregation,
+        layers: range.clone(),
+        seed: args.calib.seed,
+    };
+    let plan = plan_width(&model, &settings, grads.as_ref())?;
+    let pruned = apply(&model, &plan)?;
+
+    let (before, after) = (model.spec.num_parameters(), pruned.spec.num_parameters());
+    let layer_before: usize = range.clone().map(|i| model.spec.layers[i].num_parameters(model.spec.hidden_size)).sum();
+    let layer_after: usize = range.clone().map(|i| pruned.spec.layers[i].num_parameters(pruned.spec.hidden_size)).sum();
+    let share = 1.0 - after as f64 / before as f64;
+    // A depth-pruned input keeps its own plan, so a joint schedule's output records both steps.
+    let previous = args
+        .model
+        .is_dir()
+        .then(|| std::fs::read(args.model.join("slm_plan.json")).ok())
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let plan_json = serde_json::json!({
+        "method": "llm-pruner",
+        "importance": importance.as_str(),
+        "aggregation": aggregation.as_str(),
+        "pruning_ratio": ratio,
+        "target_ratio": args.target_ratio,
+        "layer_range": [range.start, range.end],
+        "plan": plan,
+        "layers": pruned.spec.layers,
+        "parameters_before": before,
+        "parameters_after": after,
+        "parameter_reduction": share,
+        "parameter_reduction_in_pruned_layers": 1.0 - layer_after as f64 / layer_before as f64,
+        "calibration": if grads.is_some() { Some(args.calib.json()) } else { None },
+        "gradient_pass": grads.as_ref().map(|g| serde_json::json!({
+            "loss": g.loss,
+            "backward_passes": g.backward_passes,
+            "seconds": grad_seconds,
+            "rss_mib_before": rss_before.map(|m| m.0),
+            "rss_mib_after": rss_after.map(|m| m.0),
+            "peak_rss_mib": rss_after.map(|m| m.1),
+        })),
+        "source_model": args.model.display().to_string(),
+        "previous_plan": previous,
+    });
+    pruned.save(&args.out, dtype, &[("slm_plan.json", serde_json::to_vec_pretty(&plan_json)?)])?;
+
+    println!("importance:  {} (aggregation {})", importance.as_str(), aggregation.as_str());
+    println!(
+        "layers:      {}..{} pruned at ratio {ratio:.4}{}",
+        range.start,
+        range.end,
+        if args.target_ratio.is_some() { " (searched for --target-ratio)" } else { "" }
+    );
+    let (l0, p0) = (&model.spec.layers[range.start], &pruned.spec.layers[range.start]);
+    println!(
+        "per layer:   heads {}/{} -> {}/{} (query/KV), MLP {} -> {}",
+        l0.num_attention_heads, l0.num_key_value_heads, p0.num_attention_heads, p0.num_key_value_heads,
+        l0.intermediate_size, p0.intermediate_size
+    );
+    println!(
+        "parameters:  {before} -> {after} ({:.2}% of all removed; {:.2}% of the pruned layers')",
+        100.0 * share,
+        100.0 * (1.0 - layer_after as f64 / layer_before as f64)
+    );
+    if let Some(g) = &grads {
+        let peak = rss_after.map(|m| format!(", peak RSS {:.0} MiB (RSS {:.0} MiB before)", m.1, rss_before.map_or(0.0, |b| b.0))).unwrap_or_default();
+        println!(
+            "gradients:   {} backward passes on {windows} windows in {grad_seconds:.1} s, loss {:.4}{peak}",
+            g.backward_passes, g.loss
+        );
+    }
+    println!("wrote {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! Importance of the coupled units from the language-model loss on calibration windows.
+//!
+//! One gradient pass gives g = ∂L/∂W for every projection of the pruned layers (L: mean next-token cross-entropy
+//! over all windows, as `model(x, labels=x).loss`). The second-order variant also needs the diagonal of the
+//! empirical Fisher, acc = (1/N)·Σₙ (∂Lₙ/∂W)², from one backward pass per window. Element saliences (§A.3):
+//!
+//! | importance | element salience S | per row / column of a member matrix |
+//! |---|---|---|
+//! | `element1` | W⊙g | Σ\|S\| |
+//! | `element2` | W⊙g − ½·W⊙acc⊙W | Σ\|S\| |
+//! | `vector` | W⊙g | \|ΣS\| |
+//! | `l2` (baseline) | W² | ΣS |
+//! | `random` (baseline) | seeded uniform score per unit | |
+//!
+//! A unit's score aggregates its members channel by channel (sum by default, or mean, max) and sums over the
+//! unit's channels. For an attention unit the members of channel t of KV head g are k row g·hd+t, v row g·hd+t,
+//! and the q rows / o columns at offset t of each of its query heads (summed over those heads). The reference code
+//! credits query head h to KV head `h mod kv_heads` when it aligns the vectors; here each KV head gets the query
+//! heads that actually read it (`h div rep`), a deliberate fix.
+//!
+//! Only the projections of the pruned layers are variables, so no gradient is built for embeddings, norms or
+//! layers outside the range.
+
+use std::str::FromStr;
+
+use candle_core::{Tensor, Var};
+use rand::{Rng, SeedableRng};
+use slm_model::forward::Mode;
+use slm_model::{Batch, LayerSpec, LayerWeights, Model};
+
+use crate::groups::AttentionUnit;
+use crate::{Result, WidthError};
+
+/// How a unit's importance is estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Importance {
+    /// First-order Taylor, element-wise: Σ|W·∇W| (LLM-Pruner's `param_first`, its released default).
+    Element1,
+    /// First + second order with the Fisher diagonal: Σ|W·∇W − ½·W·F·W| (`param_mix`).
+    Element2,
+    /// First-order, vector-wise: |Σ W·∇W| (`vectorize`).
+    Vector,
+    /// Baseline: squared L2 norm of the weights (no gradient).
+    L2,
+    /// Baseline: a seeded random score per unit.
+    Random,
+}
+
+impl Importance {
+    pub const NAMES: [&'static str; 5] = ["element1", "element2", "vector", "l2", "random"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Importance::Element1 => "element1",
+            Importance::Element2 => "element2",
+            Importance::Vector => "vector",
+            Importance::L2 => "l2",
+            Importance::Random => "random",
+        }
+    }
+
+    pub fn needs_gradient(self) -> bool {
+        matches!(self, Importance::Element1 | Importance::Element2 | Importance::Vector)
+    }
+
+    pub fn needs_fisher(self) -> bool {
+        self == Importance::Element2
+    }
+}
+
+impl FromStr for Importance {
+    type Err = WidthError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "element1" | "param_first" => Importance::Element1,
+            "element2" | "param_mix" => Importance::Element2,
+            "vector" | "vectorize" => Importance::Vector,
+            "l2" | "magnitude" => Importance::L2,
+            "random" => Importance::Random,
+            other => {
+                return Err(WidthError::InvalidArgument(format!(
+                    "unknown importance `{other}` (expected one of {})",
+                    Importance::NAMES.join(", ")
+                )))
+            }
+        })
+    }
+}
+
+/// How the members of a unit are combined, channel by channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregation {
+    Sum,
+    Mean,
+    Max,
+}
+
+impl Aggregation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Sum => "sum",
+            Aggregation::Mean => "mean",
+            Aggregation::Max => "max",
+        }
+    }
+
+    fn combine(self, v: &[f64]) -> f64 {
+        match self {
+            Aggregation::Sum => v.iter().sum(),
+            Aggregation::Mean => v.iter().sum::<f64>() / v.len() as f64,
+            Aggregation::Max => v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+}
+
+impl FromStr for Aggregation {
+    type Err = WidthError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "sum" => Aggregation::Sum,
+            "mean" => Aggregation::Mean,
+            "max" => Aggregation::Max,
+            other => {
+                return Err(WidthError::InvalidArgument(format!(
+                    "unknown aggregation `{other}` (expected sum, mean or max)"
+                )))
+            }
+        })
+    }
+}
+
+/// Gradients of the seven projections (in [`slm_model::PROJECTIONS`] order) of each layer in `layers`.
+#[derive(Debug)]
+pub struct Gradients {
+    pub layers: Vec<usize>,
+    /// `grad[k][p]`: ∂L/∂W for projection p of layer `layers[k]` (mean loss over every predicted token).
+    pub grad: Vec<Vec<Tensor>>,
+    /// `fisher[k][p]`: (1/N)·Σₙ (∂Lₙ/∂W)² over the N windows, when asked for.
+    pub fisher: Option<Vec<Vec<Tensor>>>,
+    /// The calibration loss of the unpruned model.
+    pub loss: f64,
+    /// Backward passes run (1, plus one per window for the Fisher diagonal).
+    pub backward_passes: usize,
+}
+
+fn projections_mut(w: &mut LayerWeights) -> [&mut Tensor; 7] {
+    [
+        &mut w.q_proj,
+        &mut w.k_proj,
+        &mut w.v_proj,
+        &mut w.o_proj,
+        &mut w.gate_proj,
+        &mut w.up_proj,
+        &mut w.down_proj,
+    ]
+}
+
+/// The seven projections of a layer, in [`slm_model::PROJECTIONS`] order.
+pub fn projections(w: &LayerWeights) -> [&Tensor; 7] {
+    [&w.q_proj, &w.k_proj, &w.v_proj, &w.o_proj, &w.gate_proj, &w.up_proj, &w.down_proj]
+}
+
+/// A copy of `model` whose projections in `layers` are variables, with the variables.
+fn with_variables(model: &Model, layers: &[usize]) -> Result<(Model, Vec<Vec<Var>>)> {
+    let mut m = model.clone();
+    let mut vars = Vec::with_capacity(layers.len());
+    for &i in layers {
+        let mut vs = Vec::with_capacity(7);
+        for t in projections_mut(&mut m.weights.layers[i]) {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            vs.push(v);
+        }
+        vars.push(vs);
+    }
+    Ok((m, vars))
+}
+
+/// Mean next-token cross-entropy over every position of every window (differentiable kernels).
+pub fn lm_loss(model: &Model, windows: &[Vec<u32>]) -> Result<Tensor> {
+    if windows.iter().any(|w| w.len() < 2) {
+        return Err(WidthError::InvalidArgument("calibration windows need at least 2 tokens".into()));
+    }
+    let batch = Batch::new(&model.spec, windows, &model.device)?;
+    let positions: Vec<Vec<usize>> = windows.iter().map(|w| (0..w.len() - 1).collect()).collect();
+    let out = model.forward_batch(&batch, &positions, false, Mode::Differentiable)?;
+    let logits = out.logits.ok_or_else(|| WidthError::InvalidArgument("no logits".into()))?;
+    let targets: Vec<u32> = windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
+    let targets = Tensor::from_vec(targets.clone(), targets.len(), &model.device)?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// Runs the gradient pass. `on_pass` is called after each backward pass (for a progress bar).
+pub fn gradients(
+    model: &Model,
+    windows: &[Vec<u32>],
+    layers: &[usize],
+    fisher: bool,
+    on_pass: &mut dyn FnMut(),
+) -> Result<Gradients> {
+    if windows.is_empty() {
+        return Err(WidthError::InvalidArgument("the gradient pass needs at least one calibration window".into()));
+    }
+    let (m, vars) = with_variables(model, layers)?;
+    let grad_of = |store: &candle_core::backprop::GradStore, v: &Var| -> Result<Tensor> {
+        // A projection the loss does not reach (impossible in a Llama, but never silently zero) is an error.
+        store.get(v.as_tensor()).cloned().ok_or_else(|| {
+            WidthError::InvalidArgument("a projection received no gradient (detached kernel in the forward pass?)".into())
+        })
+    };
+    let mut passes = 0;
+    let fisher = if fisher {
+        let mut acc: Vec<Vec<Tensor>> = Vec::with_capacity(layers.len());
+        for (n, w) in windows.iter().enumerate() {
+            let store = lm_loss(&m, std::slice::from_ref(w))?.backward()?;
+            passes += 1;
+            for (k, vs) in vars.iter().enumerate() {
+                for (p, v) in vs.iter().enumerate() {
+                    let g2 = grad_of(&store, v)?.sqr()?;
+                    if n == 0 {
+                        if p == 0 {
+                            acc.push(Vec::with_capacity(7));
+                        }
+                        acc[k].push(g2);
+                    } else {
+                        acc[k][p] = (&acc[k][p] + g2)?;
+                    }
+                }
+            }
+            on_pass();
+        }
+        let n = windows.len() as f64;
+        Some(
+            acc.into_iter()
+                .map(|ts| ts.into_iter().map(|t| t / n).collect::<candle_core::Result<Vec<_>>>())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    let loss = lm_loss(&m, windows)?;
+    let store = loss.backward()?;
+    passes += 1;
+    on_pass();
+    let grad = vars
+        .iter()
+        .map(|vs| vs.iter().map(|v| grad_of(&store, v)).collect::<Result<Vec<_>>>())
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Gradients {
+        layers: layers.to_vec(),
+        grad,
+        fisher,
+        loss: loss.to_scalar::<f32>()? as f64,
+        backward_passes: passes,
+    })
+}
+
+/// Scores of every unit of one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitScores {
+    /// One score per KV head (with its query heads).
+    pub attention: Vec<f64>,
+    /// One score per MLP channel.
+    pub mlp: Vec<f64>,
+}
+
+/// Per-row (`axis = 1`) or per-column (`axis = 0`) salience of one member matrix.
+fn member_scores(
+    importance: Importance,
+    w: &Tensor,
+    g: Option<&Tensor>,
+    fisher: Option<&Tensor>,
+    axis: usize,
+) -> Result<Vec<f64>> {
+    let need = |t: Option<&Tensor>, what: &str| {
+        t.cloned()
+            .ok_or_else(|| WidthError::InvalidArgument(format!("importance {} needs {what}", importance.as_str())))
+    };
+    let s = match importance {
+        Importance::Element1 => (w * need(g, "gradients")?)?.abs()?.sum(axis)?,
+        Importance::Element2 => {
+            let first = (w * need(g, "gradients")?)?;
+            let second = ((w * need(fisher, "the Fisher diagonal")?)? * w)?;
+            (first - (second * 0.5)?)?.abs()?.sum(axis)?
+        }
+        Importance::Vector => (w * need(g, "gradients")?)?.sum(axis)?.abs()?,
+        Importance::L2 => w.sqr()?.sum(axis)?,
+        Importance::Random => unreachable!("random scores are drawn per unit"),
+    };
+    Ok(s.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// Scores every unit of layer `layer` (spec `l`, weights `w`). `grad` / `fisher` are the layer's seven
+/// projection gradients from [`gradients`] when the importance needs them.
+pub fn score_layer(
+    importance: Importance,
+    aggregation: Aggregation,
+    layer: usize,
+    l: &LayerSpec,
+    w: &LayerWeights,
+    grad: Option<&[Tensor]>,
+    fisher: Option<&[Tensor]>,
+    seed: u64,
+) -> Result<UnitScores> {
+    if importance == Importance::Random {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (layer as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let attention = (0..l.num_key_value_heads).map(|_| rng.random::<f64>()).collect();
+        let mlp = (0..l.intermediate_size).map(|_| rng.random::<f64>()).collect();
+        return Ok(UnitScores { attention, mlp });
+    }
+    let ws = projections(w);
+    let member = |p: usize, axis: usize| {
+        member_scores(importance, ws[p], grad.map(|g| &g[p]), fisher.map(|f| &f[p]), axis)
+    };
+    // Out-channel members are scored by row, in-channel members (o, down) by column.
+    let (q, k, v, o) = (member(0, 1)?, member(1, 1)?, member(2, 1)?, member(3, 0)?);
+    let (gate, up, down) = (member(4, 1)?, member(5, 1)?, member(6, 0)?);
+    let hd = l.head_dim;
+    let attention = AttentionUnit::all(l)
+        .iter()
+        .map(|u| {
+            (0..hd)
+                .map(|t| {
+                    let qs: f64 = u.query_heads.iter().map(|&h| q[h * hd + t]).sum();
+                    let os: f64 = u.query_heads.iter().map(|&h| o[h * hd + t]).sum();
+                    let c = u.kv_channels[t];
+                    aggregation.combine(&[k[c], v[c], qs, os])
+                })
+                .sum()
+        })
+        .collect();
+    let mlp = (0..l.intermediate_size).map(|i| aggregation.combine(&[gate[i], up[i], down[i]])).collect();
+    Ok(UnitScores { attention, mlp })
+}

@@ -1,0 +1,274 @@
+//! Block-wise pruning: one ratio applied to every layer of a range, which units go ([`WidthPlan`]), and
+//! [`apply`], which slices the tensors.
+//!
+//! In each pruned layer `n − ⌊n·(1 − ratio)⌋` of its n KV-head units and of its n MLP channels are removed, the
+//! lowest-scoring first (LLM-Pruner's local mode). The ratio counts units, not parameters; [`parameters_after`]
+//! and [`ratio_for_target`] translate between the two.
+
+use std::ops::Range;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use slm_model::{LayerSpec, Model};
+
+use crate::groups::{check_ratio, units_to_remove, AttentionUnit};
+use crate::importance::{score_layer, Aggregation, Gradients, Importance};
+use crate::{Result, WidthError};
+
+/// LLM-Pruner keeps the first 4 and the last 2 of LLaMA-7B's 32 layers dense (`--block_*_layer_start 4
+/// --block_*_layer_end 30`). Scaled to `num_layers`: the first round(4·L/32) and the last round(2·L/32) layers
+/// stay dense (30 layers: 4..28; 17 layers: 2..16). A model too shallow for that prunes every layer.
+pub fn default_layer_range(num_layers: usize) -> Range<usize> {
+    let head = (4.0 * num_layers as f64 / 32.0).round() as usize;
+    let tail = (2.0 * num_layers as f64 / 32.0).round() as usize;
+    if head + tail >= num_layers {
+        0..num_layers
+    } else {
+        head..num_layers - tail
+    }
+}
+
+/// Parses `A..B` (end exclusive) or `A..=B`, and checks it against the model's depth.
+pub fn parse_layer_range(s: &str, num_layers: usize) -> Result<Range<usize>> {
+    let bad = || WidthError::InvalidArgument(format!("layer range `{s}`: expected A..B (end exclusive) or A..=B"));
+    let (a, b, inclusive) = if let Some((a, b)) = s.split_once("..=") {
+        (a, b, true)
+    } else if let Some((a, b)) = s.split_once("..") {
+        (a, b, false)
+    } else {
+        return Err(bad());
+    };
+    let a: usize = a.trim().parse().map_err(|_| bad())?;
+    let b: usize = b.trim().parse().map_err(|_| bad())?;
+    let range = a..if inclusive { b + 1 } else { b };
+    check_layer_range(&range, num_layers)?;
+    Ok(range)
+}
+
+pub fn check_layer_range(range: &Range<usize>, num_layers: usize) -> Result<()> {
+    if range.start >= range.end || range.end > num_layers {
+        return Err(WidthError::InvalidArgument(format!(
+            "layer range {}..{} is empty or outside the model's {num_layers} layers (0..{num_layers})",
+            range.start, range.end
+        )));
+    }
+    Ok(())
+}
+
+/// The shape of layer `l` after removing `ratio` of its units.
+fn pruned_shape(l: &LayerSpec, ratio: f64) -> Result<LayerSpec> {
+    let kv = units_to_remove(l.num_key_value_heads, ratio, "KV heads")?;
+    let ch = units_to_remove(l.intermediate_size, ratio, "MLP channels")?;
+    let kept_kv = l.num_key_value_heads - kv;
+    Ok(LayerSpec {
+        num_attention_heads: kept_kv * l.group_size(),
+        num_key_value_heads: kept_kv,
+        head_dim: l.head_dim,
+        intermediate_size: l.intermediate_size - ch,
+    })
+}
+
+/// Parameters of the model after pruning `ratio` of the units of every layer in `range`.
+pub fn parameters_after(spec: &slm_model::ModelSpec, ratio: f64, range: &Range<usize>) -> Result<usize> {
+    check_layer_range(range, spec.num_layers())?;
+    let mut s = spec.clone();
+    for i in range.clone() {
+        s.layers[i] = pruned_shape(&spec.layers[i], ratio)?;
+    }
+    Ok(s.num_parameters())
+}
+
+/// The pruning ratio (on a 1e-4 grid) whose parameter reduction is closest to `target` (a share of all
+/// parameters, embeddings included), the smallest such ratio on ties.
+pub fn ratio_for_target(spec: &slm_model::ModelSpec, range: &Range<usize>, target: f64) -> Result<f64> {
+    if !(target > 0.0 && target < 1.0) {
+        return Err(WidthError::InvalidArgument(format!("target ratio must be in (0, 1), got {target}")));
+    }
+    check_layer_range(range, spec.num_layers())?;
+    let dense = spec.num_parameters() as f64;
+    let mut best: Option<(f64, f64)> = None;
+    let mut max_share: f64 = 0.0;
+    for k in 0..10_000 {
+        let r = k as f64 / 10_000.0;
+        let Ok(after) = parameters_after(spec, r, range) else { break };
+        let share = 1.0 - after as f64 / dense;
+        max_share = max_share.max(share);
+        let err = (share - target).abs();
+        if best.is_none_or(|(_, e)| err < e) {
+            best = Some((r, err));
+        }
+    }
+    let (r, err) = best.expect("ratio 0 is always valid");
+    if err > 0.02 && target > max_share {
+        return Err(WidthError::InvalidArgument(format!(
+            "pruning layers {}..{} can remove at most {:.1}% of the parameters, not {:.1}% (widen --layers)",
+            range.start,
+            range.end,
+            100.0 * max_share,
+            100.0 * target
+        )));
+    }
+    Ok(r)
+}
+
+/// What width pruning removes from one layer, with the scores that decided it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerPrune {
+    pub layer: usize,
+    /// KV heads removed (each with its query heads), ascending.
+    pub kv_heads_removed: Vec<usize>,
+    /// The query heads that go with them, ascending.
+    pub query_heads_removed: Vec<usize>,
+    /// MLP channels removed, ascending.
+    pub channels_removed: Vec<usize>,
+    pub kv_head_scores: Vec<f64>,
+    pub channel_scores: Vec<f64>,
+}
+
+/// Which units go, per layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WidthPlan {
+    pub num_layers: usize,
+    pub importance: String,
+    pub aggregation: String,
+    /// Share of the units removed in every pruned layer.
+    pub pruning_ratio: f64,
+    /// Pruned layers, `[start, end)`.
+    pub layer_range: [usize; 2],
+    pub layers: Vec<LayerPrune>,
+}
+
+/// Settings of [`plan_width`].
+#[derive(Debug, Clone)]
+pub struct WidthSettings {
+    pub ratio: f64,
+    pub importance: Importance,
+    pub aggregation: Aggregation,
+    pub layers: Range<usize>,
+    /// Seed of the random baseline.
+    pub seed: u64,
+}
+
+/// The `n` lowest-scoring indices (ties: lower index first), ascending.
+fn lowest(scores: &[f64], n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+    let mut out = idx[..n].to_vec();
+    out.sort_unstable();
+    out
+}
+
+/// Scores the units of every layer in `settings.layers` and picks the ones to remove. `grads` must come from
+/// [`crate::gradients`] over the same layers when the importance needs gradients.
+pub fn plan_width(model: &Model, settings: &WidthSettings, grads: Option<&Gradients>) -> Result<WidthPlan> {
+    check_ratio(settings.ratio)?;
+    check_layer_range(&settings.layers, model.spec.num_layers())?;
+    if settings.importance.needs_gradient() && grads.is_none() {
+        return Err(WidthError::InvalidArgument(format!(
+            "importance {} needs a gradient pass",
+            settings.importance.as_str()
+        )));
+    }
+    let mut layers = Vec::new();
+    for i in settings.layers.clone() {
+        let l = &model.spec.layers[i];
+        let (g, f) = match grads {
+            Some(gr) if settings.importance.needs_gradient() => {
+                let k = gr.layers.iter().position(|&x| x == i).ok_or_else(|| {
+                    WidthError::InvalidArgument(format!("the gradient pass did not cover layer {i}"))
+                })?;
+                (Some(gr.grad[k].as_slice()), gr.fisher.as_ref().map(|f| f[k].as_slice()))
+            }
+            _ => (None, None),
+        };
+        let scores = score_layer(
+            settings.importance,
+            settings.aggregation,
+            i,
+            l,
+            &model.weights.layers[i],
+            g,
+            f,
+            settings.seed,
+        )?;
+        let kv = lowest(&scores.attention, units_to_remove(l.num_key_value_heads, settings.ratio, "KV heads")?);
+        let ch = lowest(&scores.mlp, units_to_remove(l.intermediate_size, settings.ratio, "MLP channels")?);
+        let query_heads_removed = kv.iter().flat_map(|&g| AttentionUnit::new(l, g).query_heads).collect();
+        layers.push(LayerPrune {
+            layer: i,
+            kv_heads_removed: kv,
+            query_heads_removed,
+            channels_removed: ch,
+            kv_head_scores: scores.attention,
+            channel_scores: scores.mlp,
+        });
+    }
+    Ok(WidthPlan {
+        num_layers: model.spec.num_layers(),
+        importance: settings.importance.as_str().to_string(),
+        aggregation: settings.aggregation.as_str().to_string(),
+        pruning_ratio: settings.ratio,
+        layer_range: [settings.layers.start, settings.layers.end],
+        layers,
+    })
+}
+
+fn keep_except(n: usize, removed: &[usize]) -> Vec<u32> {
+    (0..n).filter(|i| !removed.contains(i)).map(|i| i as u32).collect()
+}
+
+/// The model with the plan's units removed: layers of different widths. The input model is not modified.
+pub fn apply(model: &Model, plan: &WidthPlan) -> Result<Model> {
+    if plan.num_layers != model.spec.num_layers() {
+        return Err(WidthError::InvalidArgument(format!(
+            "the plan is for a model of {} layers, this model has {}",
+            plan.num_layers,
+            model.spec.num_layers()
+        )));
+    }
+    let mut spec = model.spec.clone();
+    let mut weights = model.weights.clone();
+    for p in &plan.layers {
+        let l = *spec.layers.get(p.layer).ok_or_else(|| {
+            WidthError::InvalidArgument(format!("plan names layer {} of a {}-layer model", p.layer, plan.num_layers))
+        })?;
+        let bad = |what: &str, n: usize, removed: &[usize]| -> Result<()> {
+            if removed.iter().any(|&i| i >= n) || removed.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(WidthError::InvalidArgument(format!(
+                    "layer {}: {what} to remove must be distinct, ascending and below {n}",
+                    p.layer
+                )));
+            }
+            if removed.len() >= n {
+                return Err(WidthError::InvalidArgument(format!(
+                    "layer {}: the plan removes all {n} {what}",
+                    p.layer
+                )));
+            }
+            Ok(())
+        };
+        bad("KV heads", l.num_key_value_heads, &p.kv_heads_removed)?;
+        bad("MLP channels", l.intermediate_size, &p.channels_removed)?;
+        let kept_kv: Vec<usize> = (0..l.num_key_value_heads).filter(|g| !p.kv_heads_removed.contains(g)).collect();
+        let units: Vec<AttentionUnit> = kept_kv.iter().map(|&g| AttentionUnit::new(&l, g)).collect();
+        let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), &model.device);
+        let q_idx = idx(units.iter().flat_map(|u| u.q_channels.iter().map(|&c| c as u32)).collect())?;
+        let kv_idx = idx(units.iter().flat_map(|u| u.kv_channels.iter().map(|&c| c as u32)).collect())?;
+        let ch_idx = idx(keep_except(l.intermediate_size, &p.channels_removed))?;
+        let w = &mut weights.layers[p.layer];
+        w.q_proj = w.q_proj.index_select(&q_idx, 0)?;
+        w.k_proj = w.k_proj.index_select(&kv_idx, 0)?;
+        w.v_proj = w.v_proj.index_select(&kv_idx, 0)?;
+        w.o_proj = w.o_proj.index_select(&q_idx, 1)?;
+        w.gate_proj = w.gate_proj.index_select(&ch_idx, 0)?;
+        w.up_proj = w.up_proj.index_select(&ch_idx, 0)?;
+        w.down_proj = w.down_proj.index_select(&ch_idx, 1)?;
+        spec.layers[p.layer] = LayerSpec {
+            num_attention_heads: kept_kv.len() * l.group_size(),
+            num_key_value_heads: kept_kv.len(),
+            head_dim: l.head_dim,
+            intermediate_size: l.intermediate_size - p.channels_removed.len(),
+        };
+    }
+    Ok(Model::from_parts(spec, weights, model.tokenizer.clone(), &model.device)?)
+}

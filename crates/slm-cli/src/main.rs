@@ -27,6 +27,8 @@ enum Command {
     Similarity(commands::similarity::Args),
     /// Width pruning (LLM-Pruner): remove attention units (a KV head with its query heads) and MLP channels by Taylor importance.
     Width(commands::width::Args),
+    /// Prefill and decode tokens/s and peak memory (batch 1, greedy, KV cache), optionally side by side.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Depth(a) => commands::depth::run(&cli.common, a),
         Command::Similarity(a) => commands::similarity::run(&cli.common, a),
         Command::Width(a) => commands::width::run(&cli.common, a),
+        Command::Bench(a) => commands::bench::run(&cli.common, a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -268,3 +268,30 @@ fn width_rejects_bad_ratio_range_and_importance() {
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn bench_measures_each_model_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let m = default_model_path();
+    let stdout = run_ok(
+        slm()
+            .arg("bench")
+            .arg(&m)
+            .arg("--compare")
+            .arg(&m)
+            .args(["--prompt-tokens", "8", "--new-tokens", "4", "--warmup", "0", "--runs", "1", "--json"])
+            .arg(&json),
+    );
+    assert!(stdout.contains("prompt 8 tokens, 4 decode steps"), "{stdout}");
+    let v: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v.len(), 2);
+    for r in &v {
+        assert_eq!(r["layers"], 30);
+        assert_eq!(r["parameters"], 134_515_008u64);
+        assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(r["peak_rss_mib"].as_f64().unwrap() > 100.0);
+    }
+    let e = run_err(slm().arg("bench").arg(&m).arg("--compare").arg(dir.path().join("nope")));
+    assert!(e.contains("nope: model path does not exist"), "{e}");
+}

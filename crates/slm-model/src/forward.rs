@@ -196,7 +196,7 @@ impl Batch {
 }
 
 /// cos/sin tables (row-major `[T, head_dim/2]`) for HF's (non-interleaved, rotate-half) rotary embedding.
-fn rotary_tables(head_dim: usize, t: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rotary_tables(head_dim: usize, t: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
         .map(|k| (1.0 / theta.powf(2.0 * k as f64 / head_dim as f64)) as f32)
@@ -227,7 +227,7 @@ fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
     Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
     Ok(match mode {
         Mode::Inference => candle_nn::ops::rms_norm(x, w, eps as f32)?,
         Mode::Differentiable => candle_nn::ops::rms_norm_slow(x, w, eps as f32)?,

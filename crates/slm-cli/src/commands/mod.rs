@@ -1,5 +1,6 @@
 //! One module per subcommand, and the options every command shares.
 
+pub mod bench;
 pub mod depth;
 pub mod eval;
 pub mod export;

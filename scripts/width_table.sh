@@ -47,7 +47,9 @@ for p in sorted(glob.glob(os.path.join(work, "*.ppl.json"))):
     if os.path.exists(plan_path):
         plan = json.load(open(plan_path))
         g = plan.get("gradient_pass") or {}
-        head = [name, f"{plan['pruning_ratio']:.4f}", f"{plan['parameters_after'] / 1e6:.1f}M", f"{100 * plan['parameter_reduction']:.1f}%"]
+        r = plan['pruning_ratio']
+        rs = f"{r:.4f}" if isinstance(r, (int, float)) else (f"{r['attention']:.4f}" if r['attention'] == r['mlp'] else f"{r['attention']:.4f}/{r['mlp']:.4f}")
+        head = [name, rs, f"{plan['parameters_after'] / 1e6:.1f}M", f"{100 * plan['parameter_reduction']:.1f}%"]
         tail = [f"{g['seconds']:.1f}" if g else "", f"{g['peak_rss_mib']:.0f}" if g else ""]
     else:
         head, tail = [name, "0", "134.5M", "0%"], ["", ""]

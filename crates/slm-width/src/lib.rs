@@ -19,7 +19,7 @@ pub use groups::{units_to_remove, AttentionUnit};
 pub use importance::{gradients, Aggregation, Gradients, Importance, UnitScores};
 pub use plan::{
     apply, check_layer_range, default_layer_range, parameters_after, parse_layer_range, plan_width, ratio_for_target,
-    LayerPrune, WidthPlan, WidthSettings,
+    LayerPrune, Ratios, WidthPlan, WidthSettings,
 };
 
 /// Everything that can go wrong while planning or applying width pruning.

@@ -55,10 +55,24 @@ pub fn check_layer_range(range: &Range<usize>, num_layers: usize) -> Result<()> 
     Ok(())
 }
 
+/// Pruning ratios: the share of attention units (KV-head groups) and of MLP channels removed in every pruned
+/// layer. LLM-Pruner uses one ratio for both; [`ratio_for_target`] trims the MLP ratio to hit a parameter budget.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Ratios {
+    pub attention: f64,
+    pub mlp: f64,
+}
+
+impl Ratios {
+    pub fn uniform(r: f64) -> Self {
+        Ratios { attention: r, mlp: r }
+    }
+}
+
 /// The shape of layer `l` after removing `ratio` of its units.
-fn pruned_shape(l: &LayerSpec, ratio: f64) -> Result<LayerSpec> {
-    let kv = units_to_remove(l.num_key_value_heads, ratio, "KV heads")?;
-    let ch = units_to_remove(l.intermediate_size, ratio, "MLP channels")?;
+fn pruned_shape(l: &LayerSpec, ratio: Ratios) -> Result<LayerSpec> {
+    let kv = units_to_remove(l.num_key_value_heads, ratio.attention, "KV heads")?;
+    let ch = units_to_remove(l.intermediate_size, ratio.mlp, "MLP channels")?;
     let kept_kv = l.num_key_value_heads - kv;
     Ok(LayerSpec {
         num_attention_heads: kept_kv * l.group_size(),
@@ -69,7 +83,7 @@ fn pruned_shape(l: &LayerSpec, ratio: f64) -> Result<LayerSpec> {
 }
 
 /// Parameters of the model after pruning `ratio` of the units of every layer in `range`.
-pub fn parameters_after(spec: &slm_model::ModelSpec, ratio: f64, range: &Range<usize>) -> Result<usize> {
+pub fn parameters_after(spec: &slm_model::ModelSpec, ratio: Ratios, range: &Range<usize>) -> Result<usize> {
     check_layer_range(range, spec.num_layers())?;
     let mut s = spec.clone();
     for i in range.clone() {
@@ -78,33 +92,60 @@ pub fn parameters_after(spec: &slm_model::ModelSpec, ratio: f64, range: &Range<u
     Ok(s.num_parameters())
 }
 
-/// The pruning ratio (on a 1e-4 grid) whose parameter reduction is closest to `target` (a share of all
-/// parameters, embeddings included), the smallest such ratio on ties.
-pub fn ratio_for_target(spec: &slm_model::ModelSpec, range: &Range<usize>, target: f64) -> Result<f64> {
+/// Ratios that remove the share `target` of all parameters (embeddings included), within one MLP channel per
+/// pruned layer when that is reachable. Attention units are coarse (a KV head with its query heads), so one ratio
+/// for both (LLM-Pruner) can miss a budget by a whole head per layer. Among the attention ratios (one per distinct
+/// head count) and MLP ratios on a 1e-4 grid, this picks the pair that meets the target within one channel group
+/// with the two ratios closest together (LLM-Pruner's single ratio when it fits), else the closest pair.
+pub fn ratio_for_target(spec: &slm_model::ModelSpec, range: &Range<usize>, target: f64) -> Result<Ratios> {
     if !(target > 0.0 && target < 1.0) {
         return Err(WidthError::InvalidArgument(format!("target ratio must be in (0, 1), got {target}")));
     }
     check_layer_range(range, spec.num_layers())?;
     let dense = spec.num_parameters() as f64;
-    let mut best: Option<(f64, f64)> = None;
-    let mut max_share: f64 = 0.0;
+    let wanted = target * dense;
+    // One MLP channel in every pruned layer (a row of gate and up, a column of down).
+    let group = (3 * spec.hidden_size * range.len()) as f64;
+    let grid = |k: usize| k as f64 / 10_000.0;
+    // Each distinct head count per layer, with the interval of grid ratios that gives it.
+    let mut attention_levels: Vec<(Vec<usize>, f64, f64)> = Vec::new();
     for k in 0..10_000 {
-        let r = k as f64 / 10_000.0;
-        let Ok(after) = parameters_after(spec, r, range) else { break };
-        let share = 1.0 - after as f64 / dense;
-        max_share = max_share.max(share);
-        let err = (share - target).abs();
-        if best.is_none_or(|(_, e)| err < e) {
-            best = Some((r, err));
+        let r = grid(k);
+        let Ok(kv): Result<Vec<usize>> =
+            range.clone().map(|i| units_to_remove(spec.layers[i].num_key_value_heads, r, "KV heads")).collect()
+        else {
+            break;
+        };
+        match attention_levels.last_mut() {
+            Some((last, _, hi)) if *last == kv => *hi = r,
+            _ => attention_levels.push((kv, r, r)),
         }
     }
-    let (r, err) = best.expect("ratio 0 is always valid");
-    if err > 0.02 && target > max_share {
+    // (misses the target by more than one group, |r_attention − r_mlp|, |error|); the attention ratio is the
+    // point of its level's interval closest to the MLP ratio, so it equals it when one ratio fits both.
+    let mut best: Option<((bool, f64, f64), Ratios)> = None;
+    let mut max_removed: f64 = 0.0;
+    for &(_, lo, hi) in &attention_levels {
+        for k in 0..10_000 {
+            let m = grid(k);
+            let r = Ratios { attention: m.clamp(lo, hi), mlp: m };
+            let Ok(after) = parameters_after(spec, r, range) else { break };
+            let removed = dense - after as f64;
+            max_removed = max_removed.max(removed);
+            let err = (removed - wanted).abs();
+            let key = (err > group, (r.attention - r.mlp).abs(), err);
+            if best.as_ref().is_none_or(|(b, _)| key.partial_cmp(b) == Some(std::cmp::Ordering::Less)) {
+                best = Some((key, r));
+            }
+        }
+    }
+    let ((far, _, _), r) = best.expect("ratio 0 is always valid");
+    if far && wanted > max_removed {
         return Err(WidthError::InvalidArgument(format!(
             "pruning layers {}..{} can remove at most {:.1}% of the parameters, not {:.1}% (widen --layers)",
             range.start,
             range.end,
-            100.0 * max_share,
+            100.0 * max_removed / dense,
             100.0 * target
         )));
     }
@@ -132,7 +173,7 @@ pub struct WidthPlan {
     pub importance: String,
     pub aggregation: String,
     /// Share of the units removed in every pruned layer.
-    pub pruning_ratio: f64,
+    pub ratios: Ratios,
     /// Pruned layers, `[start, end)`.
     pub layer_range: [usize; 2],
     pub layers: Vec<LayerPrune>,
@@ -141,7 +182,7 @@ pub struct WidthPlan {
 /// Settings of [`plan_width`].
 #[derive(Debug, Clone)]
 pub struct WidthSettings {
-    pub ratio: f64,
+    pub ratio: Ratios,
     pub importance: Importance,
     pub aggregation: Aggregation,
     pub layers: Range<usize>,
@@ -161,7 +202,8 @@ fn lowest(scores: &[f64], n: usize) -> Vec<usize> {
 /// Scores the units of every layer in `settings.layers` and picks the ones to remove. `grads` must come from
 /// [`crate::gradients`] over the same layers when the importance needs gradients.
 pub fn plan_width(model: &Model, settings: &WidthSettings, grads: Option<&Gradients>) -> Result<WidthPlan> {
-    check_ratio(settings.ratio)?;
+    check_ratio(settings.ratio.attention)?;
+    check_ratio(settings.ratio.mlp)?;
     check_layer_range(&settings.layers, model.spec.num_layers())?;
     if settings.importance.needs_gradient() && grads.is_none() {
         return Err(WidthError::InvalidArgument(format!(
@@ -191,8 +233,8 @@ pub fn plan_width(model: &Model, settings: &WidthSettings, grads: Option<&Gradie
             f,
             settings.seed,
         )?;
-        let kv = lowest(&scores.attention, units_to_remove(l.num_key_value_heads, settings.ratio, "KV heads")?);
-        let ch = lowest(&scores.mlp, units_to_remove(l.intermediate_size, settings.ratio, "MLP channels")?);
+        let kv = lowest(&scores.attention, units_to_remove(l.num_key_value_heads, settings.ratio.attention, "KV heads")?);
+        let ch = lowest(&scores.mlp, units_to_remove(l.intermediate_size, settings.ratio.mlp, "MLP channels")?);
         let query_heads_removed = kv.iter().flat_map(|&g| AttentionUnit::new(l, g).query_heads).collect();
         layers.push(LayerPrune {
             layer: i,
@@ -207,7 +249,7 @@ pub fn plan_width(model: &Model, settings: &WidthSettings, grads: Option<&Gradie
         num_layers: model.spec.num_layers(),
         importance: settings.importance.as_str().to_string(),
         aggregation: settings.aggregation.as_str().to_string(),
-        pruning_ratio: settings.ratio,
+        ratios: settings.ratio,
         layer_range: [settings.layers.start, settings.layers.end],
         layers,
     })

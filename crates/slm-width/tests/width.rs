@@ -26,7 +26,7 @@ fn plan_of(m: &Model, layers: Vec<LayerPrune>) -> WidthPlan {
         num_layers: m.spec.num_layers(),
         importance: "manual".into(),
         aggregation: "sum".into(),
-        pruning_ratio: 0.0,
+        ratios: slm_width::Ratios::uniform(0.0),
         layer_range: [0, m.spec.num_layers()],
         layers,
     }
@@ -79,7 +79,7 @@ fn removing_units_whose_output_weights_are_zero_leaves_the_logits_unchanged() {
 fn ratio_zero_is_the_identity() {
     let m = tiny_model(3, 1);
     let settings = WidthSettings {
-        ratio: 0.0,
+        ratio: slm_width::Ratios::uniform(0.0),
         importance: Importance::L2,
         aggregation: Aggregation::Sum,
         layers: 0..3,
@@ -97,7 +97,7 @@ fn shapes_and_parameter_counts_after_apply_match_a_hand_count() {
     let m = tiny_model(2, 3);
     // Ratio 0.5 on layer 1: KV heads 2 - floor(2*0.5) = 1 removed, MLP 48 - floor(24) = 24 removed.
     let settings = WidthSettings {
-        ratio: 0.5,
+        ratio: slm_width::Ratios::uniform(0.5),
         importance: Importance::L2,
         aggregation: Aggregation::Sum,
         layers: 1..2,
@@ -115,7 +115,7 @@ fn shapes_and_parameter_counts_after_apply_match_a_hand_count() {
     assert_eq!(pruned.weights.layers[0].q_proj.dims(), &[32, 32], "layer 0 is outside the range");
     // Layer 1 before: 2*32 norms + 32*(32+16+16+32) attention + 3*32*48 MLP = 7744; after: 64 + 32*48 + 3*32*24 = 3904.
     assert_eq!(m.spec.num_parameters() - pruned.spec.num_parameters(), 7744 - 3904);
-    assert_eq!(parameters_after(&m.spec, 0.5, &(1..2)).unwrap(), pruned.spec.num_parameters());
+    assert_eq!(parameters_after(&m.spec, slm_width::Ratios::uniform(0.5), &(1..2)).unwrap(), pruned.spec.num_parameters());
     // The pruned model saves, reloads with its per-layer widths and gives the same logits.
     let dir = tempfile::tempdir().unwrap();
     pruned.save(&dir.path().join("m"), slm_model::StorageDType::F32, &[]).unwrap();
@@ -280,7 +280,7 @@ fn query_heads_are_credited_to_the_kv_head_that_reads_them() {
 fn plans_are_deterministic_and_prune_the_lowest_scores() {
     let m = tiny_model(3, 9);
     let settings = WidthSettings {
-        ratio: 0.25,
+        ratio: slm_width::Ratios::uniform(0.25),
         importance: Importance::Random,
         aggregation: Aggregation::Sum,
         layers: 1..3,
@@ -315,7 +315,7 @@ fn default_layer_range_scales_llm_pruners_4_to_30_of_32() {
 #[test]
 fn bad_input_is_a_clear_error() {
     let m = tiny_model(3, 2);
-    let s = |ratio, layers| WidthSettings { ratio, importance: Importance::L2, aggregation: Aggregation::Sum, layers, seed: 0 };
+    let s = |ratio, layers| WidthSettings { ratio: slm_width::Ratios::uniform(ratio), importance: Importance::L2, aggregation: Aggregation::Sum, layers, seed: 0 };
     let err = |r: slm_width::Result<WidthPlan>| r.unwrap_err().to_string();
     assert!(err(plan_width(&m, &s(1.0, 0..3), None)).contains("pruning ratio must be in [0, 1), got 1"));
     assert!(err(plan_width(&m, &s(-0.1, 0..3), None)).contains("pruning ratio must be in [0, 1)"));
@@ -330,4 +330,36 @@ fn bad_input_is_a_clear_error() {
     assert!("magic".parse::<Importance>().unwrap_err().to_string().contains("unknown importance `magic`"));
     let grad_needed = plan_width(&m, &WidthSettings { importance: Importance::Element1, ..s(0.2, 0..3) }, None);
     assert!(err(grad_needed).contains("needs a gradient pass"));
+}
+
+/// The default model's shapes (SmolLM2-135M: 30 layers of 9 query / 3 KV heads of 64, MLP 1536, hidden 576).
+fn smollm_spec() -> slm_model::ModelSpec {
+    slm_model::ModelSpec {
+        vocab_size: 49152,
+        hidden_size: 576,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100_000.0,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        layers: vec![LayerSpec { num_attention_heads: 9, num_key_value_heads: 3, head_dim: 64, intermediate_size: 1536 }; 30],
+    }
+}
+
+#[test]
+fn target_ratio_lands_within_one_channel_group_of_the_budget() {
+    let spec = smollm_spec();
+    let dense = spec.num_parameters() as f64;
+    let range = default_layer_range(30);
+    let group = (3 * 576 * range.len()) as f64;
+    for target in [0.05, 0.1, 0.2, 0.25, 0.35, 0.45] {
+        let r = slm_width::ratio_for_target(&spec, &range, target).unwrap();
+        let removed = dense - parameters_after(&spec, r, &range).unwrap() as f64;
+        assert!((removed - target * dense).abs() <= group, "target {target}: removed {removed}, ratios {r:?}");
+    }
+    // 20%: LLM-Pruner's single ratio fits (1 of 3 KV heads, 478 of 1536 channels per layer).
+    let r = slm_width::ratio_for_target(&spec, &range, 0.2).unwrap();
+    assert_eq!(r.attention, r.mlp);
+    assert!(slm_width::ratio_for_target(&spec, &range, 0.9).unwrap_err().to_string().contains("can remove at most"));
 }

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use slm_model::{Model, StorageDType};
 use slm_width::{
     apply, default_layer_range, gradients, parse_layer_range, plan_width, ratio_for_target, Aggregation, Importance,
-    WidthSettings,
+    Ratios, WidthSettings,
 };
 
 use super::CommonArgs;
@@ -70,7 +70,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         None => default_layer_range(n),
     };
     let ratio = match (args.pruning_ratio, args.target_ratio) {
-        (Some(r), None) => r,
+        (Some(r), None) => Ratios::uniform(r),
         (None, Some(t)) => ratio_for_target(&model.spec, &range, t).context("--target-ratio")?,
         _ => bail!("give one of --pruning-ratio or --target-ratio"),
     };
@@ -146,8 +146,13 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     pruned.save(&args.out, dtype, &[("slm_plan.json", serde_json::to_vec_pretty(&plan_json)?)])?;
 
     println!("importance:  {} (aggregation {})", importance.as_str(), aggregation.as_str());
+    let ratio_text = if ratio.attention == ratio.mlp {
+        format!("ratio {:.4}", ratio.attention)
+    } else {
+        format!("ratio {:.4} (attention) / {:.4} (MLP)", ratio.attention, ratio.mlp)
+    };
     println!(
-        "layers:      {}..{} pruned at ratio {ratio:.4}{}",
+        "layers:      {}..{} pruned at {ratio_text}{}",
         range.start,
         range.end,
         if args.target_ratio.is_some() { " (searched for --target-ratio)" } else { "" }

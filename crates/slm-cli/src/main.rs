@@ -29,6 +29,8 @@ enum Command {
     Width(commands::width::Args),
     /// Prefill and decode tokens/s and peak memory (batch 1, greedy, KV cache), optionally side by side.
     Bench(commands::bench::Args),
+    /// Run a schedule of pipelines (depth, width, lora, eval steps) and write one report.
+    Run(commands::run::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::Similarity(a) => commands::similarity::run(&cli.common, a),
         Command::Width(a) => commands::width::run(&cli.common, a),
         Command::Bench(a) => commands::bench::run(&cli.common, a),
+        Command::Run(a) => commands::run::run(&cli.common, a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

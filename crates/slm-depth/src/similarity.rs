@@ -263,6 +263,12 @@ const MISSING: [u8; 3] = [128, 128, 128];
 /// No text (the build has no font support). Written atomically: rendered to a temporary file in the same
 /// directory, then renamed.
 pub fn write_heatmap_png(path: &Path, m: &[Vec<f64>], lo: f64, hi: f64) -> Result<()> {
+    write_heatmap_png_marked(path, m, lo, hi, &[])
+}
+
+/// [`write_heatmap_png`] with a red outline around each diagonal block `[a, b]` of `groups` (e.g. the layer
+/// windows a depth plan merges).
+pub fn write_heatmap_png_marked(path: &Path, m: &[Vec<f64>], lo: f64, hi: f64, groups: &[(usize, usize)]) -> Result<()> {
     let out_err = |message: String| DepthError::Output { path: path.to_path_buf(), message };
     let n = m.len();
     if n == 0 {
@@ -292,6 +298,20 @@ pub fn write_heatmap_png(path: &Path, m: &[Vec<f64>], lo: f64, hi: f64) -> Resul
             }
         }
     }
+    for &(a, b) in groups {
+        if a > b || b >= n {
+            return Err(DepthError::InvalidArgument(format!("group [{a}, {b}] is outside the {n}×{n} heat map")));
+        }
+        let (x0, x1) = (a * cell, (b + 1) * cell - 1);
+        for t in x0..=x1 {
+            for d in 0..2.min(cell) {
+                put(t, x0 + d, [230, 30, 30]);
+                put(t, x1 - d, [230, 30, 30]);
+                put(x0 + d, t, [230, 30, 30]);
+                put(x1 - d, t, [230, 30, 30]);
+            }
+        }
+    }
     let bar_x = n * cell + HEATMAP_GAP_PX as usize;
     for y in 0..hu {
         let t = if hu > 1 { 1.0 - y as f64 / (hu - 1) as f64 } else { 1.0 };
@@ -300,8 +320,17 @@ pub fn write_heatmap_png(path: &Path, m: &[Vec<f64>], lo: f64, hi: f64) -> Resul
             put(x, y, c);
         }
     }
+    write_png(path, (w, h), &rgb)
+}
+
+/// Writes an RGB buffer (`w·h·3` bytes, row-major) as a PNG, atomically (temporary file, then rename).
+pub fn write_png(path: &Path, (w, h): (u32, u32), rgb: &[u8]) -> Result<()> {
+    let out_err = |message: String| DepthError::Output { path: path.to_path_buf(), message };
+    if rgb.len() != (w as usize) * (h as usize) * 3 {
+        return Err(out_err(format!("{} bytes for a {w}×{h} RGB image", rgb.len())));
+    }
     let tmp = temp_path(path);
-    let result = encode_png(&tmp, (w, h), &rgb).and_then(|()| {
+    let result = encode_png(&tmp, (w, h), rgb).and_then(|()| {
         std::fs::rename(&tmp, path).map_err(|e| format!("cannot move {} into place: {e}", tmp.display()))
     });
     if result.is_err() {

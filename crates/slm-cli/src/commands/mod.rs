@@ -5,6 +5,8 @@ pub mod depth;
 pub mod eval;
 pub mod export;
 pub mod inspect;
+pub mod run;
+pub mod schedule;
 pub mod similarity;
 pub mod width;
 

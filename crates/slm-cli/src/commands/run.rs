@@ -1,0 +1,391 @@
+//! `slm run SCHEDULE.toml [--out DIR]`: runs every pipeline of a schedule (see [`super::schedule`]), each into
+//! its own directory `OUT/<pipeline>/<n>-<step>`, reusing a prefix another pipeline already computed (its
+//! directory is a symlink to the first one), and writes `report.md`, `report.json` and PNG plots. A failed step
+//! stops its pipeline only; the report records the error and `slm run` exits non-zero at the end.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value as Json};
+use slm_model::{Model, ModelSpec};
+use toml::Value;
+
+use super::schedule::{self, parse_args, step_argv, Schedule, StepKind};
+use super::CommonArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The schedule (TOML).
+    pub schedule: PathBuf,
+    /// Output directory (overrides the schedule's `out`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// The seven tasks with the metric the papers report for each (LLM-Pruner's set).
+pub const TASK_METRICS: [(&str, &str); 7] = [
+    ("boolq", "acc"),
+    ("piqa", "acc"),
+    ("hellaswag", "acc_norm"),
+    ("winogrande", "acc"),
+    ("arc_easy", "acc"),
+    ("arc_challenge", "acc_norm"),
+    ("openbookqa", "acc_norm"),
+];
+
+/// Shapes of a model path: the config of an HF directory, else (a GGUF) the loaded dense model's.
+fn spec_of(path: &Path, dense: &Model, dense_path: &Path) -> anyhow::Result<ModelSpec> {
+    if path == dense_path {
+        return Ok(dense.spec.clone());
+    }
+    Ok(ModelSpec::from_hf_config(&path.join("config.json"))?)
+}
+
+/// Runs one step's subcommand in this process.
+fn run_step(common: &CommonArgs, kind: StepKind, argv: &[String]) -> anyhow::Result<()> {
+    use super::{depth, eval, lora, width};
+    let parse_err = |e: clap::Error| anyhow!("{}", e.to_string().trim());
+    match kind {
+        StepKind::Depth => depth::run(common, parse_args::<depth::Args>("depth", argv).map_err(parse_err)?),
+        StepKind::Width => width::run(common, parse_args::<width::Args>("width", argv).map_err(parse_err)?),
+        StepKind::Lora => lora::run(common, parse_args::<lora::Args>("lora", argv).map_err(parse_err)?),
+        StepKind::Eval => eval::run(common, parse_args::<eval::Args>("eval", argv).map_err(parse_err)?),
+    }
+}
+
+/// What one pipeline produced.
+#[derive(Debug, Default)]
+struct Outcome {
+    steps: Vec<Json>,
+    final_model: Option<PathBuf>,
+    eval: Option<PathBuf>,
+    depth_plans: Vec<PathBuf>,
+    error: Option<String>,
+}
+
+pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
+    let sched = schedule::parse(&args.schedule)?;
+    let out = args
+        .out
+        .clone()
+        .or_else(|| sched.out.clone())
+        .ok_or_else(|| anyhow!("{}: give --out or `out = \"DIR\"` in the schedule", sched.path.display()))?;
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the output directory", out.display()))?;
+    let dense = Model::load(&sched.model, &common.device()?)?;
+    let dense_params = dense.spec.num_parameters() as f64;
+
+    // Step key (model + resolved arguments of every step so far) → the directory that computed it.
+    let mut done: HashMap<String, PathBuf> = HashMap::new();
+    let (mut computed, mut reused) = (0usize, 0usize);
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for p in &sched.pipelines {
+        let pdir = out.join(&p.name);
+        std::fs::create_dir_all(&pdir).with_context(|| format!("{}: cannot create", pdir.display()))?;
+        let mut input = sched.model.clone();
+        let mut key = format!("model={}", sched.model.display());
+        let mut o = Outcome::default();
+        for (i, step) in p.steps.iter().enumerate() {
+            let dir = pdir.join(format!("{}-{}", i + 1, step.kind.name()));
+            let label = format!("pipeline `{}` step {} ({})", p.name, i + 1, step.kind.name());
+            let result = (|| -> anyhow::Result<(Vec<String>, bool, f64)> {
+                let extra = budget_options(p, step.kind, &input, &dense, &sched.model, dense_params)?;
+                let argv = step_argv(step, &sched.calibration, &input, &dir, &extra)?;
+                // The key leaves out this step's output path (it differs per pipeline).
+                let args_key = step_argv(step, &sched.calibration, Path::new("-"), Path::new("-"), &extra)?.join(" ");
+                key = format!("{key} | {args_key}");
+                if let Some(first) = done.get(&key) {
+                    if dir.symlink_metadata().is_ok() {
+                        remove_path(&dir)?;
+                    }
+                    let target = std::fs::canonicalize(first)?;
+                    symlink(&target, &dir).with_context(|| format!("{}: cannot link to {}", dir.display(), target.display()))?;
+                    tracing::info!("{label}: reusing {}", first.display());
+                    return Ok((argv, true, 0.0));
+                }
+                if dir.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+                    remove_path(&dir)?;
+                }
+                tracing::info!("{label}: slm {}", argv.join(" "));
+                let start = Instant::now();
+                run_step(common, step.kind, &argv)?;
+                done.insert(key.clone(), dir.clone());
+                Ok((argv, false, start.elapsed().as_secs_f64()))
+            })();
+            match result {
+                Ok((argv, was_reused, seconds)) => {
+                    if was_reused { reused += 1 } else { computed += 1 }
+                    o.steps.push(json!({"step": step.kind.name(), "dir": dir, "argv": argv, "reused": was_reused, "seconds": seconds}));
+                    match step.kind {
+                        StepKind::Depth | StepKind::Width => input = dir.clone(),
+                        StepKind::Lora => input = dir.join("merged"),
+                        StepKind::Eval => o.eval = Some(dir.join("results.json")),
+                    }
+                    if step.kind == StepKind::Depth {
+                        o.depth_plans.push(dir.join("slm_plan.json"));
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("{label}: {e:#}");
+                    tracing::error!("{msg}");
+                    o.steps.push(json!({"step": step.kind.name(), "dir": dir, "error": msg}));
+                    o.error = Some(msg);
+                    break;
+                }
+            }
+        }
+        if o.error.is_none() {
+            o.final_model = Some(input);
+        }
+        outcomes.push(o);
+    }
+
+    let rows = report_rows(&sched, &outcomes, &dense, dense_params)?;
+    let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+    let report = json!({
+        "schedule": sched.path,
+        "model": sched.model,
+        "dense_parameters": dense_params as u64,
+        "steps_computed": computed,
+        "steps_reused": reused,
+        "pipelines": rows,
+    });
+    slm_model::write_file_atomically(&out.join("report.json"), &serde_json::to_vec_pretty(&report)?)?;
+    let md = report_markdown(&report);
+    slm_model::write_file_atomically(&out.join("report.md"), md.as_bytes())?;
+    plots(&sched, &outcomes, &rows, &dense, &out)?;
+    println!("{md}");
+    println!("wrote {}", out.join("report.md").display());
+    if failed > 0 {
+        bail!("{failed} of {} pipelines failed (see {})", outcomes.len(), out.join("report.md").display());
+    }
+    Ok(())
+}
+
+/// The stop option a pipeline budget gives a depth or width step: depth removes `depth_share` of the parameters
+/// the budget removes (whole layers, the count closest to it), width removes what is left to reach the budget.
+fn budget_options(
+    p: &schedule::Pipeline,
+    kind: StepKind,
+    input: &Path,
+    dense: &Model,
+    dense_path: &Path,
+    dense_params: f64,
+) -> anyhow::Result<Vec<(String, Value)>> {
+    let Some(budget) = p.budget else { return Ok(vec![]) };
+    let spec = spec_of(input, dense, dense_path)?;
+    let current = spec.num_parameters() as f64;
+    match kind {
+        StepKind::Depth => {
+            let remove = (1.0 - budget) * p.depth_share * dense_params;
+            if remove <= 0.0 {
+                bail!("depth_share is 0: this pipeline's budget gives its depth step nothing to remove");
+            }
+            let n = slm_depth::layers_for_ratio(&spec, remove / current)?;
+            Ok(vec![("target_layers".into(), Value::Integer(n as i64))])
+        }
+        StepKind::Width => {
+            let target = 1.0 - budget * dense_params / current;
+            if target <= 0.0 {
+                bail!("the budget ({:.1}% of dense) is already met before this width step", 100.0 * budget);
+            }
+            Ok(vec![("target_ratio".into(), Value::Float((target * 1e6).round() / 1e6))])
+        }
+        _ => Ok(vec![]),
+    }
+}
+
+fn remove_path(p: &Path) -> anyhow::Result<()> {
+    let m = p.symlink_metadata()?;
+    if m.is_dir() { std::fs::remove_dir_all(p)? } else { std::fs::remove_file(p)? }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::symlink(target, link)
+}
+
+#[cfg(not(unix))]
+fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::fs::write(link.with_extension("reused"), target.display().to_string())
+}
+
+/// One report row per pipeline, from the step outputs (eval results, model configs) and a decode measurement.
+fn report_rows(sched: &Schedule, outcomes: &[Outcome], dense: &Model, dense_params: f64) -> anyhow::Result<Vec<Json>> {
+    let mut decode_cache: HashMap<PathBuf, f64> = HashMap::new();
+    let mut rows = Vec::new();
+    for (p, o) in sched.pipelines.iter().zip(outcomes) {
+        let mut row = json!({"pipeline": p.name, "budget": p.budget, "depth_share": p.depth_share, "steps": o.steps, "error": o.error});
+        if let Some(m) = &o.final_model {
+            let spec = spec_of(m, dense, &sched.model)?;
+            row["final_model"] = json!(m);
+            row["layers"] = json!(spec.num_layers());
+            row["parameters"] = json!(spec.num_parameters());
+            row["share_of_dense"] = json!(spec.num_parameters() as f64 / dense_params);
+            if sched.report.decode_tokens > 0 {
+                let key = std::fs::canonicalize(m).unwrap_or_else(|_| m.clone());
+                let tps = match decode_cache.get(&key) {
+                    Some(t) => *t,
+                    None => {
+                        let model = if m == &sched.model { dense.clone() } else { Model::load(m, &dense.device)? };
+                        let r = super::bench::measure(&model, &p.name, sched.report.prompt_tokens, sched.report.decode_tokens, 1, 1)?;
+                        decode_cache.insert(key, r.decode_tokens_per_s);
+                        r.decode_tokens_per_s
+                    }
+                };
+                row["decode_tokens_per_s"] = json!(tps);
+            }
+        }
+        if let (Some(path), None) = (&o.eval, &o.error) {
+            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read eval results", path.display()))?;
+            let ev: Json = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+            let mut tasks = serde_json::Map::new();
+            for (t, metric) in TASK_METRICS {
+                if let Some(v) = ev["results"][t][format!("{metric},none")].as_f64() {
+                    tasks.insert(t.to_string(), json!({"metric": metric, "value": v}));
+                }
+            }
+            row["tasks"] = Json::Object(tasks);
+            row["avg7"] = ev["avg-7"]["value"].clone();
+            row["wikitext2_128_ppl"] = ev["results"]["wikitext2-128"]["perplexity,none"].clone();
+            row["eval_results"] = json!(path);
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn fmt(v: &Json, scale: f64, digits: usize) -> String {
+    v.as_f64().map(|x| format!("{:.*}", digits, x * scale)).unwrap_or_else(|| "-".into())
+}
+
+/// `report.md`: one table, a row per pipeline.
+pub fn report_markdown(report: &Json) -> String {
+    let mut s = String::from("| pipeline | layers | parameters | % of dense | WikiText-2 PPL (128) |");
+    for (t, m) in TASK_METRICS {
+        s.push_str(&format!(" {t} ({m}) |"));
+    }
+    s.push_str(" avg-7 | decode tok/s |\n|---|---|---|---|---|");
+    s.push_str(&"---|".repeat(TASK_METRICS.len() + 2));
+    s.push('\n');
+    for r in report["pipelines"].as_array().into_iter().flatten() {
+        if let Some(e) = r["error"].as_str() {
+            s.push_str(&format!("| {} | failed: {} |\n", r["pipeline"].as_str().unwrap_or(""), e.replace('|', "/").replace('\n', " ")));
+            continue;
+        }
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} |",
+            r["pipeline"].as_str().unwrap_or(""),
+            r["layers"],
+            r["parameters"].as_u64().map(|p| format!("{:.2}M", p as f64 / 1e6)).unwrap_or("-".into()),
+            fmt(&r["share_of_dense"], 100.0, 1),
+            fmt(&r["wikitext2_128_ppl"], 1.0, 2),
+        ));
+        for (t, _) in TASK_METRICS {
+            s.push_str(&format!(" {} |", fmt(&r["tasks"][t]["value"], 100.0, 2)));
+        }
+        s.push_str(&format!(" {} | {} |\n", fmt(&r["avg7"], 100.0, 2), fmt(&r["decode_tokens_per_s"], 1.0, 1)));
+    }
+    s.push_str(&format!(
+        "\nSteps computed: {}, reused from another pipeline: {}. Plot colours (params_vs_avg7.png), in pipeline order: {}.\n",
+        report["steps_computed"],
+        report["steps_reused"],
+        report["pipelines"].as_array().into_iter().flatten().enumerate()
+            .map(|(i, r)| format!("{} {}", r["pipeline"].as_str().unwrap_or(""), PALETTE_NAMES[i % PALETTE.len()]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    s
+}
+
+const PALETTE: [[u8; 3]; 8] = [
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+];
+const PALETTE_NAMES: [&str; 8] = ["blue", "orange", "green", "red", "purple", "brown", "pink", "grey"];
+
+/// `params_vs_avg7.png` (a point per evaluated pipeline; x: parameters, y: avg-7, both from 0 to the max; grey
+/// grid lines every 10%) and, with `[report] similarity`, the dense model's layer CKA heat map, once plain and
+/// once per pipeline with a depth step, its merged windows / removed layers outlined.
+fn plots(sched: &Schedule, outcomes: &[Outcome], rows: &[Json], dense: &Model, out: &Path) -> anyhow::Result<()> {
+    let points: Vec<(usize, f64, f64)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r["parameters"].as_f64()?, r["avg7"].as_f64()?)))
+        .collect();
+    if !points.is_empty() {
+        let (w, h, m) = (480usize, 360usize, 30usize);
+        let mut rgb = vec![255u8; w * h * 3];
+        let mut put = |x: usize, y: usize, c: [u8; 3]| {
+            if x < w && y < h {
+                rgb[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&c);
+            }
+        };
+        for k in 0..=10 {
+            let gx = m + k * (w - 2 * m) / 10;
+            let gy = h - m - k * (h - 2 * m) / 10;
+            let c = if k == 0 { [0, 0, 0] } else { [225, 225, 225] };
+            for t in m..=h - m {
+                put(gx, t, c);
+            }
+            for t in m..=w - m {
+                put(t, gy, c);
+            }
+        }
+        let max_p = dense.spec.num_parameters() as f64;
+        let max_a = points.iter().map(|p| p.2).fold(0.0f64, f64::max).max(1e-9);
+        for &(i, params, avg) in &points {
+            let x = m + ((params / max_p).min(1.0) * (w - 2 * m) as f64) as usize;
+            let y = h - m - ((avg / max_a).min(1.0) * (h - 2 * m) as f64) as usize;
+            for dx in 0..9 {
+                for dy in 0..9 {
+                    put(x + dx - 4, y + dy - 4, PALETTE[i % PALETTE.len()]);
+                }
+            }
+        }
+        slm_depth::similarity::write_png(&out.join("params_vs_avg7.png"), (w as u32, h as u32), &rgb)?;
+    }
+    if sched.report.similarity {
+        let calib: super::CalibArgs = {
+            let mut argv = vec!["calibration".to_string()];
+            argv.extend(schedule::option_args(&sched.calibration)?);
+            parse_args("calibration", &argv).map_err(|e| anyhow!("[calibration]: {}", e.to_string().trim()))?
+        };
+        let windows = calib.windows(dense)?;
+        let hidden = slm_depth::similarity::layer_outputs(dense, &windows)?;
+        let cka = slm_depth::similarity::cka_matrix(&hidden)?;
+        let sim = slm_depth::similarity::write_heatmap_png_marked;
+        sim(&out.join("similarity_dense.png"), &cka, 0.0, 1.0, &[])?;
+        for (p, o) in sched.pipelines.iter().zip(outcomes) {
+            let mut groups = Vec::new();
+            for plan_path in &o.depth_plans {
+                let Ok(text) = std::fs::read_to_string(plan_path) else { continue };
+                let plan: Json = serde_json::from_str(&text)?;
+                if plan["plan"]["num_layers"].as_u64() != Some(dense.spec.num_layers() as u64) {
+                    continue; // a depth step after another one: indices are not the dense model's
+                }
+                // Matrix index i + 1 is layer i's output (index 0: the embeddings).
+                for g in plan["plan"]["merges"].as_array().into_iter().flatten() {
+                    if let (Some(a), Some(b)) = (g[0].as_u64(), g[1].as_u64()) {
+                        groups.push((a as usize + 1, b as usize + 1));
+                    }
+                }
+                for r in plan["plan"]["removed"].as_array().into_iter().flatten().filter_map(Json::as_u64) {
+                    groups.push((r as usize + 1, r as usize + 1));
+                }
+            }
+            if !groups.is_empty() {
+                sim(&out.join(format!("similarity_{}.png", p.name)), &cka, 0.0, 1.0, &groups)?;
+            }
+        }
+    }
+    Ok(())
+}

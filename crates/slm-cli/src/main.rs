@@ -25,6 +25,8 @@ enum Command {
     Depth(commands::depth::Args),
     /// Layer×layer linear CKA and cosine matrices of a model's layer outputs on calibration text (JSON + heat-map PNGs).
     Similarity(commands::similarity::Args),
+    /// LoRA recovery training (optionally distilled from the dense model); PEFT adapter files, optional merge.
+    Lora(commands::lora::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => commands::eval::run(&cli.common, a),
         Command::Depth(a) => commands::depth::run(&cli.common, a),
         Command::Similarity(a) => commands::similarity::run(&cli.common, a),
+        Command::Lora(a) => commands::lora::run(&cli.common, a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

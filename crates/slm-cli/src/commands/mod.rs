@@ -4,6 +4,7 @@ pub mod depth;
 pub mod eval;
 pub mod export;
 pub mod inspect;
+pub mod lora;
 pub mod similarity;
 
 use anyhow::Context;

@@ -7,4 +7,8 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import torch, trans
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "torch==2.15.0" "transformers==5.24.0" safetensors numpy gguf
 fi
+# PEFT for the LoRA checks (check_peft_load.py, peft_train_tps.py).
+if ! "$venv/bin/python" -c "import peft" 2>/dev/null; then
+  "$venv/bin/pip" install -q --disable-pip-version-check peft
+fi
 echo "$venv/bin/python"

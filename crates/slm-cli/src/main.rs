@@ -31,6 +31,8 @@ enum Command {
     Bench(commands::bench::Args),
     /// Run a schedule of pipelines (depth, width, lora, eval steps) and write one report.
     Run(commands::run::Args),
+    /// LoRA recovery training (optionally distilled from the dense model); PEFT adapter files, optional merge.
+    Lora(commands::lora::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Width(a) => commands::width::run(&cli.common, a),
         Command::Bench(a) => commands::bench::run(&cli.common, a),
         Command::Run(a) => commands::run::run(&cli.common, a),
+        Command::Lora(a) => commands::lora::run(&cli.common, a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

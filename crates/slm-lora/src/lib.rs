@@ -1,1 +1,14 @@
-//! slm-lora: see DESIGN.md.
+//! `slm-lora`: LoRA adapters on the seven projections of every layer, recovery training on CPU with candle
+//! autograd (AdamW, warm-up + linear decay, gradient accumulation, clipping, validation, response-only loss,
+//! optional distillation from the dense model), merging, and PEFT-compatible adapter files.
+
+pub mod adapter;
+pub mod data;
+pub mod error;
+pub mod ops;
+pub mod train;
+
+pub use adapter::{Lora, LoraConfig, LoraHook, LoraPair};
+pub use data::{Example, Format, Instruction};
+pub use error::{LoraError, Result};
+pub use train::{train, Distill, StepInfo, TrainConfig, TrainReport};

@@ -245,6 +245,25 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
+/// A hook on the seven projections of every decoder layer (LoRA adapters, for instance): it computes the output
+/// of projection `name` (one of [`crate::PROJECTIONS`]) of layer `layer` from its input `x: [..., in]` and frozen
+/// weight `w: [out, in]`. [`NoAdapter`] is the plain `x @ w^T` ([`linear`]).
+pub trait LayerAdapter {
+    fn project(&self, layer: usize, name: &'static str, x: &Tensor, w: &Tensor) -> Result<Tensor>;
+}
+
+/// The identity hook: every projection is exactly [`linear`], so the `_adapted` functions with it are the plain
+/// ones, op for op.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoAdapter;
+
+impl LayerAdapter for NoAdapter {
+    #[inline]
+    fn project(&self, _layer: usize, _name: &'static str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        linear(x, w)
+    }
+}
+
 /// One decoder layer: `x + attn(norm(x))`, then `h + mlp(norm(h))`. `x: [B, T, hidden]`.
 pub fn decoder_layer(
     x: &Tensor,
@@ -254,9 +273,24 @@ pub fn decoder_layer(
     eps: f64,
     mode: Mode,
 ) -> Result<Tensor> {
-    let h = attention_block(x, w, l, batch, eps, mode)?;
-    let a = mlp_activations(&h, w, eps, mode)?;
-    Ok((&h + linear(&a, &w.down_proj)?)?)
+    decoder_layer_adapted(x, w, l, batch, eps, mode, 0, &NoAdapter)
+}
+
+/// [`decoder_layer`] with every projection going through `adapter` (as layer `index`).
+#[allow(clippy::too_many_arguments)]
+pub fn decoder_layer_adapted<A: LayerAdapter + ?Sized>(
+    x: &Tensor,
+    w: &LayerWeights,
+    l: &LayerSpec,
+    batch: &Batch,
+    eps: f64,
+    mode: Mode,
+    index: usize,
+    adapter: &A,
+) -> Result<Tensor> {
+    let h = attention_block_adapted(x, w, l, batch, eps, mode, index, adapter)?;
+    let a = mlp_activations_adapted(&h, w, eps, mode, index, adapter)?;
+    Ok((&h + adapter.project(index, "down_proj", &a, &w.down_proj)?)?)
 }
 
 /// The attention half of a decoder layer: `x + o_proj(attn(input_layernorm(x)))`.
@@ -268,13 +302,28 @@ pub fn attention_block(
     eps: f64,
     mode: Mode,
 ) -> Result<Tensor> {
+    attention_block_adapted(x, w, l, batch, eps, mode, 0, &NoAdapter)
+}
+
+/// [`attention_block`] with q/k/v/o going through `adapter` (as layer `index`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_block_adapted<A: LayerAdapter + ?Sized>(
+    x: &Tensor,
+    w: &LayerWeights,
+    l: &LayerSpec,
+    batch: &Batch,
+    eps: f64,
+    mode: Mode,
+    index: usize,
+    adapter: &A,
+) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (l.num_attention_heads, l.num_key_value_heads, l.head_dim);
     let rep = nh / nkv;
     let xn = rms_norm(x, &w.input_layernorm, eps, mode)?;
-    let q = linear(&xn, &w.q_proj)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-    let k = linear(&xn, &w.k_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-    let v = linear(&xn, &w.v_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let q = adapter.project(index, "q_proj", &xn, &w.q_proj)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+    let k = adapter.project(index, "k_proj", &xn, &w.k_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let v = adapter.project(index, "v_proj", &xn, &w.v_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let (cos, sin) = batch.rotary(hd, t)?;
     let (q, k) = match mode {
         Mode::Inference => (
@@ -294,15 +343,27 @@ pub fn attention_block(
     };
     let ctx = probs.reshape((b, nkv, rep * t, t))?.matmul(&v)?;
     let ctx = ctx.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-    Ok((x + linear(&ctx, &w.o_proj)?)?)
+    Ok((x + adapter.project(index, "o_proj", &ctx, &w.o_proj)?)?)
 }
 
 /// The MLP's hidden activations `silu(gate(n)) * up(n)`, `n = post_attention_layernorm(h)`: the input of
 /// `down_proj`, `[B, T, intermediate]`.
 pub fn mlp_activations(h: &Tensor, w: &LayerWeights, eps: f64, mode: Mode) -> Result<Tensor> {
+    mlp_activations_adapted(h, w, eps, mode, 0, &NoAdapter)
+}
+
+/// [`mlp_activations`] with gate/up going through `adapter` (as layer `index`).
+pub fn mlp_activations_adapted<A: LayerAdapter + ?Sized>(
+    h: &Tensor,
+    w: &LayerWeights,
+    eps: f64,
+    mode: Mode,
+    index: usize,
+    adapter: &A,
+) -> Result<Tensor> {
     let hn = rms_norm(h, &w.post_attention_layernorm, eps, mode)?;
-    let gate = linear(&hn, &w.gate_proj)?.silu()?;
-    let up = linear(&hn, &w.up_proj)?;
+    let gate = adapter.project(index, "gate_proj", &hn, &w.gate_proj)?.silu()?;
+    let up = adapter.project(index, "up_proj", &hn, &w.up_proj)?;
     Ok((gate * up)?)
 }
 
@@ -328,13 +389,26 @@ impl Model {
     /// Runs layers `range` of this model on `x`.
     pub fn run_layers(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         range: std::ops::Range<usize>,
         batch: &Batch,
         mode: Mode,
     ) -> Result<Tensor> {
+        self.run_layers_adapted(x, range, batch, mode, &NoAdapter)
+    }
+
+    /// [`Model::run_layers`] with every projection going through `adapter`.
+    pub fn run_layers_adapted<A: LayerAdapter + ?Sized>(
+        &self,
+        mut x: Tensor,
+        range: std::ops::Range<usize>,
+        batch: &Batch,
+        mode: Mode,
+        adapter: &A,
+    ) -> Result<Tensor> {
         for i in range {
-            x = decoder_layer(&x, &self.weights.layers[i], &self.spec.layers[i], batch, self.spec.rms_norm_eps, mode)?;
+            let (w, l) = (&self.weights.layers[i], &self.spec.layers[i]);
+            x = decoder_layer_adapted(&x, w, l, batch, self.spec.rms_norm_eps, mode, i, adapter)?;
         }
         Ok(x)
     }
@@ -390,13 +464,25 @@ impl Model {
         hidden_states: bool,
         mode: Mode,
     ) -> Result<ForwardOutput> {
+        self.forward_batch_adapted(batch, positions, hidden_states, mode, &NoAdapter)
+    }
+
+    /// [`Model::forward_batch`] with every projection going through `adapter`.
+    pub fn forward_batch_adapted<A: LayerAdapter + ?Sized>(
+        &self,
+        batch: &Batch,
+        positions: &[Vec<usize>],
+        hidden_states: bool,
+        mode: Mode,
+        adapter: &A,
+    ) -> Result<ForwardOutput> {
         let mut x = self.embed(batch)?;
         let mut hidden = Vec::new();
         if hidden_states {
             hidden.push(x.clone());
         }
         for i in 0..self.spec.num_layers() {
-            x = self.run_layers(x, i..i + 1, batch, mode)?;
+            x = self.run_layers_adapted(x, i..i + 1, batch, mode, adapter)?;
             if hidden_states {
                 hidden.push(x.clone());
             }

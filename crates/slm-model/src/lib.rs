@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 pub use error::{ModelError, Result};
-pub use forward::{Batch, ForwardOutput, Mode, PackedSequence};
+pub use forward::{Batch, ForwardOutput, LayerAdapter, Mode, NoAdapter, PackedSequence};
 pub use hf::{write_file_atomically, StorageDType};
 pub use spec::{LayerSpec, ModelSpec};
 pub use tokenizer::Tokenizer;

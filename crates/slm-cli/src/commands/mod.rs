@@ -5,6 +5,7 @@ pub mod depth;
 pub mod eval;
 pub mod export;
 pub mod inspect;
+pub mod lora;
 pub mod run;
 pub mod schedule;
 pub mod similarity;

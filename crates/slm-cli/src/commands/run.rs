@@ -88,7 +88,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         let mut o = Outcome::default();
         for (i, step) in p.steps.iter().enumerate() {
             let dir = pdir.join(format!("{}-{}", i + 1, step.kind.name()));
-            let label = format!("pipeline `{}` step {} ({})", p.name, i + 1, step.kind.name());
+            let label = format!("pipeline `{}` step {} ({}, line {})", p.name, i + 1, step.kind.name(), step.line);
             let result = (|| -> anyhow::Result<(Vec<String>, bool, f64)> {
                 let extra = budget_options(p, step.kind, &input, &dense, &sched.model, dense_params)?;
                 let argv = step_argv(step, &sched.calibration, &input, &dir, &extra)?;

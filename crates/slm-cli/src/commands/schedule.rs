@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
-use clap::{Args as _, FromArgMatches};
+use clap::FromArgMatches;
 use serde::Deserialize;
 use toml::{Spanned, Table, Value};
 

@@ -1,0 +1,261 @@
+//! Custom ops with hand-written backward passes, so training builds only the gradients it needs.
+//!
+//! candle's `matmul` backward always computes the gradient of both operands. For a frozen weight that is a second
+//! full-size matmul per projection whose result is thrown away (PyTorch skips it for `requires_grad=False`).
+//! [`frozen_linear`] computes `x @ w^T` with a backward that returns only `grad @ w`. The losses over the
+//! vocabulary ([`token_cross_entropy`], [`token_kl`]) are fused row loops: one pass forward, one backward, no
+//! `[N, vocab]` temporaries per elementary op.
+
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{op}: only f32 is supported"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// `x @ w^T` as a plain matmul (no autograd op recorded for `w`).
+fn plain_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = Tensor::from_slice(f32_slice(s, l, "frozen-linear")?, l.shape(), &Device::Cpu)?;
+        let y = plain_linear(&x, &self.w)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let out = self.w.dim(0)?;
+        let rows = grad.elem_count() / out;
+        let g = grad.reshape((rows, out))?.matmul(&self.w)?;
+        Ok(Some(g.reshape(arg.shape())?))
+    }
+}
+
+/// `x @ w^T` for `x: [..., in]`, `w: [out, in]`, with the gradient flowing to `x` only. Off the CPU (no custom
+/// kernel) it falls back to a plain matmul, whose backward also computes the unused weight gradient.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || !x.track_op() {
+        return plain_linear(x, w);
+    }
+    x.contiguous()?.apply_op1(FrozenLinear { w: w.contiguous()? })
+}
+
+/// Per-row log-sum-exp of `logits[r] / t` and the row's softmax.
+fn softmax_row(row: &[f32], t: f32, out: &mut [f32]) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) / t;
+    let mut sum = 0f64;
+    for (o, &v) in out.iter_mut().zip(row) {
+        let e = (v / t - max).exp();
+        *o = e;
+        sum += e as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    out.iter_mut().for_each(|o| *o *= inv);
+    max + (sum as f32).ln()
+}
+
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "token-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "token-cross-entropy")?;
+        let (n, v) = l.shape().dims2()?;
+        let mut tmp = vec![0f32; v];
+        let losses = (0..n)
+            .map(|r| {
+                let row = &x[r * v..(r + 1) * v];
+                softmax_row(row, 1.0, &mut tmp) - row[self.targets[r] as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = arg.dims2()?;
+        let x = arg.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.to_vec1::<f32>()?;
+        let mut out = vec![0f32; n * v];
+        for r in 0..n {
+            let o = &mut out[r * v..(r + 1) * v];
+            softmax_row(&x[r * v..(r + 1) * v], 1.0, o);
+            o[self.targets[r] as usize] -= 1.0;
+            o.iter_mut().for_each(|e| *e *= g[r]);
+        }
+        Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
+    }
+}
+
+/// Per-row cross-entropy `-log softmax(logits[r])[targets[r]]`, `[N]`, for `logits: [N, vocab]`.
+pub fn token_cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
+        candle_core::bail!("token-cross-entropy: {} targets for {n} rows of {v}", targets.len());
+    }
+    if !logits.device().is_cpu() {
+        let logp = log_softmax_rows(logits)?;
+        let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
+        return logp.gather(&idx, 1)?.squeeze(1)?.neg();
+    }
+    logits.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec() })
+}
+
+fn log_softmax_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(1)?;
+    let d = x.broadcast_sub(&max)?;
+    d.broadcast_sub(&d.exp()?.sum_keepdim(1)?.log()?)
+}
+
+struct Kl {
+    /// Teacher probabilities at temperature `t`, row-major `[N, vocab]`.
+    teacher: Vec<f32>,
+    /// Σ p log p per row.
+    neg_entropy: Vec<f64>,
+    t: f32,
+}
+
+impl CustomOp1 for Kl {
+    fn name(&self) -> &'static str {
+        "token-kl"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "token-kl")?;
+        let (n, v) = l.shape().dims2()?;
+        let mut q = vec![0f32; v];
+        let losses = (0..n)
+            .map(|r| {
+                let lse = softmax_row(&x[r * v..(r + 1) * v], self.t, &mut q);
+                let p = &self.teacher[r * v..(r + 1) * v];
+                // KL = Σ p log p − Σ p log q, with log q = z/t − lse and Σ p = 1.
+                let cross: f64 = p.iter().zip(&x[r * v..(r + 1) * v]).map(|(&pj, &z)| pj as f64 * (z / self.t) as f64).sum();
+                let kl = self.neg_entropy[r] - cross + lse as f64;
+                (kl as f32) * self.t * self.t
+            })
+            .collect();
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = arg.dims2()?;
+        let x = arg.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.to_vec1::<f32>()?;
+        let mut out = vec![0f32; n * v];
+        for r in 0..n {
+            let o = &mut out[r * v..(r + 1) * v];
+            softmax_row(&x[r * v..(r + 1) * v], self.t, o);
+            // d(t^2 KL)/dz = t (q - p).
+            let p = &self.teacher[r * v..(r + 1) * v];
+            for (e, &pj) in o.iter_mut().zip(p) {
+                *e = (*e - pj) * self.t * g[r];
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
+    }
+}
+
+/// Per-row `t² · KL(softmax(teacher/t) ‖ softmax(student/t))`, `[N]` (Hinton et al.'s scaling, so the gradient
+/// size does not depend on `t`). Gradient flows to `student` only.
+pub fn token_kl(student: &Tensor, teacher: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+    let (n, v) = student.dims2()?;
+    if teacher.dims2()? != (n, v) {
+        candle_core::bail!("token-kl: student {:?} and teacher {:?} differ", student.dims(), teacher.dims());
+    }
+    let t = t as f32;
+    let tl = teacher.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut probs = vec![0f32; n * v];
+    for r in 0..n {
+        softmax_row(&tl[r * v..(r + 1) * v], t, &mut probs[r * v..(r + 1) * v]);
+    }
+    if !student.device().is_cpu() {
+        let p = Tensor::from_vec(probs, (n, v), student.device())?;
+        let logq = log_softmax_rows(&(student / t as f64)?)?;
+        let plogp = (&p * p.clamp(1e-30, 1.0)?.log()?)?;
+        return (plogp - (&p * logq)?)?.sum(1)? * (t * t) as f64;
+    }
+    let neg_entropy = probs
+        .chunks(v)
+        .map(|p| p.iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum())
+        .collect();
+    student.contiguous()?.apply_op1(Kl { teacher: probs, neg_entropy, t })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= tol, "max diff {d}");
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_its_input_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1., (4, 5), &dev).unwrap();
+        let y1 = frozen_linear(x.as_tensor(), &w).unwrap();
+        let y2 = plain_linear(x.as_tensor(), &w).unwrap();
+        close(&y1, &y2, 1e-6);
+        let g1 = (y1.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+        let g2 = (y2.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+        close(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn fused_losses_match_composed_ops_and_gradients() {
+        let dev = Device::Cpu;
+        let z = Var::from_tensor(&(Tensor::randn(0f32, 3., (4, 7), &dev).unwrap())).unwrap();
+        let targets = [0u32, 6, 3, 3];
+        let fused = token_cross_entropy(z.as_tensor(), &targets).unwrap();
+        let logp = log_softmax_rows(z.as_tensor()).unwrap();
+        let idx = Tensor::from_slice(&targets, (4, 1), &dev).unwrap();
+        let composed = logp.gather(&idx, 1).unwrap().squeeze(1).unwrap().neg().unwrap();
+        close(&fused, &composed, 1e-5);
+        let w = Tensor::new(&[1f32, 2., 3., 4.], &dev).unwrap();
+        let g1 = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        close(g1.get(z.as_tensor()).unwrap(), g2.get(z.as_tensor()).unwrap(), 1e-5);
+
+        let teacher = Tensor::randn(0f32, 3., (4, 7), &dev).unwrap();
+        let t = 2.0;
+        let fused = token_kl(z.as_tensor(), &teacher, t).unwrap();
+        let p = candle_core::Tensor::exp(&log_softmax_rows(&(&teacher / t).unwrap()).unwrap()).unwrap();
+        let logp = log_softmax_rows(&(&teacher / t).unwrap()).unwrap();
+        let logq = log_softmax_rows(&(z.as_tensor() / t).unwrap()).unwrap();
+        let composed = ((&p * (logp - logq).unwrap()).unwrap().sum(1).unwrap() * (t * t)).unwrap();
+        close(&fused, &composed, 1e-5);
+        let g1 = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        close(g1.get(z.as_tensor()).unwrap(), g2.get(z.as_tensor()).unwrap(), 1e-5);
+    }
+}

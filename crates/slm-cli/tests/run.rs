@@ -1,0 +1,149 @@
+//! `slm run`: schedule errors name the line and key before any work starts; an end-to-end schedule on the
+//! default model (shared prefixes computed once, budgets met, a failing pipeline isolated, report numbers equal
+//! to the step outputs).
+
+use std::path::Path;
+use std::process::Command;
+
+use slm_model::testing::{default_model_path, shared_dir};
+
+fn slm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_slm"))
+}
+
+fn header(out: &Path) -> String {
+    format!(
+        "model = \"{}\"\nout = \"{}\"\n\n[calibration]\ncalib = \"{}\"\nsamples = 2\nseq_len = 32\n\n[defaults.eval]\ntasks = \"wikitext2-128,openbookqa\"\nlimit = 3\ndata_dir = \"{}\"\n\n[report]\ndecode_tokens = 2\nprompt_tokens = 8\nsimilarity = true\n",
+        default_model_path().display(),
+        out.display(),
+        shared_dir().join("data/lambada_openai.test.jsonl").display(),
+        shared_dir().join("data").display()
+    )
+}
+
+fn run_schedule(text: &str, dir: &Path) -> std::process::Output {
+    let path = dir.join("s.toml");
+    std::fs::write(&path, text).unwrap();
+    slm().arg("run").arg(&path).output().unwrap()
+}
+
+#[test]
+fn schedule_errors_name_the_line_and_key_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let h = header(&out);
+    let base_lines = h.lines().count();
+    let cases = [
+        // (pipeline text, expected line offset after the header, expected fragments)
+        ("[[pipeline]]\nname = \"a\"\nsteps = [\n  { step = \"eval\" },\n  { step = \"width\", pruning_ratio = 0.2, fooo = 1 },\n]\n", 5, vec!["key `fooo`", "unknown option '--fooo'", "pipeline `a` step 2 (width)"]),
+        ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"prune\" }]\n", 3, vec!["key `step`", "unknown step `prune`"]),
+        ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"eval\", limit = \"many\" }]\n", 3, vec!["key `limit`", "invalid value 'many'"]),
+        ("[[pipeline]]\nname = \"a\"\nbudget = 0.8\nsteps = [{ step = \"depth\", target_layers = 3 }]\n", 4, vec!["key `target_layers`", "has a budget"]),
+        ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"depth\", method = \"shortgpt\" }]\n", 3, vec!["give the pipeline a budget or the step one of"]),
+        ("[[pipeline]]\nname = \"a\"\nbudgett = 0.8\nsteps = []\n", 3, vec!["unknown field `budgett`"]),
+        ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"eval\" }\n", 3, vec![]),
+    ];
+    for (text, offset, wants) in cases {
+        let o = run_schedule(&format!("{h}\n{text}"), dir.path());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{text}: expected failure");
+        let line = base_lines + 1 + offset;
+        assert!(e.contains(&format!("line {line}")), "{text}: wanted line {line}: {e}");
+        for w in wants {
+            assert!(e.contains(w), "{text}: wanted `{w}`: {e}");
+        }
+        assert!(!out.exists(), "nothing may run or be written before the schedule is valid");
+    }
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_schedule_runs_end_to_end_and_the_report_matches_the_step_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let text = format!(
+        "{}\n{}",
+        header(&out),
+        r#"
+[[pipeline]]
+name = "dense"
+steps = [{ step = "eval" }]
+
+[[pipeline]]
+name = "depth"
+budget = 0.8
+steps = [{ step = "depth", method = "shortgpt" }, { step = "eval" }]
+
+[[pipeline]]
+name = "width"
+budget = 0.8
+steps = [{ step = "width", importance = "l2" }, { step = "eval" }]
+
+[[pipeline]]
+name = "joint"
+budget = 0.8
+depth_share = 0.5
+steps = [{ step = "depth", method = "shortgpt" }, { step = "width", importance = "l2" }, { step = "eval" }]
+
+[[pipeline]]
+name = "broken"
+steps = [{ step = "width", pruning_ratio = 0.7 }, { step = "eval" }]
+
+[[pipeline]]
+name = "joint-again"
+budget = 0.8
+depth_share = 0.5
+steps = [{ step = "depth", method = "shortgpt" }, { step = "width", importance = "l2" }, { step = "eval", limit = 2 }]
+"#
+    );
+    let o = run_schedule(&text, dir.path());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a failed pipeline makes the run fail");
+    assert!(stderr.contains("1 of 6 pipelines failed"), "{stderr}");
+    let report = json(&out.join("report.json"));
+    // 1 + 2 + 2 + 3 + 0 (broken fails) + 1 computed; joint-again reuses joint's depth and width steps.
+    assert_eq!(report["steps_computed"], 9);
+    assert_eq!(report["steps_reused"], 2);
+    assert!(std::fs::symlink_metadata(out.join("joint-again/2-width")).unwrap().file_type().is_symlink());
+    let rows = report["pipelines"].as_array().unwrap();
+    assert_eq!(rows.len(), 6);
+    let dense = report["dense_parameters"].as_f64().unwrap();
+    assert_eq!(dense, 134_515_008.0);
+    let layer = 3_540_096.0; // one dense layer
+    let channel_group = (3 * 576 * 24) as f64; // one MLP channel in each of the 24 pruned layers
+    for r in rows {
+        let name = r["pipeline"].as_str().unwrap();
+        if name == "broken" {
+            let e = r["error"].as_str().unwrap();
+            assert!(e.contains("step 1 (width") && e.contains("would remove all 3 KV heads"), "{e}");
+            continue;
+        }
+        assert!(r["error"].is_null(), "{name}: {}", r["error"]);
+        // The report's numbers are the step outputs'.
+        let final_model = Path::new(r["final_model"].as_str().unwrap());
+        let params = r["parameters"].as_f64().unwrap();
+        if name != "dense" {
+            let cfg = slm_model::ModelSpec::from_hf_config(&final_model.join("config.json")).unwrap();
+            assert_eq!(cfg.num_parameters() as f64, params, "{name}");
+            assert_eq!(r["layers"].as_u64().unwrap() as usize, cfg.num_layers());
+        }
+        let ev = json(Path::new(r["eval_results"].as_str().unwrap()));
+        assert_eq!(r["wikitext2_128_ppl"], ev["results"]["wikitext2-128"]["perplexity,none"], "{name}");
+        assert_eq!(r["tasks"]["openbookqa"]["value"], ev["results"]["openbookqa"]["acc_norm,none"], "{name}");
+        assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        // Budgets: depth within one layer, width and joint within one channel group.
+        let gap = (params - 0.8 * dense).abs();
+        match name {
+            "depth" => assert!(gap <= layer / 2.0 + 1.0, "{name}: {params}"),
+            "width" | "joint" | "joint-again" => assert!(gap <= channel_group, "{name}: {params}"),
+            _ => assert_eq!(params, dense),
+        }
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| joint | 26 |"), "{md}");
+    assert!(md.contains("| broken | failed:"), "{md}");
+    assert!(out.join("similarity_dense.png").exists() && out.join("similarity_depth.png").exists());
+}

@@ -147,3 +147,14 @@ steps = [{ step = "depth", method = "shortgpt" }, { step = "width", importance =
     assert!(md.contains("| broken | failed:"), "{md}");
     assert!(out.join("similarity_dense.png").exists() && out.join("similarity_depth.png").exists());
 }
+
+#[test]
+fn the_shipped_schedules_are_valid() {
+    let root = slm_model::testing::workspace_root();
+    for name in ["demo.toml", "paper.toml"] {
+        let o = slm().current_dir(&root).arg("run").arg(root.join("schedules").join(name)).arg("--check").output().unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains("slm+width"), "{name}: {stdout}");
+    }
+}

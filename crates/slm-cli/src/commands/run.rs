@@ -22,6 +22,9 @@ pub struct Args {
     /// Output directory (overrides the schedule's `out`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Check the schedule and list its pipelines and steps; run nothing.
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// The seven tasks with the metric the papers report for each (LLM-Pruner's set).
@@ -67,6 +70,18 @@ struct Outcome {
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let sched = schedule::parse(&args.schedule)?;
+    if args.check {
+        for p in &sched.pipelines {
+            let budget = p.budget.map(|b| format!(" (budget {:.0}% of dense, depth share {})", 100.0 * b, p.depth_share)).unwrap_or_default();
+            println!("{}{budget}:", p.name);
+            for (i, step) in p.steps.iter().enumerate() {
+                let argv = step_argv(step, &sched.calibration, Path::new("<input>"), Path::new("<out>"), &[])?;
+                println!("  {}. slm {}", i + 1, argv.join(" "));
+            }
+        }
+        println!("{}: OK", sched.path.display());
+        return Ok(());
+    }
     let out = args
         .out
         .clone()

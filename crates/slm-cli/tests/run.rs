@@ -146,6 +146,17 @@ steps = [{ step = "depth", method = "shortgpt" }, { step = "width", importance =
     assert!(md.contains("| joint | 26 |"), "{md}");
     assert!(md.contains("| broken | failed:"), "{md}");
     assert!(out.join("similarity_dense.png").exists() && out.join("similarity_depth.png").exists());
+
+    // A second run keeps every finished step (same key in its slm_step.json) and reports the same numbers.
+    let again = run_schedule(&text, dir.path());
+    assert!(!again.status.success());
+    let second = json(&out.join("report.json"));
+    assert_eq!(second["steps_computed"], 0);
+    assert_eq!(second["steps_reused"], 11);
+    for (a, b) in rows.iter().zip(second["pipelines"].as_array().unwrap()) {
+        assert_eq!(a["wikitext2_128_ppl"], b["wikitext2_128_ppl"]);
+        assert_eq!(a["parameters"], b["parameters"]);
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `slm run SCHEDULE.toml [--out DIR]`: runs every pipeline of a schedule (see [`super::schedule`]), each into
 //! its own directory `OUT/<pipeline>/<n>-<step>`, reusing a prefix another pipeline already computed (its
-//! directory is a symlink to the first one), and writes `report.md`, `report.json` and PNG plots. A failed step
+//! directory is a symlink to the first one) or a step a previous run finished (same key in its `slm_step.json`),
+//! and writes `report.md`, `report.json` and PNG plots. A failed step
 //! stops its pipeline only; the report records the error and `slm run` exits non-zero at the end.
 
 use std::collections::HashMap;
@@ -26,6 +27,10 @@ pub struct Args {
     #[arg(long)]
     pub check: bool,
 }
+
+/// Written into a step's directory when it finishes: its key (model and the arguments of every step up to it).
+/// A later run of the schedule keeps a step whose marker has the same key instead of recomputing it.
+pub const STEP_MARKER: &str = "slm_step.json";
 
 /// The seven tasks with the metric the papers report for each (LLM-Pruner's set).
 pub const TASK_METRICS: [(&str, &str); 7] = [
@@ -122,9 +127,18 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                 if dir.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
                     remove_path(&dir)?;
                 }
+                // A previous run of this schedule finished this very step (same key): keep its output.
+                let marker = dir.join(STEP_MARKER);
+                let previous = std::fs::read(&marker).ok().and_then(|b| serde_json::from_slice::<Json>(&b).ok());
+                if previous.as_ref().and_then(|v| v["key"].as_str()) == Some(key.as_str()) {
+                    tracing::info!("{label}: already done by a previous run ({})", dir.display());
+                    done.insert(key.clone(), dir.clone());
+                    return Ok((argv, true, 0.0));
+                }
                 tracing::info!("{label}: slm {}", argv.join(" "));
                 let start = Instant::now();
                 run_step(common, step.kind, &argv)?;
+                slm_model::write_file_atomically(&marker, &serde_json::to_vec_pretty(&json!({"key": key, "argv": argv}))?)?;
                 done.insert(key.clone(), dir.clone());
                 Ok((argv, false, start.elapsed().as_secs_f64()))
             })();
@@ -158,8 +172,15 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 
     let rows = report_rows(&sched, &outcomes, &dense, dense_params)?;
     let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+    let points: Vec<(usize, f64, f64)> =
+        rows.iter().enumerate().filter_map(|(i, r)| Some((i, r["parameters"].as_f64()?, r["avg7"].as_f64()?))).collect();
+    let ranges = (!points.is_empty()).then(|| {
+        let (a, b, c, d) = plot_ranges(&points, dense_params);
+        vec![a, b, c, d]
+    });
     let report = json!({
         "schedule": sched.path,
+        "plot_ranges": ranges,
         "model": sched.model,
         "dense_parameters": dense_params as u64,
         "steps_computed": computed,
@@ -303,8 +324,17 @@ pub fn report_markdown(report: &Json) -> String {
         }
         s.push_str(&format!(" {} | {} |\n", fmt(&r["avg7"], 100.0, 2), fmt(&r["decode_tokens_per_s"], 1.0, 1)));
     }
+    if let Some(r) = report.get("plot_ranges").and_then(Json::as_array) {
+        let v: Vec<f64> = r.iter().filter_map(Json::as_f64).collect();
+        if v.len() == 4 {
+            s.push_str(&format!(
+                "\nparams_vs_avg7.png: x = parameters from {:.1}M to {:.1}M, y = avg-7 from {:.2} to {:.2}; grid every tenth.",
+                v[0] / 1e6, v[1] / 1e6, 100.0 * v[2], 100.0 * v[3]
+            ));
+        }
+    }
     s.push_str(&format!(
-        "\nSteps computed: {}, reused from another pipeline: {}. Plot colours (params_vs_avg7.png), in pipeline order: {}.\n",
+        "\nSteps computed: {}, reused (from another pipeline or a previous run): {}. Plot colours (params_vs_avg7.png), in pipeline order: {}.\n",
         report["steps_computed"],
         report["steps_reused"],
         report["pipelines"].as_array().into_iter().flatten().enumerate()
@@ -327,8 +357,17 @@ const PALETTE: [[u8; 3]; 8] = [
 ];
 const PALETTE_NAMES: [&str; 8] = ["blue", "orange", "green", "red", "purple", "brown", "pink", "grey"];
 
-/// `params_vs_avg7.png` (a point per evaluated pipeline; x: parameters, y: avg-7, both from 0 to the max; grey
-/// grid lines every 10%) and, with `[report] similarity`, the dense model's layer CKA heat map, once plain and
+/// Axis ranges of `params_vs_avg7.png`: parameters from the smallest pipeline minus 5% of dense to dense, avg-7
+/// from 2 points below the lowest to 2 points above the highest.
+fn plot_ranges(points: &[(usize, f64, f64)], dense: f64) -> (f64, f64, f64, f64) {
+    let min_p = points.iter().map(|p| p.1).fold(dense, f64::min);
+    let min_a = points.iter().map(|p| p.2).fold(f64::INFINITY, f64::min);
+    let max_a = points.iter().map(|p| p.2).fold(f64::NEG_INFINITY, f64::max);
+    ((min_p - 0.05 * dense).max(0.0), dense, min_a - 0.02, max_a + 0.02)
+}
+
+/// `params_vs_avg7.png` (a point per evaluated pipeline; x: parameters, y: avg-7, ranges from [`plot_ranges`],
+/// stated in report.md; grey grid lines every tenth of each range) and, with `[report] similarity`, the dense model's layer CKA heat map, once plain and
 /// once per pipeline with a depth step, its merged windows / removed layers outlined.
 fn plots(sched: &Schedule, outcomes: &[Outcome], rows: &[Json], dense: &Model, out: &Path) -> anyhow::Result<()> {
     let points: Vec<(usize, f64, f64)> = rows
@@ -355,11 +394,10 @@ fn plots(sched: &Schedule, outcomes: &[Outcome], rows: &[Json], dense: &Model, o
                 put(t, gy, c);
             }
         }
-        let max_p = dense.spec.num_parameters() as f64;
-        let max_a = points.iter().map(|p| p.2).fold(0.0f64, f64::max).max(1e-9);
+        let (x0, x1, y0, y1) = plot_ranges(&points, dense.spec.num_parameters() as f64);
         for &(i, params, avg) in &points {
-            let x = m + ((params / max_p).min(1.0) * (w - 2 * m) as f64) as usize;
-            let y = h - m - ((avg / max_a).min(1.0) * (h - 2 * m) as f64) as usize;
+            let x = m + (((params - x0) / (x1 - x0)).clamp(0.0, 1.0) * (w - 2 * m) as f64) as usize;
+            let y = h - m - (((avg - y0) / (y1 - y0)).clamp(0.0, 1.0) * (h - 2 * m) as f64) as usize;
             for dx in 0..9 {
                 for dy in 0..9 {
                     put(x + dx - 4, y + dy - 4, PALETTE[i % PALETTE.len()]);

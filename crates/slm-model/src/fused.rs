@@ -55,13 +55,14 @@ impl CustomOp2 for RmsNorm {
         let (xv, wv, gv) = (vec_of(x)?, vec_of(w)?, vec_of(grad)?);
         let d = wv.len();
         let mut dx = vec![0f32; xv.len()];
-        let dw = dx
-            .par_chunks_mut(d)
-            .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
-            .with_min_len(min_rows(d))
-            .fold(
-                || vec![0f32; d],
-                |mut dw, (dx, (x, g))| {
+        // Fixed blocks of rows, summed in order afterwards: the weight gradient does not depend on scheduling.
+        let block = 64 * d;
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(block)
+            .zip(xv.par_chunks(block).zip(gv.par_chunks(block)))
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![0f32; d];
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
                     let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
                     let r = 1.0 / (ms + self.eps).sqrt();
                     let dot = x.iter().zip(g).zip(&wv).map(|((x, g), w)| g * w * x).sum::<f32>() / d as f32;
@@ -69,10 +70,14 @@ impl CustomOp2 for RmsNorm {
                         dx[i] = r * wv[i] * g[i] - r * r * r * x[i] * dot;
                         dw[i] += g[i] * x[i] * r;
                     }
-                    dw
-                },
-            )
-            .reduce(|| vec![0f32; d], |a, b| a.iter().zip(&b).map(|(a, b)| a + b).collect());
+                }
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f32; d];
+        for p in &partial {
+            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),

@@ -7,6 +7,7 @@
 //! `[N, vocab]` temporaries per elementary op.
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let data = match s {
@@ -89,12 +90,15 @@ impl CustomOp1 for CrossEntropy {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "token-cross-entropy")?;
         let (n, v) = l.shape().dims2()?;
-        let mut tmp = vec![0f32; v];
         let losses = (0..n)
-            .map(|r| {
-                let row = &x[r * v..(r + 1) * v];
-                softmax_row(row, 1.0, &mut tmp) - row[self.targets[r] as usize]
-            })
+            .into_par_iter()
+            .map_init(
+                || vec![0f32; v],
+                |tmp, r| {
+                    let row = &x[r * v..(r + 1) * v];
+                    softmax_row(row, 1.0, tmp) - row[self.targets[r] as usize]
+                },
+            )
             .collect();
         Ok((CpuStorage::F32(losses), Shape::from(n)))
     }
@@ -104,12 +108,11 @@ impl CustomOp1 for CrossEntropy {
         let x = arg.flatten_all()?.to_vec1::<f32>()?;
         let g = grad.to_vec1::<f32>()?;
         let mut out = vec![0f32; n * v];
-        for r in 0..n {
-            let o = &mut out[r * v..(r + 1) * v];
+        out.par_chunks_mut(v).enumerate().for_each(|(r, o)| {
             softmax_row(&x[r * v..(r + 1) * v], 1.0, o);
             o[self.targets[r] as usize] -= 1.0;
             o.iter_mut().for_each(|e| *e *= g[r]);
-        }
+        });
         Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
     }
 }
@@ -150,10 +153,10 @@ impl CustomOp1 for Kl {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "token-kl")?;
         let (n, v) = l.shape().dims2()?;
-        let mut q = vec![0f32; v];
         let losses = (0..n)
-            .map(|r| {
-                let lse = softmax_row(&x[r * v..(r + 1) * v], self.t, &mut q);
+            .into_par_iter()
+            .map_init(|| vec![0f32; v], |q, r| {
+                let lse = softmax_row(&x[r * v..(r + 1) * v], self.t, q);
                 let p = &self.teacher[r * v..(r + 1) * v];
                 // KL = Σ p log p − Σ p log q, with log q = z/t − lse and Σ p = 1.
                 let cross: f64 = p.iter().zip(&x[r * v..(r + 1) * v]).map(|(&pj, &z)| pj as f64 * (z / self.t) as f64).sum();
@@ -169,15 +172,14 @@ impl CustomOp1 for Kl {
         let x = arg.flatten_all()?.to_vec1::<f32>()?;
         let g = grad.to_vec1::<f32>()?;
         let mut out = vec![0f32; n * v];
-        for r in 0..n {
-            let o = &mut out[r * v..(r + 1) * v];
+        out.par_chunks_mut(v).enumerate().for_each(|(r, o)| {
             softmax_row(&x[r * v..(r + 1) * v], self.t, o);
             // d(t^2 KL)/dz = t (q - p).
             let p = &self.teacher[r * v..(r + 1) * v];
             for (e, &pj) in o.iter_mut().zip(p) {
                 *e = (*e - pj) * self.t * g[r];
             }
-        }
+        });
         Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
     }
 }
@@ -192,9 +194,9 @@ pub fn token_kl(student: &Tensor, teacher: &Tensor, t: f64) -> candle_core::Resu
     let t = t as f32;
     let tl = teacher.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
     let mut probs = vec![0f32; n * v];
-    for r in 0..n {
-        softmax_row(&tl[r * v..(r + 1) * v], t, &mut probs[r * v..(r + 1) * v]);
-    }
+    probs.par_chunks_mut(v).enumerate().for_each(|(r, p)| {
+        softmax_row(&tl[r * v..(r + 1) * v], t, p);
+    });
     if !student.device().is_cpu() {
         let p = Tensor::from_vec(probs, (n, v), student.device())?;
         let logq = log_softmax_rows(&(student / t as f64)?)?;
@@ -202,7 +204,7 @@ pub fn token_kl(student: &Tensor, teacher: &Tensor, t: f64) -> candle_core::Resu
         return (plogp - (&p * logq)?)?.sum(1)? * (t * t) as f64;
     }
     let neg_entropy = probs
-        .chunks(v)
+        .par_chunks(v)
         .map(|p| p.iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum())
         .collect();
     student.contiguous()?.apply_op1(Kl { teacher: probs, neg_entropy, t })

@@ -5,7 +5,8 @@
 //! that pruning methods can run a sub-range of layers (e.g. from a cached hidden state upward).
 //!
 //! Gradients: candle's fused ops (`rms_norm`, `rope`, `softmax_last_dim`) detach their outputs. With
-//! [`Mode::Differentiable`] the slow, differentiable twins are used instead; they compute the same values.
+//! [`Mode::Differentiable`] differentiable kernels are used instead ([`crate::fused`]: one pass forward, one
+//! backward, checked against candle's slow twins); they compute the same values up to rounding.
 
 use candle_core::{Device, Tensor, D};
 
@@ -218,7 +219,7 @@ pub(crate) fn rotary_tables(head_dim: usize, t: usize, theta: f64) -> (Vec<f32>,
 /// `[B, T, hd/2]`.
 fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if cos.rank() == 2 {
-        return Ok(candle_nn::rotary_emb::rope_slow(x, cos, sin)?);
+        return Ok(crate::fused::rope(x, cos, sin)?);
     }
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
     let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
@@ -230,7 +231,7 @@ fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
     Ok(match mode {
         Mode::Inference => candle_nn::ops::rms_norm(x, w, eps as f32)?,
-        Mode::Differentiable => candle_nn::ops::rms_norm_slow(x, w, eps as f32)?,
+        Mode::Differentiable => crate::fused::rms_norm(x, w, eps as f32)?,
     })
 }
 
@@ -339,7 +340,7 @@ pub fn attention_block_adapted<A: LayerAdapter + ?Sized>(
     let scores = scores.broadcast_add(&batch.mask.narrow(3, 0, t)?.narrow(4, 0, t)?)?;
     let probs = match mode {
         Mode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
-        Mode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        Mode::Differentiable => crate::fused::softmax_last_dim(&scores)?,
     };
     let ctx = probs.reshape((b, nkv, rep * t, t))?.matmul(&v)?;
     let ctx = ctx.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
@@ -362,9 +363,12 @@ pub fn mlp_activations_adapted<A: LayerAdapter + ?Sized>(
     adapter: &A,
 ) -> Result<Tensor> {
     let hn = rms_norm(h, &w.post_attention_layernorm, eps, mode)?;
-    let gate = adapter.project(index, "gate_proj", &hn, &w.gate_proj)?.silu()?;
+    let gate = adapter.project(index, "gate_proj", &hn, &w.gate_proj)?;
     let up = adapter.project(index, "up_proj", &hn, &w.up_proj)?;
-    Ok((gate * up)?)
+    Ok(match mode {
+        Mode::Inference => (gate.silu()? * up)?,
+        Mode::Differentiable => crate::fused::swiglu(&gate, &up)?,
+    })
 }
 
 /// What a forward pass returns.

@@ -7,6 +7,7 @@
 pub mod calib;
 pub mod error;
 pub mod forward;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hf;

@@ -1,0 +1,282 @@
+//! Fused CPU kernels with hand-written backward passes for [`crate::Mode::Differentiable`]: RMSNorm, softmax over
+//! the last dimension, rotary embedding and SwiGLU. candle's composed slow ops give the same values but build a
+//! dozen elementwise nodes each (a fresh buffer per node, and as many again in the backward pass); these run one
+//! pass forward and one backward, row-parallel. Gradients reach every input that can carry one (RMSNorm's weight
+//! too), so they are drop-in replacements for any gradient user. Off the CPU the composed ops are used.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{op}: only f32 is supported"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn vec_of(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Rows big enough to be worth a task each.
+fn min_rows(d: usize) -> usize {
+    (4096 / d.max(1)).max(1)
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-diff"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "rms-norm")?;
+        let w = slice(s2, l2, "rms-norm")?;
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(min_rows(d)).for_each(|(y, x)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * r * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xv, wv, gv) = (vec_of(x)?, vec_of(w)?, vec_of(grad)?);
+        let d = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        // Fixed blocks of rows, summed in order afterwards: the weight gradient does not depend on scheduling.
+        let block = 64 * d;
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(block)
+            .zip(xv.par_chunks(block).zip(gv.par_chunks(block)))
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![0f32; d];
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    let r = 1.0 / (ms + self.eps).sqrt();
+                    let dot = x.iter().zip(g).zip(&wv).map(|((x, g), w)| g * w * x).sum::<f32>() / d as f32;
+                    for i in 0..d {
+                        dx[i] = r * wv[i] * g[i] - r * r * r * x[i] * dot;
+                        dw[i] += g[i] * x[i] * r;
+                    }
+                }
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f32; d];
+        for p in &partial {
+            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        ))
+    }
+}
+
+/// `x / sqrt(mean(x², last) + eps) * w`, differentiable in `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return candle_nn::ops::rms_norm_slow(x, w, eps);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-diff"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "softmax")?;
+        let d = *l.shape().dims().last().unwrap_or(&1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(min_rows(d)).for_each(|(y, x)| {
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - max).exp();
+                sum += *y;
+            }
+            y.iter_mut().for_each(|y| *y /= sum);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (y, g) = (vec_of(res)?, vec_of(grad)?);
+        let d = arg.dim(candle_core::D::Minus1)?;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d).zip(y.par_chunks(d).zip(g.par_chunks(d))).with_min_len(min_rows(d)).for_each(|(dx, (y, g))| {
+            let dot = y.iter().zip(g).map(|(y, g)| y * g).sum::<f32>();
+            for i in 0..d {
+                dx[i] = y[i] * (g[i] - dot);
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Softmax over the last dimension, differentiable.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return candle_nn::ops::softmax(x, candle_core::D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+/// Rotate-half rotary embedding of `x: [B, H, T, hd]` with tables `[T, hd/2]`; the tables are constants.
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    /// `sign` +1: the rotation; -1: its transpose (the backward pass).
+    fn apply(&self, x: &[f32], dims: &[usize], sign: f32) -> Vec<f32> {
+        let (t, hd) = (dims[2], dims[3]);
+        let half = hd / 2;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hd).zip(x.par_chunks(hd)).enumerate().with_min_len(64).for_each(|(row, (y, x))| {
+            let p = row % t;
+            let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+            for i in 0..half {
+                let (a, b) = (x[i], x[i + half]);
+                y[i] = a * c[i] - sign * b * s[i];
+                y[i + half] = b * c[i] + sign * a * s[i];
+            }
+        });
+        y
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-diff"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "rope")?;
+        Ok((CpuStorage::F32(self.apply(x, l.shape().dims(), 1.0)), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = vec_of(grad)?;
+        Ok(Some(Tensor::from_vec(self.apply(&g, arg.dims(), -1.0), arg.shape(), arg.device())?))
+    }
+}
+
+/// Differentiable rotary embedding for `x: [B, H, T, hd]`, `cos`/`sin: [T, hd/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || cos.rank() != 2 || x.rank() != 4 {
+        return candle_nn::rotary_emb::rope_slow(x, cos, sin);
+    }
+    let t = x.dim(2)?;
+    let (cos, sin) = (vec_of(&cos.narrow(0, 0, t)?)?, vec_of(&sin.narrow(0, 0, t)?)?);
+    x.contiguous()?.apply_op1(Rope { cos, sin })
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu-diff"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
+        if g.len() != u.len() {
+            candle_core::bail!("swiglu: gate and up differ in size");
+        }
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
+            for i in 0..y.len() {
+                y[i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u, d) = (vec_of(gate)?, vec_of(up)?, vec_of(grad)?);
+        let mut dg = vec![0f32; g.len()];
+        let mut du = vec![0f32; g.len()];
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(d.par_chunks(4096)))
+            .for_each(|((dg, du), ((g, u), d))| {
+                for i in 0..dg.len() {
+                    let s = 1.0 / (1.0 + (-g[i]).exp());
+                    du[i] = d[i] * g[i] * s;
+                    dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), gate.device())?),
+            Some(Tensor::from_vec(du, up.shape(), up.device())?),
+        ))
+    }
+}
+
+/// `silu(gate) * up`, differentiable in both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if !gate.device().is_cpu() || gate.dtype() != candle_core::DType::F32 || gate.shape() != up.shape() {
+        return gate.silu()? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Forward values and every input gradient of a fused op against its composed twin.
+    fn check(name: &str, inputs: &[Tensor], fused: impl Fn(&[&Tensor]) -> Tensor, slow: impl Fn(&[&Tensor]) -> Tensor) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let (a, b) = (fused(&ts), slow(&ts));
+        assert!(diff(&a, &b) < 1e-5, "{name}: forward differs by {}", diff(&a, &b));
+        let w = Tensor::randn(0f32, 1., a.shape(), &Device::Cpu).unwrap();
+        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, t) in ts.iter().enumerate() {
+            let (x, y) = (ga.get(t).expect("fused grad"), gb.get(t).expect("slow grad"));
+            assert!(diff(x, y) < 1e-4, "{name}: gradient of input {i} differs by {}", diff(x, y));
+        }
+    }
+
+    #[test]
+    fn fused_ops_match_the_composed_ops_and_their_gradients() {
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| Tensor::randn(0f32, 1., s, &dev).unwrap();
+        check("rms_norm", &[r(&[2, 5, 16]), r(&[16])], |t| rms_norm(t[0], t[1], 1e-5).unwrap(), |t| candle_nn::ops::rms_norm_slow(t[0], t[1], 1e-5).unwrap());
+        let mask = Tensor::from_vec((0..2 * 3 * 7 * 7).map(|i| if (i % 7) > (i / 7) % 7 { f32::NEG_INFINITY } else { 0. }).collect::<Vec<f32>>(), (2, 3, 7, 7), &dev).unwrap();
+        check(
+            "softmax",
+            &[r(&[2, 3, 7, 7])],
+            |t| softmax_last_dim(&t[0].broadcast_add(&mask).unwrap()).unwrap(),
+            |t| candle_nn::ops::softmax(&t[0].broadcast_add(&mask).unwrap(), candle_core::D::Minus1).unwrap(),
+        );
+        let (cos, sin) = (r(&[9, 4]), r(&[9, 4]));
+        check("rope", &[r(&[2, 3, 6, 8])], |t| rope(t[0], &cos, &sin).unwrap(), |t| candle_nn::rotary_emb::rope_slow(t[0], &cos.narrow(0, 0, 6).unwrap(), &sin.narrow(0, 0, 6).unwrap()).unwrap());
+        check("swiglu", &[r(&[3, 5000]), r(&[3, 5000])], |t| swiglu(t[0], t[1]).unwrap(), |t| (t[0].silu().unwrap() * t[1]).unwrap());
+    }
+}

@@ -7,28 +7,12 @@
 //! `[N, vocab]` temporaries per elementary op.
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use slm_model::fused::f32_slice;
 use rayon::prelude::*;
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("{op}: only f32 is supported"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
 
 /// `x @ w^T` as a plain matmul (no autograd op recorded for `w`).
 fn plain_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims();
-    let inner = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
-    let mut out = dims[..dims.len() - 1].to_vec();
-    out.push(w.dim(0)?);
-    y.reshape(out)
+    slm_model::forward::linear(x, w).map_err(candle_core::Error::wrap)
 }
 
 struct FrozenLinear {

@@ -7,7 +7,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+/// The contiguous f32 data of a CPU storage (custom ops take f32, contiguous inputs only).
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         _ => candle_core::bail!("{op}: only f32 is supported"),
@@ -37,8 +38,8 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "rms-norm")?;
-        let w = slice(s2, l2, "rms-norm")?;
+        let x = f32_slice(s1, l1, "rms-norm")?;
+        let w = f32_slice(s2, l2, "rms-norm")?;
         let d = w.len();
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(min_rows(d)).for_each(|(y, x)| {
@@ -101,7 +102,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "softmax")?;
+        let x = f32_slice(s, l, "softmax")?;
         let d = *l.shape().dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(min_rows(d)).for_each(|(y, x)| {
@@ -169,7 +170,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "rope")?;
+        let x = f32_slice(s, l, "rope")?;
         Ok((CpuStorage::F32(self.apply(x, l.shape().dims(), 1.0)), l.shape().clone()))
     }
 
@@ -197,7 +198,7 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
+        let (g, u) = (f32_slice(s1, l1, "swiglu")?, f32_slice(s2, l2, "swiglu")?);
         if g.len() != u.len() {
             candle_core::bail!("swiglu: gate and up differ in size");
         }

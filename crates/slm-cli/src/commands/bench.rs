@@ -59,12 +59,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
-
 /// Times greedy generation on a loaded model (used by `slm bench` and by `slm run`'s report).
 pub fn measure(model: &Model, name: &str, prompt_tokens: usize, new_tokens: usize, warmup: usize, runs: usize) -> anyhow::Result<BenchResult> {
     if runs == 0 || prompt_tokens == 0 {
@@ -99,7 +93,7 @@ pub fn measure(model: &Model, name: &str, prompt_tokens: usize, new_tokens: usiz
         runs,
         prefill_tokens_per_s: median(prefill),
         decode_tokens_per_s: median(decode),
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: super::memory_mib().map(|(_, peak)| peak),
     })
 }
 

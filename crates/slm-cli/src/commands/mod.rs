@@ -76,3 +76,14 @@ impl CalibArgs {
         serde_json::json!({"file": self.file.display().to_string(), "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed})
     }
 }
+
+/// (current, peak) resident memory of this process in MiB, from /proc (None elsewhere).
+pub fn memory_mib() -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}

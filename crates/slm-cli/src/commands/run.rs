@@ -172,6 +172,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 
     let rows = report_rows(&sched, &outcomes, &dense, dense_params)?;
     let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+    // (pipeline index, parameters, avg-7) of every evaluated pipeline: the points of params_vs_avg7.png.
     let points: Vec<(usize, f64, f64)> =
         rows.iter().enumerate().filter_map(|(i, r)| Some((i, r["parameters"].as_f64()?, r["avg7"].as_f64()?))).collect();
     let ranges = (!points.is_empty()).then(|| {
@@ -190,7 +191,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     slm_model::write_file_atomically(&out.join("report.json"), &serde_json::to_vec_pretty(&report)?)?;
     let md = report_markdown(&report);
     slm_model::write_file_atomically(&out.join("report.md"), md.as_bytes())?;
-    plots(&sched, &outcomes, &rows, &dense, &out)?;
+    plots(&sched, &outcomes, &points, &dense, &out)?;
     println!("{md}");
     println!("wrote {}", out.join("report.md").display());
     if failed > 0 {
@@ -369,12 +370,7 @@ fn plot_ranges(points: &[(usize, f64, f64)], dense: f64) -> (f64, f64, f64, f64)
 /// `params_vs_avg7.png` (a point per evaluated pipeline; x: parameters, y: avg-7, ranges from [`plot_ranges`],
 /// stated in report.md; grey grid lines every tenth of each range) and, with `[report] similarity`, the dense model's layer CKA heat map, once plain and
 /// once per pipeline with a depth step, its merged windows / removed layers outlined.
-fn plots(sched: &Schedule, outcomes: &[Outcome], rows: &[Json], dense: &Model, out: &Path) -> anyhow::Result<()> {
-    let points: Vec<(usize, f64, f64)> = rows
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| Some((i, r["parameters"].as_f64()?, r["avg7"].as_f64()?)))
-        .collect();
+fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], dense: &Model, out: &Path) -> anyhow::Result<()> {
     if !points.is_empty() {
         let (w, h, m) = (480usize, 360usize, 30usize);
         let mut rgb = vec![255u8; w * h * 3];
@@ -394,8 +390,8 @@ fn plots(sched: &Schedule, outcomes: &[Outcome], rows: &[Json], dense: &Model, o
                 put(t, gy, c);
             }
         }
-        let (x0, x1, y0, y1) = plot_ranges(&points, dense.spec.num_parameters() as f64);
-        for &(i, params, avg) in &points {
+        let (x0, x1, y0, y1) = plot_ranges(points, dense.spec.num_parameters() as f64);
+        for &(i, params, avg) in points {
             let x = m + (((params - x0) / (x1 - x0)).clamp(0.0, 1.0) * (w - 2 * m) as f64) as usize;
             let y = h - m - (((avg - y0) / (y1 - y0)).clamp(0.0, 1.0) * (h - 2 * m) as f64) as usize;
             for dx in 0..9 {

@@ -45,17 +45,6 @@ pub struct Args {
     pub dtype: String,
 }
 
-/// (current, peak) resident memory of this process in MiB, from /proc (None elsewhere).
-fn memory_mib() -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| -> Option<f64> {
-        let line = status.lines().find(|l| l.starts_with(name))?;
-        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb / 1024.0)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let importance: Importance = args.importance.parse().context("--importance")?;
     let aggregation: Aggregation = args.aggregation.parse().context("--aggregation")?;
@@ -79,7 +68,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let layers: Vec<usize> = range.clone().collect();
 
     let start = Instant::now();
-    let rss_before = memory_mib();
+    let rss_before = super::memory_mib();
     let (grads, windows) = if importance.needs_gradient() {
         let windows = args.calib.windows(&model)?;
         let passes = 1 + if importance.needs_fisher() { windows.len() } else { 0 };
@@ -96,7 +85,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         (None, 0)
     };
     let grad_seconds = start.elapsed().as_secs_f64();
-    let rss_after = memory_mib();
+    let rss_after = super::memory_mib();
     let settings = WidthSettings {
         ratio,
         importance,

@@ -1,24 +1,10 @@
 //! The `slm` binary end to end: inspect, export, and clear errors for bad flags.
 
-use std::process::Command;
+mod common;
+
+use common::{run_err, run_ok, slm};
 
 use slm_model::testing::default_model_path;
-
-fn slm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_slm"))
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
-    String::from_utf8(out.stderr).unwrap()
-}
 
 #[test]
 fn inspect_json_uses_hf_names_and_counts_parameters() {

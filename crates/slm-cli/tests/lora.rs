@@ -1,24 +1,10 @@
 //! `slm lora` end to end on the default model: adapter files, the merged model, and clear errors.
 
-use std::process::Command;
+mod common;
+
+use common::{run_err, run_ok, slm};
 
 use slm_model::testing::default_model_path;
-
-fn slm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_slm"))
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
-    String::from_utf8(out.stderr).unwrap()
-}
 
 fn alpaca(dir: &std::path::Path) -> std::path::PathBuf {
     let p = dir.join("alpaca.jsonl");

@@ -3,13 +3,11 @@
 //! to the step outputs).
 
 use std::path::Path;
-use std::process::Command;
+mod common;
+
+use common::slm;
 
 use slm_model::testing::{default_model_path, shared_dir};
-
-fn slm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_slm"))
-}
 
 fn header(out: &Path) -> String {
     format!(

@@ -1,0 +1,22 @@
+//! Helpers shared by the CLI test files: the `slm` binary and running it expecting success or failure.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::process::Command;
+
+pub fn slm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_slm"))
+}
+
+/// Runs `cmd`, asserts success, returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `cmd`, asserts failure, returns stderr.
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr).unwrap()
+}

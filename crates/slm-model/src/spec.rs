@@ -251,27 +251,7 @@ impl ModelSpec {
 mod tests {
     use super::*;
 
-    fn smollm_like() -> ModelSpec {
-        ModelSpec {
-            vocab_size: 49152,
-            hidden_size: 576,
-            rms_norm_eps: 1e-5,
-            rope_theta: 100_000.0,
-            max_position_embeddings: 8192,
-            tie_word_embeddings: true,
-            bos_token_id: Some(1),
-            eos_token_id: Some(2),
-            layers: vec![
-                LayerSpec {
-                    num_attention_heads: 9,
-                    num_key_value_heads: 3,
-                    head_dim: 64,
-                    intermediate_size: 1536
-                };
-                30
-            ],
-        }
-    }
+    use crate::testing::smollm_spec as smollm_like;
 
     #[test]
     fn parameter_count_matches_transformers() {

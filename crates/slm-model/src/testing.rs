@@ -28,6 +28,30 @@ pub fn default_model_path() -> PathBuf {
     p
 }
 
+/// The default model's shapes (SmolLM2-135M: 30 layers of 9 query / 3 KV heads of 64, MLP 1536, hidden 576,
+/// tied embeddings), for tests that need its sizes without loading it.
+pub fn smollm_spec() -> crate::ModelSpec {
+    crate::ModelSpec {
+        vocab_size: 49152,
+        hidden_size: 576,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100_000.0,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        layers: vec![
+            crate::LayerSpec {
+                num_attention_heads: 9,
+                num_key_value_heads: 3,
+                head_dim: 64,
+                intermediate_size: 1536
+            };
+            30
+        ],
+    }
+}
+
 /// A small random Llama (no tokenizer) for fast tests: vocab 64, hidden 32, 4 heads over 2 KV heads of dim 8,
 /// MLP width 48. Deterministic in `seed`.
 pub fn tiny_model(num_layers: usize, seed: u64) -> crate::Model {

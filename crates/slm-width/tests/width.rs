@@ -332,24 +332,9 @@ fn bad_input_is_a_clear_error() {
     assert!(err(grad_needed).contains("needs a gradient pass"));
 }
 
-/// The default model's shapes (SmolLM2-135M: 30 layers of 9 query / 3 KV heads of 64, MLP 1536, hidden 576).
-fn smollm_spec() -> slm_model::ModelSpec {
-    slm_model::ModelSpec {
-        vocab_size: 49152,
-        hidden_size: 576,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        max_position_embeddings: 8192,
-        tie_word_embeddings: true,
-        bos_token_id: Some(1),
-        eos_token_id: Some(2),
-        layers: vec![LayerSpec { num_attention_heads: 9, num_key_value_heads: 3, head_dim: 64, intermediate_size: 1536 }; 30],
-    }
-}
-
 #[test]
 fn target_ratio_lands_within_one_channel_group_of_the_budget() {
-    let spec = smollm_spec();
+    let spec = slm_model::testing::smollm_spec();
     let dense = spec.num_parameters() as f64;
     let range = default_layer_range(30);
     let group = (3 * 576 * range.len()) as f64;

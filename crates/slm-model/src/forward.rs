@@ -320,7 +320,6 @@ pub fn attention_block_adapted<A: LayerAdapter + ?Sized>(
 ) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (l.num_attention_heads, l.num_key_value_heads, l.head_dim);
-    let rep = nh / nkv;
     let xn = rms_norm(x, &w.input_layernorm, eps, mode)?;
     let q = adapter.project(index, "q_proj", &xn, &w.q_proj)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
     let k = adapter.project(index, "k_proj", &xn, &w.k_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -333,18 +332,30 @@ pub fn attention_block_adapted<A: LayerAdapter + ?Sized>(
         ),
         Mode::Differentiable => (rope_differentiable(&q, &cos, &sin)?, rope_differentiable(&k, &cos, &sin)?),
     };
-    // Grouped-query attention without copying K/V: the `rep` query heads that share a KV head are adjacent, so
-    // q [B, nh, T, hd] is viewed as [B, nkv, rep*T, hd] and multiplied by that head's K directly.
+    let mask = batch.mask.narrow(3, 0, t)?.narrow(4, 0, t)?;
+    let ctx = grouped_attention(&q, &k, &v, Some(&mask), mode)?;
+    Ok((x + adapter.project(index, "o_proj", &ctx, &w.o_proj)?)?)
+}
+
+/// Scaled dot-product attention with grouped queries, without copying K/V: the `rep` query heads that share a KV
+/// head are adjacent, so q `[B, nh, T, hd]` is viewed as `[B, nkv, rep*T, hd]` and multiplied by that head's K
+/// directly. k, v: `[B, nkv, S, hd]`; `mask`: additive, broadcast to `[B, nkv, rep, T, S]`. Returns the context
+/// `[B, T, nh*hd]` (the input of o_proj). Shared by the batched forward pass and KV-cached generation.
+pub(crate) fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    let rep = nh / nkv;
     let q = (q.reshape((b, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-    let scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, t))?;
-    let scores = scores.broadcast_add(&batch.mask.narrow(3, 0, t)?.narrow(4, 0, t)?)?;
+    let mut scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, s))?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
     let probs = match mode {
         Mode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
         Mode::Differentiable => crate::fused::softmax_last_dim(&scores)?,
     };
-    let ctx = probs.reshape((b, nkv, rep * t, t))?.matmul(&v)?;
-    let ctx = ctx.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-    Ok((x + adapter.project(index, "o_proj", &ctx, &w.o_proj)?)?)
+    let ctx = probs.reshape((b, nkv, rep * t, s))?.matmul(v)?;
+    Ok(ctx.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?)
 }
 
 /// The MLP's hidden activations `silu(gate(n)) * up(n)`, `n = post_attention_layernorm(h)`: the input of

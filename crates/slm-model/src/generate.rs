@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::{Tensor, D};
 
 use crate::error::{ModelError, Result};
-use crate::forward::{linear, mlp_activations, rms_norm, rotary_tables, Mode};
+use crate::forward::{grouped_attention, linear, mlp_activations, rms_norm, rotary_tables, Mode};
 use crate::Model;
 
 /// What one greedy run produced and how long its phases took.
@@ -108,7 +108,6 @@ impl Model {
         let eps = self.spec.rms_norm_eps;
         for (i, (w, l)) in self.weights.layers.iter().zip(&self.spec.layers).enumerate() {
             let (nh, nkv, hd) = (l.num_attention_heads, l.num_key_value_heads, l.head_dim);
-            let rep = nh / nkv;
             let (_, cos, sin) = cache.rotary.iter().find(|(d, _, _)| *d == hd).expect("table per head_dim");
             let (cos, sin) = (cos.narrow(0, pos, t)?, sin.narrow(0, pos, t)?);
             let xn = rms_norm(&x, &w.input_layernorm, eps, Mode::Inference)?;
@@ -125,14 +124,7 @@ impl Model {
                 Some(old) => Tensor::cat(&[&old, &v], 2)?,
                 None => v,
             };
-            let q = (q.reshape((1, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-            let mut scores = q.matmul(&k.t()?)?.reshape((1, nkv, rep, t, s))?;
-            if let Some(m) = &mask {
-                scores = scores.broadcast_add(m)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs.reshape((1, nkv, rep * t, s))?.matmul(&v)?;
-            let ctx = ctx.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?;
+            let ctx = grouped_attention(&q, &k, &v, mask.as_ref(), Mode::Inference)?;
             let h = (&x + linear(&ctx, &w.o_proj)?)?;
             let a = mlp_activations(&h, w, eps, Mode::Inference)?;
             x = (&h + linear(&a, &w.down_proj)?)?;

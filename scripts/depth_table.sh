@@ -4,24 +4,9 @@
 # documents), and print one Markdown table. Results accumulate in out/depth-table/ (a finished row is not re-run).
 #   TARGETS="13 8" DOCS=200 PPL_WINDOWS=40 CONFIGS="shortgpt slm:reference ..." bash scripts/depth_table.sh
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-bash scripts/setup.sh >/dev/null
-cargo build --release -q -p slm-cli
-slm="${CARGO_TARGET_DIR:-$root/target}/release/slm"
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 work=out/depth-table
-mkdir -p "$work"
-docs="${DOCS:-200}"
-ppl="${PPL_WINDOWS:-40}"
+source "$(dirname "${BASH_SOURCE[0]}")/table_common.sh"
 configs="${CONFIGS:-shortgpt ppl sleb laco:reference slm:reference slm:paper slm:average slm:delete slm:top slm:top:kl}"
-
-evaluate_split() { # model name
-  "$slm" eval "$1" --tasks avg7 --limit "$docs" --output-path "$work/$2.eval.json" > "$work/$2.eval.log" 2>&1
-  "$slm" eval "$1" --tasks wikitext2-128 --limit "$ppl" --output-path "$work/$2.ppl.json" > "$work/$2.ppl.log" 2>&1
-}
-
-[[ -f "$work/dense.ppl.json" ]] || evaluate_split "$model" dense
 for n in ${TARGETS:-13 8}; do
   for c in $configs; do
     IFS=: read -r method op crit <<< "$c"

@@ -4,23 +4,8 @@
 # documents), and print one Markdown table. Results accumulate in out/width-table/ (a finished row is not re-run).
 #   TARGETS="0.2 0.35" IMPORTANCES="element1 element2 vector l2 random" DOCS=200 PPL_WINDOWS=40 bash scripts/width_table.sh
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-bash scripts/setup.sh >/dev/null
-cargo build --release -q -p slm-cli
-slm="${CARGO_TARGET_DIR:-$root/target}/release/slm"
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 work=out/width-table
-mkdir -p "$work"
-docs="${DOCS:-200}"
-ppl="${PPL_WINDOWS:-40}"
-
-evaluate_split() { # model name
-  "$slm" eval "$1" --tasks avg7 --limit "$docs" --output-path "$work/$2.eval.json" > "$work/$2.eval.log" 2>&1
-  "$slm" eval "$1" --tasks wikitext2-128 --limit "$ppl" --output-path "$work/$2.ppl.json" > "$work/$2.ppl.log" 2>&1
-}
-
-[[ -f "$work/dense.ppl.json" ]] || evaluate_split "$model" dense
+source "$(dirname "${BASH_SOURCE[0]}")/table_common.sh"
 for t in ${TARGETS:-0.2 0.35}; do
   for imp in ${IMPORTANCES:-element1 element2 vector l2 random}; do
     name="$imp-$t"

@@ -13,7 +13,7 @@ use serde_json::{json, Value as Json};
 use slm_model::{Model, ModelSpec};
 use toml::Value;
 
-use super::schedule::{self, parse_args, step_argv, Schedule, StepKind};
+use super::schedule::{self, parse_args, step_argv, Schedule, StepArgs, StepKind};
 use super::CommonArgs;
 
 #[derive(clap::Args, Debug)]
@@ -54,12 +54,11 @@ fn spec_of(path: &Path, dense: &Model, dense_path: &Path) -> anyhow::Result<Mode
 /// Runs one step's subcommand in this process.
 fn run_step(common: &CommonArgs, kind: StepKind, argv: &[String]) -> anyhow::Result<()> {
     use super::{depth, eval, lora, width};
-    let parse_err = |e: clap::Error| anyhow!("{}", e.to_string().trim());
-    match kind {
-        StepKind::Depth => depth::run(common, parse_args::<depth::Args>("depth", argv).map_err(parse_err)?),
-        StepKind::Width => width::run(common, parse_args::<width::Args>("width", argv).map_err(parse_err)?),
-        StepKind::Lora => lora::run(common, parse_args::<lora::Args>("lora", argv).map_err(parse_err)?),
-        StepKind::Eval => eval::run(common, parse_args::<eval::Args>("eval", argv).map_err(parse_err)?),
+    match schedule::parse_step(kind, argv).map_err(|e| anyhow!("{}", e.to_string().trim()))? {
+        StepArgs::Depth(a) => depth::run(common, a),
+        StepArgs::Width(a) => width::run(common, a),
+        StepArgs::Lora(a) => lora::run(common, a),
+        StepArgs::Eval(a) => eval::run(common, a),
     }
 }
 

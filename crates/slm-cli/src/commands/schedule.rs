@@ -205,15 +205,22 @@ pub fn step_argv(step: &Step, calibration: &[(String, Value)], input: &Path, out
     Ok(argv)
 }
 
-/// Checks a step's arguments with its subcommand's parser (nothing runs).
-pub fn check_argv(kind: StepKind, argv: &[String]) -> Result<(), clap::Error> {
-    use super::{depth, eval, lora, width};
-    match kind {
-        StepKind::Depth => parse_args::<depth::Args>("depth", argv).map(drop),
-        StepKind::Width => parse_args::<width::Args>("width", argv).map(drop),
-        StepKind::Lora => parse_args::<lora::Args>("lora", argv).map(drop),
-        StepKind::Eval => parse_args::<eval::Args>("eval", argv).map(drop),
-    }
+/// A step's arguments as its subcommand parsed them.
+pub enum StepArgs {
+    Depth(super::depth::Args),
+    Width(super::width::Args),
+    Lora(super::lora::Args),
+    Eval(super::eval::Args),
+}
+
+/// Parses a step's argument vector with its subcommand's own parser (nothing runs).
+pub fn parse_step(kind: StepKind, argv: &[String]) -> Result<StepArgs, clap::Error> {
+    Ok(match kind {
+        StepKind::Depth => StepArgs::Depth(parse_args("depth", argv)?),
+        StepKind::Width => StepArgs::Width(parse_args("width", argv)?),
+        StepKind::Lora => StepArgs::Lora(parse_args("lora", argv)?),
+        StepKind::Eval => StepArgs::Eval(parse_args("eval", argv)?),
+    })
 }
 
 /// The first line of a clap error, without its "error: " prefix.
@@ -322,7 +329,7 @@ pub fn parse(path: &Path) -> anyhow::Result<Schedule> {
             }
             let argv = step_argv(&step, &calibration, Path::new("MODEL"), Path::new("OUT"), &extra)
                 .map_err(|e| anyhow!("{}: pipeline `{}` step {}: {e}", at(line), p.name, i + 1))?;
-            if let Err(e) = check_argv(kind, &argv) {
+            if let Err(e) = parse_step(kind, &argv) {
                 // Name the offending key when clap names its flag.
                 let msg = clap_message(&e);
                 let key = step

@@ -210,6 +210,9 @@ fn budget_options(
     dense_params: f64,
 ) -> anyhow::Result<Vec<(String, Value)>> {
     let Some(budget) = p.budget else { return Ok(vec![]) };
+    if !matches!(kind, StepKind::Depth | StepKind::Width) {
+        return Ok(vec![]);
+    }
     let spec = spec_of(input, dense, dense_path)?;
     let current = spec.num_parameters() as f64;
     match kind {

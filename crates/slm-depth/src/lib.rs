@@ -16,7 +16,7 @@ pub mod similarity;
 
 pub use error::DepthError;
 pub use merge::{merge_window, MergeOp};
-pub use method::{layers_for_ratio, plan_depth, DepthOutcome, Method, Settings, Stop};
+pub use method::{layers_for_ratio, plan_depth, DepthOutcome, DpCandidate, Method, Settings, Stop};
 pub use plan::{apply, planned_layers, DepthPlan};
 pub use score::{Calibration, Candidate, Criterion};
-pub use search::{laco, sliding_merge, threshold_for_target, Oracle, SearchResult, Step};
+pub use search::{dp_windows, laco, sliding_merge, threshold_for_target, Oracle, SearchResult, Step};

@@ -7,7 +7,7 @@ use crate::baselines;
 use crate::error::{DepthError, Result};
 use crate::plan::DepthPlan;
 use crate::score::{Calibration, Candidate, Criterion};
-use crate::search::{laco, sliding_merge, threshold_for_target, SearchResult, Step};
+use crate::search::{dp_windows, laco, sliding_merge, threshold_for_target, SearchResult, Step};
 use crate::merge::MergeOp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +15,10 @@ use crate::merge::MergeOp;
 pub enum Method {
     /// Sliding layer merging (the seed paper).
     Slm,
+    /// Windows of consecutive layers fused with the chosen operator, like SLM, but chosen jointly: the set of
+    /// windows that removes the target number of layers at the least total local window cost
+    /// ([`Calibration::window_cost`]), by dynamic programming ([`dp_windows`]).
+    SlmDp,
     /// Remove the layers of lowest block influence.
     ShortGpt,
     /// LaCo's layer collapse.
@@ -26,11 +30,12 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 5] = [Method::Slm, Method::ShortGpt, Method::Laco, Method::Sleb, Method::Ppl];
+    pub const ALL: [Method; 6] = [Method::Slm, Method::SlmDp, Method::ShortGpt, Method::Laco, Method::Sleb, Method::Ppl];
 
     pub fn name(self) -> &'static str {
         match self {
             Method::Slm => "slm",
+            Method::SlmDp => "slm-dp",
             Method::ShortGpt => "shortgpt",
             Method::Laco => "laco",
             Method::Sleb => "sleb",
@@ -40,7 +45,7 @@ impl Method {
 
     /// Methods that merge windows (and so use a merge operator and a threshold).
     pub fn merges(self) -> bool {
-        matches!(self, Method::Slm | Method::Laco)
+        matches!(self, Method::Slm | Method::SlmDp | Method::Laco)
     }
 }
 
@@ -48,7 +53,7 @@ impl std::str::FromStr for Method {
     type Err = DepthError;
     fn from_str(s: &str) -> Result<Self> {
         Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
-            DepthError::InvalidArgument(format!("unknown depth method `{s}` (known: slm, shortgpt, laco, sleb, ppl)"))
+            DepthError::InvalidArgument(format!("unknown depth method `{s}` (known: slm, slm-dp, shortgpt, laco, sleb, ppl)"))
         })
     }
 }
@@ -90,6 +95,20 @@ pub struct DepthOutcome {
     pub layer_scores: Vec<(usize, f64)>,
     /// Candidate evaluations of the final search as the reference loop counts them.
     pub reference_evaluations: usize,
+    /// slm-dp: the plan proposed under each window-length cap, and its score.
+    pub dp_candidates: Vec<DpCandidate>,
+}
+
+/// One plan proposed by slm-dp's dynamic programme.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DpCandidate {
+    /// Longest window allowed (layers).
+    pub max_window: usize,
+    pub merges: Vec<[usize; 2]>,
+    /// Sum of the windows' local costs.
+    pub cost_sum: f64,
+    /// The plan's similarity to the dense model under the criterion.
+    pub score: f64,
 }
 
 /// Layers to remove so that the share of parameters removed is closest to `ratio` (layers counted at their mean
@@ -122,6 +141,53 @@ pub fn plan_depth(cal: &mut Calibration, s: &Settings) -> Result<DepthOutcome> {
     if let Stop::TargetLayers(n) = s.stop {
         check_target(l, n)?;
     }
+    if s.method == Method::SlmDp {
+        let n = match s.stop {
+            Stop::TargetLayers(n) => n,
+            Stop::Threshold(_) => {
+                return Err(DepthError::InvalidArgument(
+                    "`slm-dp` chooses windows for a number of layers: give --target-layers or --target-ratio, not --threshold"
+                        .into(),
+                ))
+            }
+        };
+        // Summed local costs favour one long window over several short ones (the stream entering a long window
+        // can still point the same way as the stream leaving it), so the DP is run for every window-length cap and
+        // the global criterion (against the dense model) picks among the plans it proposes.
+        let mut candidates: Vec<DpCandidate> = Vec::new();
+        for max_window in 2..=n + 1 {
+            let mut cost = |lo: usize, hi: usize| cal.window_cost(lo, hi);
+            let (merges, cost_sum) = dp_windows(l, n, max_window, &mut cost)?;
+            if candidates.iter().any(|c| c.merges == merges) {
+                continue;
+            }
+            let score = cal.similarity(s.criterion, &Candidate::merges(merges.clone()))?;
+            candidates.push(DpCandidate { max_window, merges, cost_sum, score });
+        }
+        // Highest score; ties go to the shorter cap (found first).
+        let best = candidates
+            .iter()
+            .fold(None::<&DpCandidate>, |b, c| match b {
+                Some(b) if b.score >= c.score => Some(b),
+                _ => Some(c),
+            })
+            .expect("at least one cap");
+        let mut steps = Vec::new();
+        for lo in 0..l - 2 {
+            for hi in lo + 1..=(l - 2).min(lo + n) {
+                let score = cal.window_cost(lo, hi)?;
+                steps.push(Step { lo, hi, score, passed: best.merges.contains(&[lo, hi]) });
+            }
+        }
+        return Ok(DepthOutcome {
+            plan: DepthPlan::new(l, best.merges.clone(), Vec::new(), op)?,
+            threshold: None,
+            steps,
+            layer_scores: Vec::new(),
+            reference_evaluations: 0,
+            dp_candidates: candidates,
+        });
+    }
     if s.method.merges() {
         let criterion = s.criterion;
         let (c, interval) = (s.laco_layers, s.laco_interval);
@@ -144,6 +210,7 @@ pub fn plan_depth(cal: &mut Calibration, s: &Settings) -> Result<DepthOutcome> {
             steps: result.steps,
             layer_scores: Vec::new(),
             reference_evaluations: result.reference_evaluations,
+            dp_candidates: Vec::new(),
         });
     }
     let n = match s.stop {
@@ -159,7 +226,7 @@ pub fn plan_depth(cal: &mut Calibration, s: &Settings) -> Result<DepthOutcome> {
         Method::ShortGpt => baselines::shortgpt(cal, n)?,
         Method::Ppl => baselines::shortened_ppl(cal, n)?,
         Method::Sleb => baselines::sleb(cal, n)?,
-        Method::Slm | Method::Laco => unreachable!("merge methods handled above"),
+        Method::Slm | Method::SlmDp | Method::Laco => unreachable!("merge methods handled above"),
     };
     Ok(DepthOutcome {
         plan: DepthPlan::new(l, Vec::new(), removed, MergeOp::Delete)?,
@@ -167,5 +234,6 @@ pub fn plan_depth(cal: &mut Calibration, s: &Settings) -> Result<DepthOutcome> {
         steps: Vec::new(),
         layer_scores,
         reference_evaluations: 0,
+        dp_candidates: Vec::new(),
     })
 }

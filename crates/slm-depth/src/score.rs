@@ -84,6 +84,7 @@ impl Candidate {
 enum Quantity {
     Similarity(Criterion),
     Nll,
+    WindowCost,
 }
 
 /// The dense model's calibration activations, and memoised candidate scores.
@@ -244,6 +245,38 @@ impl<'m> Calibration<'m> {
                 (-kl.to_scalar::<f64>()?).exp()
             }
         };
+        self.memo.insert(key, v);
+        Ok(v)
+    }
+
+    /// The local cost of fusing the window `[lo, hi]` with the calibration's operator: 1 − mean over tokens of
+    /// cos(the fused layer's output on the dense stream entering `lo`, the dense stream leaving `hi`). It is the
+    /// window form of ShortGPT's block influence: for `delete` on `[i − 1, i]` it is exactly the block influence of
+    /// layer `i`. `delete` needs no forward pass (its kept layer `lo` reproduces the dense stream after `lo`);
+    /// other operators run the fused layer once. Memoised per window.
+    pub fn window_cost(&mut self, lo: usize, hi: usize) -> Result<f64> {
+        let l = self.num_layers();
+        if lo >= hi || hi >= l {
+            return Err(DepthError::InvalidArgument(format!("merge window [{lo}, {hi}] is not valid for {l} layers")));
+        }
+        let key = (Candidate::merges(vec![[lo, hi]]), Quantity::WindowCost);
+        if let Some(&v) = self.memo.get(&key) {
+            return Ok(v);
+        }
+        let out = if self.operator == MergeOp::Delete {
+            self.dense_hidden[lo + 1].clone()
+        } else {
+            let (spec, w) = self.merged_layer(lo, hi)?.clone();
+            self.layer_forwards += 1;
+            self.full_layer_forwards += 1;
+            decoder_layer(&self.dense_hidden[lo], &w, &spec, &self.batch, self.model.spec.rms_norm_eps, Mode::Inference)?
+        };
+        self.evaluations += 1;
+        let (b, t, d) = out.dims3()?;
+        let x = out.reshape((b * t, d))?.to_dtype(DType::F64)?;
+        let y = self.dense_hidden[hi + 1].reshape((b * t, d))?.to_dtype(DType::F64)?;
+        // Clamped: rounding can put the cosine of identical streams a hair above 1.
+        let v = (1.0 - mean_row_cosine(&x, &y)?).max(0.0);
         self.memo.insert(key, v);
         Ok(v)
     }

@@ -173,3 +173,74 @@ pub fn threshold_for_target(
     }
     Ok(best.expect("at least one probe"))
 }
+
+/// The windows of at most `max_window` layers, disjoint and inside layers `0..=L−2` (the last layer is never
+/// merged, as in the reference), that together remove exactly `target` layers (a window `[lo, hi]` removes
+/// `hi − lo`) at the least total cost, found by dynamic programming over `cost(lo, hi)`. Unlike the sliding loop, no window is committed before all the
+/// others are weighed. Costs must be finite and ≥ 0; each window's cost is asked for once, in a fixed order. Ties
+/// go to leaving the lower layer alone, then to the shorter window, so the result is deterministic. Returns the
+/// windows (top first) and the total cost.
+pub fn dp_windows(
+    num_layers: usize,
+    target: usize,
+    max_window: usize,
+    cost: &mut dyn FnMut(usize, usize) -> Result<f64>,
+) -> Result<(Vec<[usize; 2]>, f64)> {
+    if max_window < 2 {
+        return Err(DepthError::InvalidArgument(format!("a merge window has at least 2 layers, got a maximum of {max_window}")));
+    }
+    if target == 0 || target + 2 > num_layers {
+        return Err(DepthError::InvalidArgument(format!(
+            "cannot remove {target} of {num_layers} layers: at least one must go and at least two must remain"
+        )));
+    }
+    let top = num_layers - 2; // highest layer a window may reach
+    // Costs of every window that removes at most `target` layers and has at most `max_window` layers.
+    let span = target.min(max_window - 1);
+    let mut costs = std::collections::HashMap::new();
+    for lo in 0..top {
+        for hi in lo + 1..=top.min(lo + span) {
+            let c = cost(lo, hi)?;
+            if !(c.is_finite() && c >= 0.0) {
+                return Err(DepthError::InvalidArgument(format!("window [{lo}, {hi}] has cost {c}; costs must be finite and ≥ 0")));
+            }
+            costs.insert((lo, hi), c);
+        }
+    }
+    // best[i][r]: least cost of windows inside layers i..=top that remove exactly r layers, and the first choice
+    // (None: layer i stays alone; Some(hi): window [i, hi]).
+    let inf = f64::INFINITY;
+    let mut best = vec![vec![(inf, None::<usize>); target + 1]; top + 2];
+    best[top + 1][0].0 = 0.0;
+    best[top][0].0 = 0.0;
+    for i in (0..top).rev() {
+        for r in 0..=target {
+            let mut b = (best[i + 1][r].0, None);
+            for hi in i + 1..=top.min(i + r.min(span)) {
+                let rest = best[hi + 1][r - (hi - i)].0;
+                let v = costs[&(i, hi)] + rest;
+                if v < b.0 {
+                    b = (v, Some(hi));
+                }
+            }
+            best[i][r] = b;
+        }
+    }
+    let total = best[0][target].0;
+    if !total.is_finite() {
+        return Err(DepthError::InvalidArgument(format!("no set of windows removes {target} of {num_layers} layers")));
+    }
+    let (mut windows, mut i, mut r) = (Vec::new(), 0, target);
+    while r > 0 {
+        match best[i][r].1 {
+            Some(hi) => {
+                windows.push([i, hi]);
+                r -= hi - i;
+                i = hi + 1;
+            }
+            None => i += 1,
+        }
+    }
+    windows.reverse();
+    Ok((windows, total))
+}

@@ -18,15 +18,18 @@ pub struct Args {
     /// Output HF directory (written atomically), with slm_plan.json.
     #[arg(long)]
     pub out: PathBuf,
-    /// slm (sliding layer merging), shortgpt, laco, sleb or ppl (Shortened-LLaMA).
+    /// slm (sliding layer merging, the reference loop), slm-dp (merge windows chosen jointly by dynamic programming
+    /// on local window costs), shortgpt, laco, sleb or ppl (Shortened-LLaMA).
     #[arg(long, default_value = "slm")]
     pub method: String,
-    /// Merge operator for slm/laco: paper, reference, average, delete or top.
-    #[arg(long, default_value = "reference")]
-    pub merge: String,
-    /// Similarity criterion for slm/laco: cosine (the reference), token-cosine or kl.
-    #[arg(long, default_value = "cosine")]
-    pub criterion: String,
+    /// Merge operator for slm/slm-dp/laco: paper, reference, average, delete or top [default: reference; top for
+    /// slm-dp].
+    #[arg(long)]
+    pub merge: Option<String>,
+    /// Similarity criterion for slm/laco: cosine (the reference), token-cosine or kl [default: cosine]. For slm-dp
+    /// it picks among the plans the DP proposes [default: kl].
+    #[arg(long)]
+    pub criterion: Option<String>,
     /// Merge while the similarity to the dense model stays above T, in (0, 1] (slm/laco).
     #[arg(long, conflicts_with_all = ["target_ratio", "target_layers"])]
     pub threshold: Option<f64>,
@@ -57,8 +60,10 @@ pub struct Args {
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let method: Method = args.method.parse().context("--method")?;
-    let op: MergeOp = args.merge.parse().context("--merge")?;
-    let criterion: Criterion = args.criterion.parse().context("--criterion")?;
+    let default_op = if method == Method::SlmDp { "top" } else { "reference" };
+    let op: MergeOp = args.merge.as_deref().unwrap_or(default_op).parse().context("--merge")?;
+    let default_criterion = if method == Method::SlmDp { "kl" } else { "cosine" };
+    let criterion: Criterion = args.criterion.as_deref().unwrap_or(default_criterion).parse().context("--criterion")?;
     let dtype: StorageDType = args.dtype.parse().context("--dtype")?;
     if let Some(r) = args.refit {
         if !(r > 0.0) {
@@ -103,10 +108,11 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     };
     let (before, after) = (model.spec.num_parameters(), pruned.spec.num_parameters());
     let ratio = 1.0 - after as f64 / before as f64;
+    let criterion_name = if method.merges() { Some(criterion.name()) } else { None };
     let plan_json = serde_json::json!({
         "method": method.name(),
         "operator": if method.merges() { Some(op.name()) } else { None },
-        "criterion": if method.merges() { Some(criterion.name()) } else { None },
+        "criterion": criterion_name,
         "threshold": outcome.threshold,
         "stop": match stop { Stop::Threshold(t) => serde_json::json!({"threshold": t}), Stop::TargetLayers(n) => serde_json::json!({"target_layers": n}) },
         "plan": outcome.plan,
@@ -121,6 +127,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         "search": {
             "steps": outcome.steps,
             "layer_scores": outcome.layer_scores,
+            "dp_candidates": outcome.dp_candidates,
             "evaluations": cal.evaluations,
             "reference_loop_evaluations": outcome.reference_evaluations,
             "layer_forwards": cal.layer_forwards,
@@ -133,7 +140,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let plan_bytes = serde_json::to_vec_pretty(&plan_json)?;
     pruned.save(&args.out, dtype, &[("slm_plan.json", plan_bytes)])?;
 
-    println!("method:      {}{}", method.name(), if method.merges() { format!(" (operator {op}, criterion {})", criterion.name()) } else { String::new() });
+    println!("method:      {}{}", method.name(), if method.merges() { format!(" (operator {op}, criterion {})", criterion_name.unwrap_or_default()) } else { String::new() });
     if let Some(t) = outcome.threshold {
         let how = if matches!(stop, Stop::Threshold(_)) { "given" } else { "found by search" };
         println!("threshold:   {t:.6} ({how})");

@@ -151,6 +151,44 @@ fn depth_writes_a_loadable_model_with_its_plan() {
 }
 
 #[test]
+fn depth_slm_dp_merges_windows_for_the_target_and_records_its_proposals() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dp");
+    let stdout = run_ok(
+        slm()
+            .arg("depth")
+            .arg(default_model_path())
+            .arg("--out")
+            .arg(&out)
+            .args(["--method", "slm-dp", "--target-ratio", "0.2", "--samples", "2", "--seq-len", "32"])
+            .arg("--calib")
+            .arg(slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl")),
+    );
+    assert!(stdout.contains("slm-dp (operator top, criterion kl)"), "{stdout}");
+    assert!(stdout.contains("30 -> 22 (8 removed)"), "{stdout}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("slm_plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["method"], "slm-dp");
+    assert_eq!(plan["operator"], "top");
+    let merges: Vec<[usize; 2]> = serde_json::from_value(plan["plan"]["merges"].clone()).unwrap();
+    assert_eq!(merges.iter().map(|[lo, hi]| hi - lo).sum::<usize>(), 8);
+    // The plan is the best-scoring proposal, and every window's local cost is recorded.
+    let proposals = plan["search"]["dp_candidates"].as_array().unwrap();
+    let best = proposals.iter().map(|c| c["score"].as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
+    let chosen = proposals.iter().find(|c| c["merges"] == plan["plan"]["merges"]).expect("chosen among the proposals");
+    assert_eq!(chosen["score"].as_f64().unwrap(), best);
+    let steps = plan["search"]["steps"].as_array().unwrap();
+    assert_eq!(steps.iter().filter(|s| s["passed"] == true).count(), merges.len());
+    let m = slm_model::Model::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(m.spec.num_layers(), 22);
+    // slm-dp needs a layer count.
+    let e = run_err(
+        slm().arg("depth").arg(default_model_path()).arg("--out").arg(dir.path().join("t")).args(["--method", "slm-dp", "--threshold", "0.5"]),
+    );
+    assert!(e.contains("--target-layers or --target-ratio"), "{e}");
+}
+
+#[test]
 fn depth_rejects_bad_threshold_ratio_and_method() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x");

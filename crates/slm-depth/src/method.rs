@@ -157,7 +157,10 @@ pub fn plan_depth(cal: &mut Calibration, s: &Settings) -> Result<DepthOutcome> {
         let mut candidates: Vec<DpCandidate> = Vec::new();
         for max_window in 2..=n + 1 {
             let mut cost = |lo: usize, hi: usize| cal.window_cost(lo, hi);
-            let (merges, cost_sum) = dp_windows(l, n, max_window, &mut cost)?;
+            let Some((mut merges, cost_sum)) = dp_windows(l, n, max_window, &mut cost)? else {
+                continue; // windows this short cannot remove n layers
+            };
+            merges.sort(); // as the plan lists them
             if candidates.iter().any(|c| c.merges == merges) {
                 continue;
             }

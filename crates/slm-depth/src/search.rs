@@ -176,7 +176,7 @@ pub fn threshold_for_target(
 
 /// The windows of at most `max_window` layers, disjoint and inside layers `0..=L−2` (the last layer is never
 /// merged, as in the reference), that together remove exactly `target` layers (a window `[lo, hi]` removes
-/// `hi − lo`) at the least total cost, found by dynamic programming over `cost(lo, hi)`. Unlike the sliding loop, no window is committed before all the
+/// `hi − lo`) at the least total cost, found by dynamic programming over `cost(lo, hi)`; `None` when windows that short cannot remove `target`. Unlike the sliding loop, no window is committed before all the
 /// others are weighed. Costs must be finite and ≥ 0; each window's cost is asked for once, in a fixed order. Ties
 /// go to leaving the lower layer alone, then to the shorter window, so the result is deterministic. Returns the
 /// windows (top first) and the total cost.
@@ -185,7 +185,7 @@ pub fn dp_windows(
     target: usize,
     max_window: usize,
     cost: &mut dyn FnMut(usize, usize) -> Result<f64>,
-) -> Result<(Vec<[usize; 2]>, f64)> {
+) -> Result<Option<(Vec<[usize; 2]>, f64)>> {
     if max_window < 2 {
         return Err(DepthError::InvalidArgument(format!("a merge window has at least 2 layers, got a maximum of {max_window}")));
     }
@@ -228,7 +228,7 @@ pub fn dp_windows(
     }
     let total = best[0][target].0;
     if !total.is_finite() {
-        return Err(DepthError::InvalidArgument(format!("no set of windows removes {target} of {num_layers} layers")));
+        return Ok(None);
     }
     let (mut windows, mut i, mut r) = (Vec::new(), 0, target);
     while r > 0 {
@@ -242,5 +242,5 @@ pub fn dp_windows(
         }
     }
     windows.reverse();
-    Ok((windows, total))
+    Ok(Some((windows, total)))
 }

@@ -300,3 +300,131 @@ fn cholesky_solves_a_hand_worked_system() {
         assert!((x - w).abs() < 1e-12, "{b:?}");
     }
 }
+
+/// Every set of disjoint windows of at most `max_window` layers inside `0..=top`, with what it removes and costs.
+fn all_window_sets(lo: usize, top: usize, max_window: usize, cost: &dyn Fn(usize, usize) -> f64, out: &mut Vec<(usize, f64, Vec<[usize; 2]>)>, acc: (usize, f64, Vec<[usize; 2]>)) {
+    if lo >= top {
+        out.push(acc);
+        return;
+    }
+    all_window_sets(lo + 1, top, max_window, cost, out, acc.clone());
+    for hi in lo + 1..=top.min(lo + max_window - 1) {
+        let mut w = acc.2.clone();
+        w.push([lo, hi]);
+        all_window_sets(hi + 1, top, max_window, cost, out, (acc.0 + hi - lo, acc.1 + cost(lo, hi), w));
+    }
+}
+
+#[test]
+fn dp_windows_finds_the_least_cost_set_that_brute_force_finds() {
+    // Pseudo-random costs on 10 layers (windows inside 0..=8); every target and window cap against enumeration.
+    let cost = |lo: usize, hi: usize| (((lo * 7919 + hi * 104_729) % 1000) as f64) / 1000.0 + 0.01 * (hi - lo) as f64;
+    for max_window in [2, 3, 5, 9] {
+        let mut sets = Vec::new();
+        all_window_sets(0, 8, max_window, &cost, &mut sets, (0, 0.0, Vec::new()));
+        for target in 1..=8 {
+            let mut asked = 0;
+            let mut f = |lo: usize, hi: usize| -> slm_depth::error::Result<f64> {
+                asked += 1;
+                assert!(hi - lo < max_window && hi <= 8, "asked for [{lo}, {hi}]");
+                Ok(cost(lo, hi))
+            };
+            let best = sets.iter().filter(|s| s.0 == target).map(|s| s.1).fold(f64::INFINITY, f64::min);
+            match slm_depth::dp_windows(10, target, max_window, &mut f).unwrap() {
+                Some((windows, total)) => {
+                    assert!((total - best).abs() < 1e-9, "cap {max_window} target {target}: {total} vs {best}");
+                    let again: f64 = windows.iter().map(|&[lo, hi]| cost(lo, hi)).sum();
+                    assert!((again - total).abs() < 1e-9);
+                    assert_eq!(windows.iter().map(|[lo, hi]| hi - lo).sum::<usize>(), target);
+                    assert!(windows.windows(2).all(|p| p[0][0] > p[1][1]), "disjoint, top first: {windows:?}");
+                    assert!(asked > 0);
+                }
+                None => assert!(best.is_infinite(), "cap {max_window} target {target}"),
+            }
+        }
+    }
+    // Ties go to the lower layer left alone: with equal costs, the window sits as high as it can.
+    let mut flat = |_: usize, _: usize| -> slm_depth::error::Result<f64> { Ok(1.0) };
+    assert_eq!(slm_depth::dp_windows(6, 1, 2, &mut flat).unwrap().unwrap().0, vec![[3, 4]]);
+    // Bad input.
+    let mut ok = |_: usize, _: usize| -> slm_depth::error::Result<f64> { Ok(0.5) };
+    for (l, n, w, want) in [(6, 0, 3, "at least one must go"), (6, 5, 3, "at least two must remain"), (6, 2, 1, "at least 2 layers")] {
+        let e = slm_depth::dp_windows(l, n, w, &mut ok).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let mut negative = |_: usize, _: usize| -> slm_depth::error::Result<f64> { Ok(-0.5) };
+    assert!(slm_depth::dp_windows(6, 1, 3, &mut negative).unwrap_err().to_string().contains("finite and ≥ 0"));
+}
+
+/// 1 − mean over rows of the cosine between rows of `a` and `b` (`[B, T, d]`), by plain arithmetic.
+fn one_minus_token_cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let d = a.dim(2).unwrap();
+    let (a, b) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let rows = a.len() / d;
+    let mut sum = 0.0;
+    for r in 0..rows {
+        let (x, y) = (&a[r * d..(r + 1) * d], &b[r * d..(r + 1) * d]);
+        let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        let ny: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt();
+        sum += dot / (nx * ny);
+    }
+    1.0 - sum / rows as f64
+}
+
+#[test]
+fn window_cost_is_the_applied_models_local_error_and_block_influence_for_delete() {
+    let m = tiny_model(6, 21);
+    let windows = vec![vec![1u32, 5, 9, 13, 17, 21, 4], vec![2, 6, 10, 14, 18, 22, 7]];
+    let dense = m.forward(&windows, &vec![vec![]; 2], true, Mode::Inference).unwrap().hidden;
+    // `delete` on [i − 1, i] is ShortGPT's block influence of layer i, with no forward pass.
+    let mut del = Calibration::new(&m, windows.clone(), MergeOp::Delete).unwrap();
+    let bi = slm_depth::baselines::block_influence(&del).unwrap();
+    let before = del.layer_forwards;
+    for i in 1..5 {
+        assert!((del.window_cost(i - 1, i).unwrap() - bi[i]).abs() < 1e-9, "layer {i}");
+    }
+    assert_eq!(del.layer_forwards, before);
+    // For every operator, the cost of [lo, hi] is what the applied model's fused layer does: run the pruned model,
+    // and compare its stream after the fused layer (at index lo + 1) with the dense stream after hi.
+    for op in [MergeOp::Top, MergeOp::Average, MergeOp::Delete] {
+        let mut cal = Calibration::new(&m, windows.clone(), op).unwrap();
+        for (lo, hi) in [(1, 3), (0, 1), (2, 4)] {
+            let pruned = apply(&m, &DepthPlan::new(6, vec![[lo, hi]], vec![], op).unwrap()).unwrap();
+            let h = pruned.forward(&windows, &vec![vec![]; 2], true, Mode::Inference).unwrap().hidden;
+            let want = one_minus_token_cosine(&h[lo + 1], &dense[hi + 1]);
+            let got = cal.window_cost(lo, hi).unwrap();
+            assert!((got - want).abs() < 1e-5, "{op} [{lo}, {hi}]: {got} vs {want}");
+        }
+        assert!(cal.window_cost(3, 3).is_err() && cal.window_cost(4, 6).is_err());
+    }
+}
+
+#[test]
+fn slm_dp_removes_the_target_and_keeps_the_best_scoring_proposal() {
+    let m = tiny_model(8, 5);
+    let windows = vec![vec![1u32, 5, 9, 13, 17, 21, 4, 8], vec![2, 6, 10, 14, 18, 22, 7, 3]];
+    for n in 1..=5 {
+        let mut cal = Calibration::new(&m, windows.clone(), MergeOp::Top).unwrap();
+        let s = Settings { criterion: Criterion::Kl, ..Settings::new(Method::SlmDp, Stop::TargetLayers(n)) };
+        let o = plan_depth(&mut cal, &s).unwrap();
+        assert_eq!(o.plan.layers_removed(), n);
+        assert!(o.plan.merges.iter().all(|&[_, hi]| hi <= 6), "the last layer is never merged");
+        assert!(!o.dp_candidates.is_empty());
+        let best = o.dp_candidates.iter().map(|c| c.score).fold(f64::NEG_INFINITY, f64::max);
+        let chosen = o.dp_candidates.iter().find(|c| c.merges == o.plan.merges).expect("the plan is a proposal");
+        assert_eq!(chosen.score, best);
+        // Each proposal respects its cap and is scored as the candidate it is.
+        for c in &o.dp_candidates {
+            assert!(c.merges.iter().all(|[lo, hi]| hi - lo < c.max_window));
+            let again = cal.similarity(Criterion::Kl, &Candidate::merges(c.merges.clone())).unwrap();
+            assert_eq!(again, c.score);
+        }
+        assert_eq!(apply(&m, &o.plan).unwrap().spec.num_layers(), 8 - n);
+    }
+    let mut cal = Calibration::new(&m, windows, MergeOp::Top).unwrap();
+    let e = plan_depth(&mut cal, &Settings::new(Method::SlmDp, Stop::Threshold(0.5))).unwrap_err().to_string();
+    assert!(e.contains("--target-layers"), "{e}");
+    let e = plan_depth(&mut cal, &Settings::new(Method::SlmDp, Stop::TargetLayers(7))).unwrap_err().to_string();
+    assert!(e.contains("at least two must remain"), "{e}");
+}

@@ -72,6 +72,9 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     }
     if let Some(t) = args.threshold {
         slm_depth::search::check_threshold(t).context("--threshold")?;
+        if !matches!(method, Method::Slm | Method::Laco) {
+            bail!("--threshold: `{}` removes a number of layers; give --target-layers or --target-ratio", method.name());
+        }
     }
     let model = Model::load(&args.model, &common.device()?)?;
     let stop = match (args.threshold, args.target_ratio, args.target_layers) {

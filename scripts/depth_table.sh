@@ -6,7 +6,7 @@
 set -euo pipefail
 work=out/depth-table
 source "$(dirname "${BASH_SOURCE[0]}")/table_common.sh"
-configs="${CONFIGS:-shortgpt ppl sleb laco:reference slm:reference slm:paper slm:average slm:delete slm:top slm:top:kl}"
+configs="${CONFIGS:-shortgpt ppl sleb laco:reference slm:reference slm:paper slm:average slm:delete slm:top slm:top:kl slm-dp:top}"
 for n in ${TARGETS:-13 8}; do
   for c in $configs; do
     IFS=: read -r method op crit <<< "$c"

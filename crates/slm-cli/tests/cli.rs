@@ -125,20 +125,20 @@ fn eval_rejects_unknown_task_missing_file_and_malformed_record() {
     assert!(e.contains("arc_easy.test.jsonl:2"), "{e}");
 }
 
+/// `slm depth` on the default model into `out` with `flags`, calibrated on 2 windows of 32 LAMBADA tokens.
+fn depth_on_default(out: &std::path::Path, flags: &[&str]) -> std::process::Command {
+    let mut cmd = slm();
+    cmd.arg("depth").arg(default_model_path()).arg("--out").arg(out).args(flags);
+    cmd.args(["--samples", "2", "--seq-len", "32", "--calib"]);
+    cmd.arg(slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl"));
+    cmd
+}
+
 #[test]
 fn depth_writes_a_loadable_model_with_its_plan() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pruned");
-    let stdout = run_ok(
-        slm()
-            .arg("depth")
-            .arg(default_model_path())
-            .arg("--out")
-            .arg(&out)
-            .args(["--method", "shortgpt", "--target-layers", "5", "--samples", "2", "--seq-len", "32"])
-            .arg("--calib")
-            .arg(slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl")),
-    );
+    let stdout = run_ok(&mut depth_on_default(&out, &["--method", "shortgpt", "--target-layers", "5"]));
     assert!(stdout.contains("30 -> 25 (5 removed)"), "{stdout}");
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("slm_plan.json")).unwrap()).unwrap();
@@ -154,16 +154,7 @@ fn depth_writes_a_loadable_model_with_its_plan() {
 fn depth_slm_dp_merges_windows_for_the_target_and_records_its_proposals() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("dp");
-    let stdout = run_ok(
-        slm()
-            .arg("depth")
-            .arg(default_model_path())
-            .arg("--out")
-            .arg(&out)
-            .args(["--method", "slm-dp", "--target-ratio", "0.2", "--samples", "2", "--seq-len", "32"])
-            .arg("--calib")
-            .arg(slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl")),
-    );
+    let stdout = run_ok(&mut depth_on_default(&out, &["--method", "slm-dp", "--target-ratio", "0.2"]));
     assert!(stdout.contains("slm-dp (operator top, criterion kl)"), "{stdout}");
     assert!(stdout.contains("30 -> 22 (8 removed)"), "{stdout}");
     let plan: serde_json::Value =
@@ -211,16 +202,7 @@ fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
     let dir = tempfile::tempdir().unwrap();
     let calib = slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl");
     let depth = dir.path().join("depth");
-    run_ok(
-        slm()
-            .arg("depth")
-            .arg(default_model_path())
-            .arg("--out")
-            .arg(&depth)
-            .args(["--method", "shortgpt", "--target-layers", "13", "--samples", "2", "--seq-len", "32"])
-            .arg("--calib")
-            .arg(&calib),
-    );
+    run_ok(&mut depth_on_default(&depth, &["--method", "shortgpt", "--target-layers", "13"]));
     let width = dir.path().join("width");
     let stdout = run_ok(
         slm()

@@ -43,9 +43,14 @@ impl Method {
         }
     }
 
-    /// Methods that merge windows (and so use a merge operator and a threshold).
+    /// Methods that merge windows (and so use a merge operator and a criterion).
     pub fn merges(self) -> bool {
         matches!(self, Method::Slm | Method::SlmDp | Method::Laco)
+    }
+
+    /// Methods that a similarity threshold can stop; the others remove a number of layers.
+    pub fn takes_threshold(self) -> bool {
+        matches!(self, Method::Slm | Method::Laco)
     }
 }
 
@@ -138,25 +143,29 @@ pub fn check_target(num_layers: usize, n: usize) -> Result<()> {
 pub fn plan_depth(cal: &mut Calibration, s: &Settings) -> Result<DepthOutcome> {
     let l = cal.num_layers();
     let op = cal.operator();
-    if let Stop::TargetLayers(n) = s.stop {
-        check_target(l, n)?;
+    match s.stop {
+        Stop::TargetLayers(n) => check_target(l, n)?,
+        Stop::Threshold(_) if !s.method.takes_threshold() => {
+            return Err(DepthError::InvalidArgument(format!(
+                "`{}` removes a number of layers: give --target-layers or --target-ratio, not --threshold",
+                s.method.name()
+            )))
+        }
+        Stop::Threshold(_) => {}
     }
     if s.method == Method::SlmDp {
-        let n = match s.stop {
-            Stop::TargetLayers(n) => n,
-            Stop::Threshold(_) => {
-                return Err(DepthError::InvalidArgument(
-                    "`slm-dp` chooses windows for a number of layers: give --target-layers or --target-ratio, not --threshold"
-                        .into(),
-                ))
-            }
-        };
+        let Stop::TargetLayers(n) = s.stop else { unreachable!("refused above") };
         // Summed local costs favour one long window over several short ones (the stream entering a long window
         // can still point the same way as the stream leaving it), so the DP is run for every window-length cap and
         // the global criterion (against the dense model) picks among the plans it proposes.
         let mut candidates: Vec<DpCandidate> = Vec::new();
+        let mut costs = std::collections::BTreeMap::new(); // every window the DP weighed
         for max_window in 2..=n + 1 {
-            let mut cost = |lo: usize, hi: usize| cal.window_cost(lo, hi);
+            let mut cost = |lo: usize, hi: usize| {
+                let c = cal.window_cost(lo, hi)?;
+                costs.insert((lo, hi), c);
+                Ok(c)
+            };
             let Some((mut merges, cost_sum)) = dp_windows(l, n, max_window, &mut cost)? else {
                 continue; // windows this short cannot remove n layers
             };
@@ -175,13 +184,10 @@ pub fn plan_depth(cal: &mut Calibration, s: &Settings) -> Result<DepthOutcome> {
                 _ => Some(c),
             })
             .expect("at least one cap");
-        let mut steps = Vec::new();
-        for lo in 0..l - 2 {
-            for hi in lo + 1..=(l - 2).min(lo + n) {
-                let score = cal.window_cost(lo, hi)?;
-                steps.push(Step { lo, hi, score, passed: best.merges.contains(&[lo, hi]) });
-            }
-        }
+        let steps = costs
+            .into_iter()
+            .map(|((lo, hi), score)| Step { lo, hi, score, passed: best.merges.contains(&[lo, hi]) })
+            .collect();
         return Ok(DepthOutcome {
             plan: DepthPlan::new(l, best.merges.clone(), Vec::new(), op)?,
             threshold: None,
@@ -216,15 +222,7 @@ pub fn plan_depth(cal: &mut Calibration, s: &Settings) -> Result<DepthOutcome> {
             dp_candidates: Vec::new(),
         });
     }
-    let n = match s.stop {
-        Stop::TargetLayers(n) => n,
-        Stop::Threshold(_) => {
-            return Err(DepthError::InvalidArgument(format!(
-                "`{}` ranks layers and needs --target-layers or --target-ratio, not --threshold",
-                s.method.name()
-            )))
-        }
-    };
+    let Stop::TargetLayers(n) = s.stop else { unreachable!("refused above") };
     let (removed, layer_scores) = match s.method {
         Method::ShortGpt => baselines::shortgpt(cal, n)?,
         Method::Ppl => baselines::shortened_ppl(cal, n)?,

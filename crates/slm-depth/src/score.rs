@@ -229,12 +229,7 @@ impl<'m> Calibration<'m> {
                 let f = fin.reshape((b, t * d))?.to_dtype(DType::F64)?;
                 mean_row_cosine(&a, &f)?
             }
-            Criterion::TokenCosine => {
-                let (b, t, d) = fin.dims3()?;
-                let a = self.dense_final.reshape((b * t, d))?.to_dtype(DType::F64)?;
-                let f = fin.reshape((b * t, d))?.to_dtype(DType::F64)?;
-                mean_row_cosine(&a, &f)?
-            }
+            Criterion::TokenCosine => mean_token_cosine(&self.dense_final, &fin)?,
             Criterion::Kl => {
                 if self.dense_logp.is_none() {
                     self.dense_logp = Some(self.log_probs(&self.dense_final)?);
@@ -272,21 +267,15 @@ impl<'m> Calibration<'m> {
             decoder_layer(&self.dense_hidden[lo], &w, &spec, &self.batch, self.model.spec.rms_norm_eps, Mode::Inference)?
         };
         self.evaluations += 1;
-        let (b, t, d) = out.dims3()?;
-        let x = out.reshape((b * t, d))?.to_dtype(DType::F64)?;
-        let y = self.dense_hidden[hi + 1].reshape((b * t, d))?.to_dtype(DType::F64)?;
         // Clamped: rounding can put the cosine of identical streams a hair above 1.
-        let v = (1.0 - mean_row_cosine(&x, &y)?).max(0.0);
+        let v = (1.0 - mean_token_cosine(&out, &self.dense_hidden[hi + 1])?).max(0.0);
         self.memo.insert(key, v);
         Ok(v)
     }
 
     /// Mean over tokens of cos(dense stream entering layer `lo`, dense stream leaving layer `hi`).
     pub fn block_cosine(&self, lo: usize, hi: usize) -> Result<f64> {
-        let (b, t, d) = self.dense_hidden[lo].dims3()?;
-        let x = self.dense_hidden[lo].reshape((b * t, d))?.to_dtype(DType::F64)?;
-        let y = self.dense_hidden[hi + 1].reshape((b * t, d))?.to_dtype(DType::F64)?;
-        mean_row_cosine(&x, &y)
+        mean_token_cosine(&self.dense_hidden[lo], &self.dense_hidden[hi + 1])
     }
 
     /// Total negative log-likelihood of the calibration windows' next tokens under the candidate (memoised).
@@ -311,6 +300,14 @@ impl<'m> Calibration<'m> {
         let n: usize = self.windows.iter().map(|w| w.len() - 1).sum();
         Ok((self.nll(c)? / n as f64).exp())
     }
+}
+
+/// Mean over tokens of the cosine between matching token vectors of `a` and `b` (`[B, T, d]`), in f64.
+fn mean_token_cosine(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (n, t, d) = a.dims3()?;
+    let a = a.reshape((n * t, d))?.to_dtype(DType::F64)?;
+    let b = b.reshape((n * t, d))?.to_dtype(DType::F64)?;
+    mean_row_cosine(&a, &b)
 }
 
 /// Mean over rows of the cosine between matching rows of `a` and `b` (`[N, D]`, f64).

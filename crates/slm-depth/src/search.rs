@@ -189,11 +189,7 @@ pub fn dp_windows(
     if max_window < 2 {
         return Err(DepthError::InvalidArgument(format!("a merge window has at least 2 layers, got a maximum of {max_window}")));
     }
-    if target == 0 || target + 2 > num_layers {
-        return Err(DepthError::InvalidArgument(format!(
-            "cannot remove {target} of {num_layers} layers: at least one must go and at least two must remain"
-        )));
-    }
+    crate::method::check_target(num_layers, target)?;
     let top = num_layers - 2; // highest layer a window may reach
     // Costs of every window that removes at most `target` layers and has at most `max_window` layers.
     let span = target.min(max_window - 1);

@@ -72,7 +72,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     }
     if let Some(t) = args.threshold {
         slm_depth::search::check_threshold(t).context("--threshold")?;
-        if !matches!(method, Method::Slm | Method::Laco) {
+        if !method.takes_threshold() {
             bail!("--threshold: `{}` removes a number of layers; give --target-layers or --target-ratio", method.name());
         }
     }

@@ -52,40 +52,6 @@ ev = torch.tensor([wt_ids[i*128:(i+1)*128] for i in range(80)])
 
 # recipe: list of (attn_src, mlp_src) per output layer; src = layer index or None (skip sublayer)
 @torch.no_grad()
-def run(recipe, ids, return_hidden=False):
-    x = model.model.embed_tokens(ids)
-    pos = torch.arange(ids.shape[1]).unsqueeze(0)
-    pe = model.model.rotary_emb(x, pos)
-    mask = None
-    from transformers.masking_utils import create_causal_mask
-    mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos) if True else None
-    for a, m in recipe:
-        if a is not None:
-            if isinstance(a, tuple):
-                acc = 0
-                for aa, s in a:
-                    lay = layers[aa]
-                    o, _ = lay.self_attn(lay.input_layernorm(x), position_embeddings=pe, attention_mask=mask)
-                    acc = acc + s * o
-                x = x + acc
-            else:
-                lay = layers[a]
-                o, _ = lay.self_attn(lay.input_layernorm(x), position_embeddings=pe, attention_mask=mask)
-                x = x + o
-        if m is not None:
-            if isinstance(m, tuple):
-                acc = 0
-                for mm, s in m:
-                    lay = layers[mm]
-                    acc = acc + s * lay.mlp(lay.post_attention_layernorm(x))
-                x = x + acc
-            else:
-                lay = layers[m]
-                x = x + lay.mlp(lay.post_attention_layernorm(x))
-    h = model.model.norm(x)
-    return model.lm_head(h)
-
-@torch.no_grad()
 def nll(recipe, ids, bs=16):
     tot, n = 0.0, 0
     for i in range(0, ids.shape[0], bs):
@@ -96,9 +62,6 @@ def nll(recipe, ids, bs=16):
         tot += -lp.gather(-1, t.unsqueeze(-1)).sum().item(); n += t.numel()
     return tot / n
 
-dense = [(i, i) for i in range(L)]
-with torch.no_grad():
-    dense_lp_cal = torch.log_softmax(torch.cat([run(dense, cal[i:i+16]) for i in range(0, cal.shape[0], 16)]).float(), -1)
 
 @torch.no_grad()
 def kl(recipe, ids=cal, ref=None, bs=16):
@@ -196,6 +159,10 @@ def run_items(recipe, ids, stop_before=None):
     return model.lm_head(model.model.norm(x))
 run = lambda recipe, ids: run_items(recipe, ids)
 
+dense = [(i, i) for i in range(L)]
+with torch.no_grad():
+    dense_lp_cal = torch.log_softmax(torch.cat([run(dense, cal[i:i+16]) for i in range(0, cal.shape[0], 16)]).float(), -1)
+
 
 def units_for(merged, x, pe):
     gs, cs = merged.scores(x, pe)
@@ -210,12 +177,7 @@ def pairs(W):
         rest = [(i, i) for i in range(hi + 1, L)]
         full = Merged(ids)
         rec = base + [full] + rest
-        gs = torch.zeros(full.nkv); cs = torch.zeros(full.g.shape[0])
-        for i in range(0, cal.shape[0], 16):
-            x, pe = run_items(rec, cal[i:i + 16], stop_before=lo)
-            a, b = full.scores(x, pe); gs += a; cs += b
-        kg = sorted(torch.argsort(gs, descending=True)[:3].tolist())
-        kc = sorted(torch.argsort(cs, descending=True)[:1536].tolist())
+        kg, kc = units_for(full, *run_items(rec, cal, stop_before=lo))
         print(f"[{lo},{hi}] delete {kl(base + [(lo, lo)] + rest):.4f} top {kl(base + [(hi, hi)] + rest):.4f} "
               f"parallel {kl(rec):.4f} concat-prune {kl(base + [Merged(ids, kg, kc)] + rest):.4f}", flush=True)
 

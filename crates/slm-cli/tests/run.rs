@@ -95,19 +95,24 @@ name = "joint-again"
 budget = 0.8
 depth_share = 0.5
 steps = [{ step = "depth", method = "shortgpt" }, { step = "width", importance = "l2" }, { step = "eval", limit = 2 }]
+
+[[pipeline]]
+name = "split"
+budget = 0.8
+steps = [{ step = "eval", tasks = "openbookqa" }, { step = "depth", method = "shortgpt" }, { step = "eval", tasks = "openbookqa" }, { step = "eval", tasks = "wikitext2-128" }]
 "#
     );
     let o = run_schedule(&text, dir.path());
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a failed pipeline makes the run fail");
-    assert!(stderr.contains("1 of 6 pipelines failed"), "{stderr}");
+    assert!(stderr.contains("1 of 7 pipelines failed"), "{stderr}");
     let report = json(&out.join("report.json"));
-    // 1 + 2 + 2 + 3 + 0 (broken fails) + 1 computed; joint-again reuses joint's depth and width steps.
-    assert_eq!(report["steps_computed"], 9);
+    // 1 + 2 + 2 + 3 + 0 (broken fails) + 1 + 4 computed; joint-again reuses joint's depth and width steps.
+    assert_eq!(report["steps_computed"], 13);
     assert_eq!(report["steps_reused"], 2);
     assert!(std::fs::symlink_metadata(out.join("joint-again/2-width")).unwrap().file_type().is_symlink());
     let rows = report["pipelines"].as_array().unwrap();
-    assert_eq!(rows.len(), 6);
+    assert_eq!(rows.len(), 7);
     let dense = report["dense_parameters"].as_f64().unwrap();
     assert_eq!(dense, 134_515_008.0);
     let layer = 3_540_096.0; // one dense layer
@@ -128,14 +133,27 @@ steps = [{ step = "depth", method = "shortgpt" }, { step = "width", importance =
             assert_eq!(cfg.num_parameters() as f64, params, "{name}");
             assert_eq!(r["layers"].as_u64().unwrap() as usize, cfg.num_layers());
         }
-        let ev = json(Path::new(r["eval_results"].as_str().unwrap()));
-        assert_eq!(r["wikitext2_128_ppl"], ev["results"]["wikitext2-128"]["perplexity,none"], "{name}");
-        assert_eq!(r["tasks"]["openbookqa"]["value"], ev["results"]["openbookqa"]["acc_norm,none"], "{name}");
+        let evals: Vec<&str> = r["eval_results"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+        if name == "split" {
+            // The eval of the dense input (step 1) is not the final model's; steps 3 and 4 make one row.
+            let dir = out.join("split");
+            assert_eq!(evals, [dir.join("3-eval/results.json").to_str().unwrap(), dir.join("4-eval/results.json").to_str().unwrap()]);
+            let (tasks, ppl) = (json(Path::new(evals[0])), json(Path::new(evals[1])));
+            assert!(tasks["results"]["wikitext2-128"].is_null() && ppl["results"]["openbookqa"].is_null());
+            assert_eq!(r["tasks"]["openbookqa"]["value"], tasks["results"]["openbookqa"]["acc_norm,none"]);
+            assert_eq!(r["wikitext2_128_ppl"], ppl["results"]["wikitext2-128"]["perplexity,none"]);
+            assert_eq!(r["tasks"].as_object().unwrap().len(), 1);
+        } else {
+            assert_eq!(evals.len(), 1, "{name}");
+            let ev = json(Path::new(evals[0]));
+            assert_eq!(r["wikitext2_128_ppl"], ev["results"]["wikitext2-128"]["perplexity,none"], "{name}");
+            assert_eq!(r["tasks"]["openbookqa"]["value"], ev["results"]["openbookqa"]["acc_norm,none"], "{name}");
+        }
         assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
         // Budgets: depth within one layer, width and joint within one channel group.
         let gap = (params - 0.8 * dense).abs();
         match name {
-            "depth" => assert!(gap <= layer / 2.0 + 1.0, "{name}: {params}"),
+            "depth" | "split" => assert!(gap <= layer / 2.0 + 1.0, "{name}: {params}"),
             "width" | "joint" | "joint-again" => assert!(gap <= channel_group, "{name}: {params}"),
             _ => assert_eq!(params, dense),
         }
@@ -150,7 +168,7 @@ steps = [{ step = "depth", method = "shortgpt" }, { step = "width", importance =
     assert!(!again.status.success());
     let second = json(&out.join("report.json"));
     assert_eq!(second["steps_computed"], 0);
-    assert_eq!(second["steps_reused"], 11);
+    assert_eq!(second["steps_reused"], 15);
     for (a, b) in rows.iter().zip(second["pipelines"].as_array().unwrap()) {
         assert_eq!(a["wikitext2_128_ppl"], b["wikitext2_128_ppl"]);
         assert_eq!(a["parameters"], b["parameters"]);

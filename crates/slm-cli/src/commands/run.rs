@@ -67,7 +67,8 @@ fn run_step(common: &CommonArgs, kind: StepKind, argv: &[String]) -> anyhow::Res
 struct Outcome {
     steps: Vec<Json>,
     final_model: Option<PathBuf>,
-    eval: Option<PathBuf>,
+    /// The results of the eval steps since the last step that changed the model: they all describe the final model.
+    evals: Vec<PathBuf>,
     depth_plans: Vec<PathBuf>,
     error: Option<String>,
 }
@@ -148,7 +149,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                     match step.kind {
                         StepKind::Depth | StepKind::Width => input = dir.clone(),
                         StepKind::Lora => input = dir.join("merged"),
-                        StepKind::Eval => o.eval = Some(dir.join("results.json")),
+                        StepKind::Eval => o.evals.push(dir.join("results.json")),
+                    }
+                    if step.kind != StepKind::Eval {
+                        o.evals.clear();
                     }
                     if step.kind == StepKind::Depth {
                         o.depth_plans.push(dir.join("slm_plan.json"));
@@ -277,19 +281,30 @@ fn report_rows(sched: &Schedule, outcomes: &[Outcome], dense: &Model, dense_para
                 row["decode_tokens_per_s"] = json!(tps);
             }
         }
-        if let (Some(path), None) = (&o.eval, &o.error) {
-            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read eval results", path.display()))?;
-            let ev: Json = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        if o.error.is_none() && !o.evals.is_empty() {
+            // Several eval steps of the same model (say the tasks on some documents, perplexity on other windows)
+            // make one row: each number comes from the last of them that has it.
             let mut tasks = serde_json::Map::new();
-            for (t, metric) in TASK_METRICS {
-                if let Some(v) = ev["results"][t][format!("{metric},none")].as_f64() {
-                    tasks.insert(t.to_string(), json!({"metric": metric, "value": v}));
+            let (mut avg7, mut ppl) = (Json::Null, Json::Null);
+            for path in &o.evals {
+                let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read eval results", path.display()))?;
+                let ev: Json = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+                for (t, metric) in TASK_METRICS {
+                    if let Some(v) = ev["results"][t][format!("{metric},none")].as_f64() {
+                        tasks.insert(t.to_string(), json!({"metric": metric, "value": v}));
+                    }
+                }
+                if !ev["avg-7"]["value"].is_null() {
+                    avg7 = ev["avg-7"]["value"].clone();
+                }
+                if !ev["results"]["wikitext2-128"]["perplexity,none"].is_null() {
+                    ppl = ev["results"]["wikitext2-128"]["perplexity,none"].clone();
                 }
             }
             row["tasks"] = Json::Object(tasks);
-            row["avg7"] = ev["avg-7"]["value"].clone();
-            row["wikitext2_128_ppl"] = ev["results"]["wikitext2-128"]["perplexity,none"].clone();
-            row["eval_results"] = json!(path);
+            row["avg7"] = avg7;
+            row["wikitext2_128_ppl"] = ppl;
+            row["eval_results"] = json!(o.evals);
         }
         rows.push(row);
     }

@@ -180,6 +180,27 @@ fn depth_slm_dp_merges_windows_for_the_target_and_records_its_proposals() {
 }
 
 #[test]
+fn depth_calibration_defaults_depend_on_the_method() {
+    // slm-dp: 40 windows of 32 tokens; every other method: the reference's 10 of 128; a flag overrides only itself.
+    let dir = tempfile::tempdir().unwrap();
+    let lambada = slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl");
+    for (i, (flags, samples, seq_len)) in [
+        (vec!["--method", "slm-dp"], 40, 32),
+        (vec!["--method", "shortgpt"], 10, 128),
+        (vec!["--method", "slm-dp", "--seq-len", "16"], 40, 16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("m{i}"));
+        run_ok(slm().arg("depth").arg(default_model_path()).arg("--out").arg(&out).args(&flags).args(["--target-layers", "1"]).arg("--calib").arg(lambada.clone()));
+        let plan: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("slm_plan.json")).unwrap()).unwrap();
+        assert_eq!((plan["calibration"]["samples"].as_u64(), plan["calibration"]["seq_len"].as_u64()), (Some(samples), Some(seq_len)), "{flags:?}");
+    }
+}
+
+#[test]
 fn depth_rejects_bad_threshold_ratio_and_method() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x");

@@ -58,6 +58,9 @@ pub struct Args {
     pub dtype: String,
 }
 
+/// slm-dp's calibration unless given: 40 windows of 32 tokens (the reference's 1280 tokens in short windows).
+pub const SLM_DP_WINDOWS: (usize, usize) = (40, 32);
+
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let method: Method = args.method.parse().context("--method")?;
     let default_op = if method == Method::SlmDp { "top" } else { "reference" };
@@ -86,7 +89,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if let Stop::TargetLayers(n) = stop {
         slm_depth::method::check_target(model.spec.num_layers(), n).context("--target-layers")?;
     }
-    let windows = args.calib.windows(&model)?;
+    // slm-dp compares whole plans by their next-token distributions; short windows weigh them the way the
+    // zero-shot tasks do (most of their contexts are under 40 tokens), at the reference's token count.
+    let calib = args.calib.or(if method == Method::SlmDp { SLM_DP_WINDOWS } else { super::REFERENCE_WINDOWS });
+    let windows = calib.windows(&model)?;
 
     let start = Instant::now();
     let spinner = ProgressBar::new_spinner();
@@ -126,7 +132,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         "parameters_before": before,
         "parameters_after": after,
         "parameter_reduction": ratio,
-        "calibration": args.calib.json(),
+        "calibration": calib.json(),
         "search": {
             "steps": outcome.steps,
             "layer_scores": outcome.layer_scores,

@@ -53,18 +53,37 @@ pub struct CalibArgs {
     /// Calibration corpus: JSONL with a `text` field per line.
     #[arg(long = "calib", default_value = slm_model::DEFAULT_CALIBRATION_CORPUS)]
     pub file: std::path::PathBuf,
-    /// Number of calibration windows.
-    #[arg(long, default_value_t = 10)]
-    pub samples: usize,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: usize,
+    /// Number of calibration windows [default: 10; `slm depth --method slm-dp`: 40].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Tokens per calibration window [default: 128; `slm depth --method slm-dp`: 32].
+    #[arg(long)]
+    pub seq_len: Option<usize>,
     /// Seed of the calibration sampling.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
 }
 
+/// The reference code's calibration: 10 windows of 128 tokens.
+pub const REFERENCE_WINDOWS: (usize, usize) = (10, 128);
+
 impl CalibArgs {
+    /// These settings, with `(samples, seq_len)` where the command line gave none.
+    pub fn or(&self, (samples, seq_len): (usize, usize)) -> Calib {
+        Calib { file: self.file.clone(), samples: self.samples.unwrap_or(samples), seq_len: self.seq_len.unwrap_or(seq_len), seed: self.seed }
+    }
+}
+
+/// Calibration settings with every value decided.
+#[derive(Debug, Clone)]
+pub struct Calib {
+    pub file: std::path::PathBuf,
+    pub samples: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+}
+
+impl Calib {
     /// The seeded calibration windows, tokenised with the model's tokenizer.
     pub fn windows(&self, model: &slm_model::Model) -> anyhow::Result<Vec<Vec<u32>>> {
         slm_model::calib::calibration_windows(&self.file, model.tokenizer()?, self.samples, self.seq_len, self.seed)

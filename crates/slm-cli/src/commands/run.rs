@@ -425,7 +425,7 @@ fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], d
             argv.extend(schedule::option_args(&sched.calibration)?);
             parse_args("calibration", &argv).map_err(|e| anyhow!("[calibration]: {}", e.to_string().trim()))?
         };
-        let windows = calib.windows(dense)?;
+        let windows = calib.or(super::REFERENCE_WINDOWS).windows(dense)?;
         let hidden = slm_depth::similarity::layer_outputs(dense, &windows)?;
         let cka = slm_depth::similarity::cka_matrix(&hidden)?;
         let sim = slm_depth::similarity::write_heatmap_png_marked;

@@ -35,24 +35,25 @@ const CKA_RANGE: (f64, f64) = (0.0, 1.0);
 const COSINE_RANGE: (f64, f64) = (0.0, 1.0);
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
-    if args.calib.samples < 2 {
-        bail!("--samples: CKA needs at least 2 windows, got {}", args.calib.samples);
+    let calib = args.calib.or(super::REFERENCE_WINDOWS);
+    if calib.samples < 2 {
+        bail!("--samples: CKA needs at least 2 windows, got {}", calib.samples);
     }
-    if args.calib.seq_len == 0 {
+    if calib.seq_len == 0 {
         bail!("--seq-len must be positive");
     }
     let model =
         Model::load(&args.model, &common.device()?).with_context(|| format!("loading {}", args.model.display()))?;
-    let windows = args.calib.windows(&model)?;
+    let windows = calib.windows(&model)?;
 
     let start = Instant::now();
-    if args.skip_first >= args.calib.seq_len {
-        bail!("--skip-first {} leaves no position of a {}-token window", args.skip_first, args.calib.seq_len);
+    if args.skip_first >= calib.seq_len {
+        bail!("--skip-first {} leaves no position of a {}-token window", args.skip_first, calib.seq_len);
     }
     let hidden = layer_outputs(&model, &windows).context("computing layer outputs")?;
     let hidden: Vec<candle_core::Tensor> = hidden
         .iter()
-        .map(|h| h.narrow(1, args.skip_first, args.calib.seq_len - args.skip_first))
+        .map(|h| h.narrow(1, args.skip_first, calib.seq_len - args.skip_first))
         .collect::<candle_core::Result<_>>()?;
     tracing::info!(
         representations = hidden.len(),
@@ -70,7 +71,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 
     let json = serde_json::json!({
         "model": args.model.display().to_string(),
-        "calibration": args.calib.json(),
+        "calibration": calib.json(),
         "skip_first": args.skip_first,
         "representation": "per-example flattening of each [seq_len, hidden] layer output; index 0 is the \
                            embeddings, index i+1 the output of layer i",
@@ -92,10 +93,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         args.model.display(),
         labels.len(),
         model.spec.num_layers(),
-        args.calib.samples,
-        args.calib.seq_len,
-        args.calib.file.display(),
-        args.calib.seed
+        calib.samples,
+        calib.seq_len,
+        calib.file.display(),
+        calib.seed
     );
     println!("{:<12} {:>10} {:>10} {:>10}", "", "CKA next", "cos next", "ang next");
     for i in 0..labels.len() - 1 {

@@ -67,17 +67,18 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     slm_width::parameters_after(&model.spec, ratio, &range).context("--pruning-ratio")?;
     let layers: Vec<usize> = range.clone().collect();
 
+    let calib = args.calib.or(super::REFERENCE_WINDOWS);
     let start = Instant::now();
     let rss_before = super::memory_mib();
     let (grads, windows) = if importance.needs_gradient() {
-        let windows = args.calib.windows(&model)?;
+        let windows = calib.windows(&model)?;
         let passes = 1 + if importance.needs_fisher() { windows.len() } else { 0 };
         let bar = ProgressBar::new(passes as u64);
         bar.set_style(
             ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} backward passes [{elapsed} < {eta}]")
                 .expect("valid template"),
         );
-        bar.set_message(format!("gradients on {} windows of {} tokens", windows.len(), args.calib.seq_len));
+        bar.set_message(format!("gradients on {} windows of {} tokens", windows.len(), calib.seq_len));
         let g = gradients(&model, &windows, &layers, importance.needs_fisher(), &mut || bar.inc(1))?;
         bar.finish_and_clear();
         (Some(g), windows.len())
@@ -91,7 +92,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         importance,
         aggregation,
         layers: range.clone(),
-        seed: args.calib.seed,
+        seed: calib.seed,
     };
     let plan = plan_width(&model, &settings, grads.as_ref())?;
     let pruned = apply(&model, &plan)?;
@@ -120,7 +121,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         "parameters_after": after,
         "parameter_reduction": share,
         "parameter_reduction_in_pruned_layers": 1.0 - layer_after as f64 / layer_before as f64,
-        "calibration": if grads.is_some() { Some(args.calib.json()) } else { None },
+        "calibration": if grads.is_some() { Some(calib.json()) } else { None },
         "gradient_pass": grads.as_ref().map(|g| serde_json::json!({
             "loss": g.loss,
             "backward_passes": g.backward_passes,

@@ -146,13 +146,11 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                 Ok((argv, was_reused, seconds)) => {
                     if was_reused { reused += 1 } else { computed += 1 }
                     o.steps.push(json!({"step": step.kind.name(), "dir": dir, "argv": argv, "reused": was_reused, "seconds": seconds}));
+                    // A new model makes the evals so far describe an earlier one.
                     match step.kind {
-                        StepKind::Depth | StepKind::Width => input = dir.clone(),
-                        StepKind::Lora => input = dir.join("merged"),
+                        StepKind::Depth | StepKind::Width => (input, o.evals) = (dir.clone(), Vec::new()),
+                        StepKind::Lora => (input, o.evals) = (dir.join("merged"), Vec::new()),
                         StepKind::Eval => o.evals.push(dir.join("results.json")),
-                    }
-                    if step.kind != StepKind::Eval {
-                        o.evals.clear();
                     }
                     if step.kind == StepKind::Depth {
                         o.depth_plans.push(dir.join("slm_plan.json"));

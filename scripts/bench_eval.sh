@@ -4,10 +4,10 @@
 # openbookqa, same batch size (BATCH, default 16). Each side is timed as one whole process (model load, task
 # set-up, scoring, results file), after the venv / export / dataset-cache set-up. Prints a table of wall seconds
 # and documents/s, the ratio slm / lm-eval, lm-eval's and slm's acc / acc_norm per task side by side, and how
-# far lm-eval's per-document log-likelihoods are from ../shared/golden/lm-eval-first25 on the shared documents
+# far lm-eval's per-document log-likelihoods are from golden/lm-eval-first25 on the shared documents
 # (proof that the offline task configs below are lm-eval's own).
 #
-# Offline: lm-eval reads ../shared/data through generated task YAMLs (out/bench-eval/tasks/<task>_local.yaml):
+# Offline: lm-eval reads data through generated task YAMLs (out/bench-eval/tasks/<task>_local.yaml):
 # lm-eval 0.4.13's configs with `dataset_path: json` and `dataset_kwargs: {data_files: {<split>: <abs path>}}`,
 # the same Python helpers (copied from the installed lm_eval package), and HF_*_OFFLINE=1.
 #
@@ -19,8 +19,8 @@ limit="${LIMIT:-100}"
 batch="${BATCH:-16}"
 tasks=(boolq piqa hellaswag winogrande arc_easy arc_challenge openbookqa)
 tasks_csv="$(IFS=,; echo "${tasks[*]}")"
-data="$(cd "$root/../shared/data" && pwd)"
-golden="$(cd "$root/../shared/golden/lm-eval-first25" 2>/dev/null && pwd || true)"
+data="$(cd "$root/data" && pwd)"
+golden="$(cd "$root/golden/lm-eval-first25" 2>/dev/null && pwd || true)"
 work="$root/out/bench-eval"
 hf="$root/out/bench-hf-f32"
 

@@ -15,7 +15,7 @@ if [[ ! -f "$model/config.json" ]]; then
   [[ -f "$model/model.safetensors" ]] || ./target/release/slm export models/SmolLM2-135M-Instruct.Q4_1.gguf --out "$model" 2>/dev/null
 fi
 steps="${STEPS:-6}" seq="${SEQ:-256}" micro="${MICRO:-4}" rank="${RANK:-8}" alpha="${ALPHA:-16}" dropout="${DROPOUT:-0.05}"
-data="../shared/data/lambada_openai.test.jsonl"
+data="data/lambada_openai.test.jsonl"
 log="$(mktemp)"
 tmp="$(mktemp -d)"
 echo "model $model, r $rank, alpha $alpha, dropout $dropout, seq $seq, micro-batch $micro, $steps steps per run"

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 d = sys.argv[1]
-golden = sys.argv[2] if len(sys.argv) > 2 else "../shared/golden/smollm2_logits.safetensors"
+golden = sys.argv[2] if len(sys.argv) > 2 else "golden/smollm2_logits.safetensors"
 meta = json.load(open(golden.replace(".safetensors", ".json")))
 g = load_file(golden)
 model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()

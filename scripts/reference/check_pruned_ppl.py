@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 d = sys.argv[1]
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-data = sys.argv[3] if len(sys.argv) > 3 else "../shared/data"
+data = sys.argv[3] if len(sys.argv) > 3 else "data"
 torch.set_num_threads(2)
 model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 tok = AutoTokenizer.from_pretrained(d)

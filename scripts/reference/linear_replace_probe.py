@@ -21,7 +21,7 @@ T = I is plain deletion (the ShortGPT model when the runs are ShortGPT's). Write
 import copy, json, os, random, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../../shared/data/")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../data/")
 torch.set_num_threads(2)
 torch.manual_seed(0)
 MD, RUNS, MODE, PARAM, OUT = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5]

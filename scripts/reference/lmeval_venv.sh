@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Adds lm-evaluation-harness 0.4.13 (the version the golden files in ../shared/golden were made with) to
+# Adds lm-evaluation-harness 0.4.13 (the version the golden files in golden/ were made with) to
 # .venv-ref, for scripts/bench_eval.sh. Idempotent. Creates .venv-ref first via venv.sh when needed, and keeps
 # its torch / transformers (and their tokenizers, safetensors, huggingface_hub) at the versions already installed
 # by passing them to pip as constraints. Only PyPI is needed. Prints the venv's python path on stdout.

@@ -21,7 +21,7 @@ Needs torch + transformers (.venv-ref) and an f32 HF export of the default model
 Calibration here: CAL windows of 128 tokens drawn (seed 1234) from the joined LAMBADA texts, not slm's sampler.
 """
 import json, random, sys, math, time, os, torch
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../../shared/data/")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../data/")
 from transformers import AutoModelForCausalLM, AutoTokenizer
 torch.set_num_threads(2)
 torch.manual_seed(0)

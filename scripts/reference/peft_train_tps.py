@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
-ap.add_argument("--data", default="../shared/data/lambada_openai.test.jsonl")
+ap.add_argument("--data", default="data/lambada_openai.test.jsonl")
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--alpha", type=float, default=16)
 ap.add_argument("--dropout", type=float, default=0.05)

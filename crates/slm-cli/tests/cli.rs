@@ -54,7 +54,7 @@ fn bad_flags_and_paths_are_clear_errors() {
 }
 
 fn golden_results() -> serde_json::Value {
-    let p = slm_model::testing::shared_dir().join("golden/lm-eval-first25/results.json");
+    let p = slm_model::testing::golden_dir().join("lm-eval-first25/results.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
@@ -68,7 +68,7 @@ fn eval_writes_lm_eval_results_and_samples_that_match_the_golden_run() {
             .arg(default_model_path())
             .args(["--tasks", "winogrande,openbookqa", "--limit", "25", "--batch-size", "8", "--log-samples"])
             .arg("--data-dir")
-            .arg(slm_model::testing::shared_dir().join("data"))
+            .arg(slm_model::testing::data_dir())
             .arg("--output-path")
             .arg(&out),
     );
@@ -95,7 +95,7 @@ fn eval_writes_lm_eval_results_and_samples_that_match_the_golden_run() {
         .collect();
     assert_eq!(samples.len(), 1);
     let golden_lines = std::fs::read_to_string(
-        slm_model::testing::shared_dir().join("golden/lm-eval-first25/openbookqa.jsonl"),
+        slm_model::testing::golden_dir().join("lm-eval-first25/openbookqa.jsonl"),
     )
     .unwrap();
     let ours = std::fs::read_to_string(&samples[0]).unwrap();
@@ -118,7 +118,7 @@ fn eval_rejects_unknown_task_missing_file_and_malformed_record() {
     let e = run_err(slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()));
     assert!(e.contains("arc_easy.test.jsonl") && e.contains("not found"), "{e}");
 
-    let good = std::fs::read_to_string(slm_model::testing::shared_dir().join("data/arc_easy.test.jsonl")).unwrap();
+    let good = std::fs::read_to_string(slm_model::testing::data_dir().join("arc_easy.test.jsonl")).unwrap();
     let first = good.lines().next().unwrap();
     std::fs::write(dir.path().join("arc_easy.test.jsonl"), format!("{first}\n{{\"id\": \"x\", \"question\": 3}}\n")).unwrap();
     let e = run_err(slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()));
@@ -130,7 +130,7 @@ fn depth_on_default(out: &std::path::Path, flags: &[&str]) -> std::process::Comm
     let mut cmd = slm();
     cmd.arg("depth").arg(default_model_path()).arg("--out").arg(out).args(flags);
     cmd.args(["--samples", "2", "--seq-len", "32", "--calib"]);
-    cmd.arg(slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl"));
+    cmd.arg(slm_model::testing::data_dir().join("lambada_openai.test.jsonl"));
     cmd
 }
 
@@ -183,7 +183,7 @@ fn depth_slm_dp_merges_windows_for_the_target_and_records_its_proposals() {
 fn depth_calibration_defaults_depend_on_the_method() {
     // slm-dp: 40 windows of 32 tokens; every other method: the reference's 10 of 128; a flag overrides only itself.
     let dir = tempfile::tempdir().unwrap();
-    let lambada = slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl");
+    let lambada = slm_model::testing::data_dir().join("lambada_openai.test.jsonl");
     for (i, (flags, samples, seq_len)) in [
         (vec!["--method", "slm-dp"], 40, 32),
         (vec!["--method", "shortgpt"], 10, 128),
@@ -221,7 +221,7 @@ fn depth_rejects_bad_threshold_ratio_and_method() {
 #[test]
 fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
     let dir = tempfile::tempdir().unwrap();
-    let calib = slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl");
+    let calib = slm_model::testing::data_dir().join("lambada_openai.test.jsonl");
     let depth = dir.path().join("depth");
     run_ok(&mut depth_on_default(&depth, &["--method", "shortgpt", "--target-layers", "13"]));
     let width = dir.path().join("width");
@@ -258,7 +258,7 @@ fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
             .arg("eval")
             .arg(&width)
             .args(["--tasks", "wikitext2-128", "--limit", "2", "--data-dir"])
-            .arg(slm_model::testing::shared_dir().join("data")),
+            .arg(slm_model::testing::data_dir()),
     );
     assert!(eval.contains("wikitext2-128"), "{eval}");
 }
@@ -311,9 +311,11 @@ fn bench_measures_each_model_and_writes_json() {
             .arg(&json),
     );
     assert!(stdout.contains("prompt 8 tokens, 4 decode steps"), "{stdout}");
-    let v: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["slm_output"]["kind"], "bench");
+    let v = v["results"].as_array().unwrap();
     assert_eq!(v.len(), 2);
-    for r in &v {
+    for r in v {
         assert_eq!(r["layers"], 30);
         assert_eq!(r["parameters"], 134_515_008u64);
         assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);

@@ -7,15 +7,15 @@ mod common;
 
 use common::slm;
 
-use slm_model::testing::{default_model_path, shared_dir};
+use slm_model::testing::{default_model_path, data_dir};
 
 fn header(out: &Path) -> String {
     format!(
         "model = \"{}\"\nout = \"{}\"\n\n[calibration]\ncalib = \"{}\"\nsamples = 2\nseq_len = 32\n\n[defaults.eval]\ntasks = \"wikitext2-128,openbookqa\"\nlimit = 3\ndata_dir = \"{}\"\n\n[report]\ndecode_tokens = 2\nprompt_tokens = 8\nsimilarity = true\n",
         default_model_path().display(),
         out.display(),
-        shared_dir().join("data/lambada_openai.test.jsonl").display(),
-        shared_dir().join("data").display()
+        data_dir().join("lambada_openai.test.jsonl").display(),
+        data_dir().display()
     )
 }
 

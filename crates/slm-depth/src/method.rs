@@ -48,6 +48,18 @@ impl Method {
         matches!(self, Method::Slm | Method::SlmDp | Method::Laco)
     }
 
+    /// The merge operator used unless one is given: `top` for slm-dp (best measured, README depth table),
+    /// the reference's operator for the others.
+    pub fn default_merge(self) -> MergeOp {
+        if self == Method::SlmDp { MergeOp::Top } else { MergeOp::Reference }
+    }
+
+    /// The similarity criterion used unless one is given: `kl` picks among slm-dp's proposals, the reference's
+    /// flattened cosine elsewhere.
+    pub fn default_criterion(self) -> Criterion {
+        if self == Method::SlmDp { Criterion::Kl } else { Criterion::Cosine }
+    }
+
     /// Methods that a similarity threshold can stop; the others remove a number of layers.
     pub fn takes_threshold(self) -> bool {
         matches!(self, Method::Slm | Method::Laco)

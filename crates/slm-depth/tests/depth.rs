@@ -185,7 +185,7 @@ fn bad_thresholds_ratios_and_targets_are_clear_errors() {
 }
 
 fn default_calibration(model: &Model, n: usize, len: usize) -> Vec<Vec<u32>> {
-    let corpus = slm_model::testing::shared_dir().join("data/lambada_openai.test.jsonl");
+    let corpus = slm_model::testing::data_dir().join("lambada_openai.test.jsonl");
     slm_model::calib::calibration_windows(&corpus, model.tokenizer().unwrap(), n, len, 1234).unwrap()
 }
 

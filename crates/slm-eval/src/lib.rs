@@ -1,5 +1,5 @@
 //! slm-eval: zero-shot evaluation that gives the numbers lm-evaluation-harness 0.4.13 gives
-//! (spec: `shared/specs/lm-eval.md`).
+//! (spec: `lm-eval.md` of the project's specs).
 //!
 //! A task is data ([`TaskSpec`] in [`TASKS`]) interpreted by one scorer. The pipeline:
 //!
@@ -66,7 +66,5 @@ pub use results::{
 };
 pub use task::{Doc, Metric, Request, Task, TaskKind, TaskSpec, AVG7, TASKS};
 
-/// Default data directory, relative to the workspace root.
-pub const DEFAULT_DATA_DIR: &str = "../shared/data";
 /// Window length of the LLM-Pruner/SLM perplexity protocol.
 pub const WIKITEXT2_WINDOW: usize = 128;

@@ -267,7 +267,7 @@ mod tests {
     fn aggregates_match_golden_results_json() {
         let dir = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/golden/lm-eval-first25"
+            "/../../golden/lm-eval-first25"
         );
         let results = std::fs::read_to_string(format!("{dir}/results.json")).unwrap();
         for task in [
@@ -304,7 +304,7 @@ mod tests {
             }
             // Golden per-doc metrics follow from the golden log-likelihoods.
             let loaded = t
-                .load_docs(&crate::task::tests::shared_data_dir(), Some(25))
+                .load_docs(&crate::task::tests::repo_data_dir(), Some(25))
                 .unwrap();
             for ((d, g), line) in loaded.iter().zip(&docs).zip(lines.lines()) {
                 let lls = raw_numbers(line, "loglikelihood");

@@ -242,7 +242,7 @@ pub fn window_perplexity(windows: &[TokenRequest], lls: &[f64]) -> Result<Metric
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::tests::shared_data_dir;
+    use crate::task::tests::repo_data_dir;
 
     fn w(a: &[u32], b: &[u32]) -> Window {
         (a.to_vec(), b.to_vec())
@@ -419,7 +419,7 @@ mod tests {
     /// (total 1,238,432 chars, zlib.crc32 of the concatenation 632367840).
     #[test]
     fn wikitext_test_split_matches_lm_eval() {
-        let docs = load_wikitext_docs(&shared_data_dir(), None).unwrap();
+        let docs = load_wikitext_docs(&repo_data_dir(), None).unwrap();
         assert_eq!(docs.len(), 62);
         assert_eq!(docs.iter().map(|d| d.bytes).sum::<usize>(), 1_290_527);
         assert_eq!(docs.iter().map(|d| d.words).sum::<usize>(), 241_335);
@@ -434,12 +434,12 @@ mod tests {
         let all: String = docs.iter().map(|d| d.text.as_str()).collect();
         assert_eq!(crc32(all.as_bytes()), 632_367_840);
         assert_eq!(
-            load_wikitext_docs(&shared_data_dir(), Some(3))
+            load_wikitext_docs(&repo_data_dir(), Some(3))
                 .unwrap()
                 .len(),
             3
         );
-        let text = wikitext2_text(&shared_data_dir()).unwrap();
+        let text = wikitext2_text(&repo_data_dir()).unwrap();
         assert_eq!(text.chars().count(), 1_294_336);
         assert_eq!(crc32(text.as_bytes()), 2_771_779_519);
     }

@@ -414,6 +414,13 @@ pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> J
         ("date", Json::Num(info.start_time)),
         ("lm_eval_version", Json::str("0.4.13")),
         ("slm_version", Json::str(env!("CARGO_PKG_VERSION"))),
+        (
+            slm_model::output::STAMP_KEY,
+            Json::obj([
+                ("kind", Json::str(slm_model::output::OutputKind::EvalResults.name())),
+                ("version", Json::Int(slm_model::output::STAMP_VERSION as i64)),
+            ]),
+        ),
         ("tokenizer_pad_token", token_pair(&info.pad_token)),
         ("tokenizer_eos_token", token_pair(&info.eos_token)),
         ("tokenizer_bos_token", token_pair(&info.bos_token)),
@@ -447,7 +454,7 @@ pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> J
 }
 
 /// One `--log-samples` record for a multiple-choice document, in the layout of
-/// `shared/golden/lm-eval-first25/<task>.jsonl`: `doc_id`, `gold`, `requests` (context,
+/// `golden/lm-eval-first25/<task>.jsonl`: `doc_id`, `gold`, `requests` (context,
 /// continuation), `loglikelihood`, `is_greedy`, `metrics`. Write it with [`Json::to_python_line`].
 pub fn sample_record(doc: &Doc, result: &DocResult) -> Json {
     let mut metrics = vec![("acc".to_string(), Json::Num(result.acc))];
@@ -493,11 +500,11 @@ pub fn sample_record(doc: &Doc, result: &DocResult) -> Json {
 mod tests {
     use super::*;
     use crate::metrics::{aggregate, score_doc, RequestResult};
-    use crate::task::tests::{raw_numbers, shared_data_dir};
+    use crate::task::tests::{raw_numbers, repo_data_dir};
 
     fn golden(name: &str) -> String {
         std::fs::read_to_string(format!(
-            "{}/../../../shared/golden/lm-eval-first25/{name}",
+            "{}/../../golden/lm-eval-first25/{name}",
             env!("CARGO_MANIFEST_DIR")
         ))
         .unwrap()
@@ -520,7 +527,7 @@ mod tests {
             "openbookqa",
         ] {
             let task = Task::from_name(name).unwrap();
-            let docs = task.load_docs(&shared_data_dir(), Some(25)).unwrap();
+            let docs = task.load_docs(&repo_data_dir(), Some(25)).unwrap();
             let lines = golden(&format!("{name}.jsonl"));
             let mut doc_results = Vec::new();
             for (doc, line) in docs.iter().zip(lines.lines()) {
@@ -544,7 +551,7 @@ mod tests {
             }
             let report = TaskReport {
                 task,
-                n_original: task.count_docs(&shared_data_dir()).unwrap(),
+                n_original: task.count_docs(&repo_data_dir()).unwrap(),
                 n_effective: 25,
                 metrics: aggregate(&task, &doc_results),
             };
@@ -583,7 +590,7 @@ mod tests {
             end_time: 12.5,
             ..RunInfo::default()
         };
-        let json = results_json(&reports, &info, "../shared/data");
+        let json = results_json(&reports, &info, "data");
         let text = json.to_pretty_string();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         // Top-level key order as lm-eval writes it, with avg-7 before config.
@@ -637,7 +644,7 @@ mod tests {
         );
         assert_eq!(
             v["configs"]["boolq"]["dataset_kwargs"]["data_files"]["validation"],
-            "../shared/data/boolq.validation.jsonl"
+            "data/boolq.validation.jsonl"
         );
         assert_eq!(
             v["configs"]["hellaswag"]["process_docs"],

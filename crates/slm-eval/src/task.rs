@@ -656,8 +656,8 @@ pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    pub(crate) fn shared_data_dir() -> PathBuf {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
+    pub(crate) fn repo_data_dir() -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"))
     }
 
     /// The numbers after the first `"key": ` in `text` (a number or a flat list of numbers),
@@ -682,7 +682,7 @@ pub(crate) mod tests {
     pub(crate) fn golden_dir() -> PathBuf {
         PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/golden/lm-eval-first25"
+            "/../../golden/lm-eval-first25"
         ))
     }
 
@@ -828,7 +828,7 @@ pub(crate) mod tests {
     /// Golden per-doc requests from lm-eval 0.4.13 on the first 25 documents of each task.
     #[test]
     fn requests_match_lm_eval_golden() {
-        let data = shared_data_dir();
+        let data = repo_data_dir();
         for (task_name, metrics) in [
             ("boolq", ACC),
             ("piqa", ACC_BOTH),
@@ -879,7 +879,7 @@ pub(crate) mod tests {
 
     #[test]
     fn full_splits_load_with_lm_eval_sizes() {
-        let data = shared_data_dir();
+        let data = repo_data_dir();
         for (name, n) in [
             ("boolq", 3270),
             ("piqa", 1838),

@@ -1,15 +1,15 @@
 //! `slm-eval` against lm-evaluation-harness 0.4.13 on the first 25 documents of each task
-//! (`shared/golden/lm-eval-first25`, produced by lm-eval with transformers, f32, CPU).
+//! (`golden/lm-eval-first25`, produced by lm-eval with transformers, f32, CPU).
 
 use std::path::PathBuf;
 
 use serde_json::Value;
 use slm_eval::{build_token_requests, score_docs, Engine, Task, TokenRequest};
-use slm_model::testing::{default_model_path, shared_dir};
+use slm_model::testing::{default_model_path, data_dir, golden_dir};
 use slm_model::Model;
 
 fn golden(task: &str) -> Vec<Value> {
-    let path: PathBuf = shared_dir().join("golden/lm-eval-first25").join(format!("{task}.jsonl"));
+    let path: PathBuf = golden_dir().join("lm-eval-first25").join(format!("{task}.jsonl"));
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .lines()
@@ -21,7 +21,7 @@ fn check_task(name: &str) {
     let model = Model::load(&default_model_path(), &candle_core::Device::Cpu).unwrap();
     let task = Task::from_name(name).unwrap();
     let gold = golden(name);
-    let docs = task.load_docs(&shared_dir().join("data"), Some(gold.len())).unwrap();
+    let docs = task.load_docs(&data_dir(), Some(gold.len())).unwrap();
     assert_eq!(docs.len(), 25);
 
     // Requests: string-identical to lm-eval's.
@@ -96,7 +96,7 @@ fn shared_context_equals_scoring_each_request_alone() {
     let tok = model.tokenizer().unwrap();
     let mut flat = Vec::new();
     for name in ["hellaswag", "arc_easy", "winogrande"] {
-        let docs = Task::from_name(name).unwrap().load_docs(&shared_dir().join("data"), Some(6)).unwrap();
+        let docs = Task::from_name(name).unwrap().load_docs(&data_dir(), Some(6)).unwrap();
         for d in build_token_requests(tok, &docs, 8192).unwrap() {
             flat.extend(d.requests);
         }
@@ -118,7 +118,7 @@ fn wikitext2_128_perplexity_equals_direct_token_loss() {
     use candle_core::D;
     let model = Model::load(&default_model_path(), &candle_core::Device::Cpu).unwrap();
     let settings = slm_eval::Settings {
-        data_dir: &shared_dir().join("data"),
+        data_dir: &data_dir(),
         limit: Some(3),
         max_length: 8192,
         batch_size: 2,
@@ -129,7 +129,7 @@ fn wikitext2_128_perplexity_equals_direct_token_loss() {
     assert_eq!(run.report.n_effective, 3);
     let ppl = run.report.metrics[0].value;
 
-    let text = slm_eval::wikitext2_text(&shared_dir().join("data")).unwrap();
+    let text = slm_eval::wikitext2_text(&data_dir()).unwrap();
     let tokens = model.tokenizer().unwrap().encode(&text).unwrap();
     let (mut nll, mut n) = (0f64, 0usize);
     for w in tokens.chunks_exact(128).take(3) {

@@ -182,7 +182,8 @@ impl Lora {
             .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
         let path = dir.join(ADAPTER_WEIGHTS);
-        let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp-{}", std::process::id()));
+        slm_model::output::remove_stale_temporaries(&path);
+        let tmp = slm_model::output::temporary_sibling(&path, "tmp");
         candle_core::safetensors::save(&tensors, &tmp)
             .map_err(|e| LoraError::file(&tmp, format!("cannot write: {e}")))?;
         std::fs::rename(&tmp, &path).map_err(|e| LoraError::Io { path: path.clone(), error: e })?;

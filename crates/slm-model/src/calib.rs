@@ -48,6 +48,13 @@ pub fn sample_windows(
     if n == 0 || len == 0 {
         return Err(ModelError::InvalidArgument("calibration needs n > 0 windows of len > 0 tokens".into()));
     }
+    // Every window takes at least one document and no document is used twice: refuse before allocating.
+    if n > texts.len() {
+        return Err(ModelError::Calibration {
+            path: source.to_path_buf(),
+            message: format!("{n} windows asked for, but the corpus has only {} documents", texts.len()),
+        });
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.shuffle(&mut rng);

@@ -36,6 +36,10 @@ pub enum ModelError {
     Tokenize(String),
     #[error("{path}: calibration corpus: {message}")]
     Calibration { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Output { path: PathBuf, message: String },
+    #[error("data directory: {message}")]
+    DataDir { message: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error(transparent)]

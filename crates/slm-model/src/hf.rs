@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 
 use crate::error::{ModelError, Result};
+use crate::output::{self, OutputKind, OutputStamp, Replace};
 use crate::spec::ModelSpec;
 use crate::weights::Weights;
 
@@ -142,53 +143,37 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
     Ok((spec, weights))
 }
 
-/// Writes `files` (name → bytes) and the weights into `dir` atomically: everything goes into a temporary sibling
-/// directory that is renamed into place at the end, so a reader never sees a half-written model. An existing
-/// `dir` is replaced only if it looks like a model directory (has `config.json`) or is empty.
+/// Writes `files` (name → bytes), the weights and the model stamp (`slm_output.json`) into `dir` atomically:
+/// everything goes into a temporary sibling directory that is renamed into place at the end, so a reader never
+/// sees a half-written model. The output is checked first ([`output::check_output`]): never the input model
+/// `protect` or a path inside or around it; an existing `dir` only as `replace` allows. Temporaries that a killed
+/// run left beside `dir` are removed.
 pub fn write_dir_atomically(
     dir: &Path,
     tensors: &HashMap<String, Tensor>,
     files: &[(&str, Vec<u8>)],
     protect: Option<&Path>,
+    replace: Replace,
 ) -> Result<()> {
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = output::parent_dir(dir);
+    let inputs: Vec<&Path> = protect.into_iter().collect();
+    output::check_output(dir, OutputKind::Model, &inputs, replace)?;
     std::fs::create_dir_all(&parent).map_err(|e| ModelError::io(&parent, e))?;
-    if let (Some(src), Ok(dst)) = (protect, std::fs::canonicalize(dir)) {
-        if std::fs::canonicalize(src).map(|s| s == dst || s.starts_with(&dst)).unwrap_or(false) {
-            return Err(ModelError::InvalidArgument(format!(
-                "{}: refusing to overwrite the input model",
-                dir.display()
-            )));
-        }
-    }
-    if dir.exists() {
-        let ok = dir.is_dir()
-            && (dir.join("config.json").exists()
-                || std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false));
-        if !ok {
-            return Err(ModelError::InvalidArgument(format!(
-                "{}: exists and is not a model directory; refusing to replace it",
-                dir.display()
-            )));
-        }
-    }
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    output::remove_stale_temporaries(dir);
+    let tmp = output::temporary_sibling(dir, "tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     let result = (|| -> Result<()> {
         let st = tmp.join("model.safetensors");
         candle_core::safetensors::save(tensors, &st).map_err(|e| st_err(&st, e.to_string()))?;
-        for (fname, bytes) in files {
+        let stamp = OutputStamp::new(OutputKind::Model).file_bytes();
+        for (fname, bytes) in files.iter().chain(std::iter::once(&(output::STAMP_FILE, stamp))) {
             let p = tmp.join(fname);
             std::fs::write(&p, bytes).map_err(|e| ModelError::io(&p, e))?;
         }
         make_readable(&tmp)?;
         if dir.exists() {
-            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            let old = output::temporary_sibling(dir, "old");
             std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
             std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
             let _ = std::fs::remove_dir_all(&old);
@@ -224,13 +209,10 @@ fn make_readable(_dir: &Path) -> Result<()> {
 /// Writes one file atomically: the bytes go to a temporary sibling that is renamed over `path`, so a reader sees
 /// the old file or the new one, never a partial write. Creates missing parent directories.
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = output::parent_dir(path);
     std::fs::create_dir_all(&parent).map_err(|e| ModelError::io(&parent, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    output::remove_stale_temporaries(path);
+    let tmp = output::temporary_sibling(path, "tmp");
     let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

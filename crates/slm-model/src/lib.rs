@@ -5,12 +5,14 @@
 //! saving an HF directory atomically, and calibration sampling. It knows nothing about pruning methods.
 
 pub mod calib;
+pub mod data;
 pub mod error;
 pub mod forward;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
+pub mod output;
 pub mod spec;
 pub mod testing;
 pub mod tokenizer;
@@ -27,9 +29,6 @@ pub use hf::{write_file_atomically, StorageDType};
 pub use spec::{LayerSpec, ModelSpec};
 pub use tokenizer::Tokenizer;
 pub use weights::{LayerWeights, Weights, PROJECTIONS};
-
-/// Default calibration corpus, relative to the workspace root (see `../shared/data/README.md`).
-pub const DEFAULT_CALIBRATION_CORPUS: &str = "../shared/data/lambada_openai.test.jsonl";
 
 /// A loaded model: shapes, f32 weights on a device, and its tokenizer.
 #[derive(Debug, Clone)]
@@ -116,8 +115,20 @@ impl Model {
     }
 
     /// Saves an HF directory (`config.json`, `model.safetensors`, `tokenizer.json` and any `extra_files`, e.g.
-    /// `slm_plan.json`) atomically. Refuses to write over the model it was loaded from.
+    /// `slm_plan.json`) atomically. Refuses to write over, into or around the model it was loaded from, and
+    /// replaces an existing directory only when it is an earlier slm model output or empty.
     pub fn save(&self, dir: &Path, dtype: StorageDType, extra_files: &[(&str, Vec<u8>)]) -> Result<()> {
+        self.save_replacing(dir, dtype, extra_files, output::Replace::SlmOutputOfSameKind)
+    }
+
+    /// [`Model::save`] with the replacement rule given (`Replace::Force` for `--force`).
+    pub fn save_replacing(
+        &self,
+        dir: &Path,
+        dtype: StorageDType,
+        extra_files: &[(&str, Vec<u8>)],
+        replace: output::Replace,
+    ) -> Result<()> {
         let _span = tracing::info_span!("save", dir = %dir.display()).entered();
         let mut tensors = HashMap::new();
         for (name, t) in self.weights.named_tensors() {
@@ -136,7 +147,7 @@ impl Model {
             files.push(("tokenizer_config.json", self.tokenizer_config().into_bytes()));
         }
         files.extend(extra_files.iter().map(|(n, b)| (*n, b.clone())));
-        hf::write_dir_atomically(dir, &tensors, &files, self.source.as_deref())
+        hf::write_dir_atomically(dir, &tensors, &files, self.source.as_deref(), replace)
     }
 
     /// A minimal `tokenizer_config.json` so transformers' `AutoTokenizer` picks the fast tokenizer without BOS.

@@ -1,4 +1,4 @@
-//! Paths for tests and benches: the default model and the shared data. One helper, so a missing model fails
+//! Paths for tests and benches: the default model, the data and the reference outputs. One helper, so a missing model fails
 //! every test the same clear way (never a silent skip).
 
 use std::path::PathBuf;
@@ -8,11 +8,14 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// `../shared` beside the workspace (override with `SLM_SHARED_DIR`).
-pub fn shared_dir() -> PathBuf {
-    std::env::var_os("SLM_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared"))
+/// The evaluation and calibration data the repository carries (`data/`).
+pub fn data_dir() -> PathBuf {
+    crate::data::source_data_dir()
+}
+
+/// The reference outputs of transformers and lm-evaluation-harness the repository carries (`golden/`).
+pub fn golden_dir() -> PathBuf {
+    workspace_root().join("golden")
 }
 
 /// The default model GGUF (override with `SLM_MODEL`). Panics with set-up instructions when it is missing.

@@ -1,14 +1,14 @@
 //! Calibration windows from the default corpus: exact length, seeded, no document reused.
 
 use slm_model::calib::{calibration_windows, read_jsonl_texts, sample_windows};
-use slm_model::testing::{default_model_path, shared_dir};
+use slm_model::testing::{default_model_path, data_dir};
 use slm_model::Model;
 
 #[test]
 fn windows_are_seeded_and_exact_length() {
     let model = Model::load(&default_model_path(), &candle_core::Device::Cpu).unwrap();
     let tok = model.tokenizer().unwrap();
-    let corpus = shared_dir().join("data/lambada_openai.test.jsonl");
+    let corpus = data_dir().join("lambada_openai.test.jsonl");
     let a = calibration_windows(&corpus, tok, 10, 128, 1234).unwrap();
     let b = calibration_windows(&corpus, tok, 10, 128, 1234).unwrap();
     let c = calibration_windows(&corpus, tok, 10, 128, 99).unwrap();

@@ -2,7 +2,7 @@
 //! holds, for four prompts, the reference token ids and the logits at every position.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use slm_model::testing::{default_model_path, shared_dir};
+use slm_model::testing::{default_model_path, golden_dir};
 use slm_model::{Mode, Model};
 
 const PROMPTS: [&str; 4] = [
@@ -13,7 +13,7 @@ const PROMPTS: [&str; 4] = [
 ];
 
 fn golden() -> std::collections::HashMap<String, Tensor> {
-    let p = shared_dir().join("golden/smollm2_logits.safetensors");
+    let p = golden_dir().join("smollm2_logits.safetensors");
     candle_core::safetensors::load(&p, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 

@@ -3,6 +3,7 @@
 use candle_core::{Device, IndexOp, Tensor};
 use slm_model::testing::{default_model_path, max_abs_diff, tiny_model};
 use slm_model::{Mode, Model, ModelError, StorageDType};
+use slm_model::output::{Replace, STAMP_FILE};
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
@@ -175,15 +176,27 @@ fn saving_over_the_input_model_or_a_foreign_directory_is_refused() {
     let out = dir.path().join("m");
     m.save(&out, StorageDType::F32, &[]).unwrap();
     let loaded = Model::load(&out, &Device::Cpu).unwrap();
-    let e = loaded.save(&out, StorageDType::F32, &[]).unwrap_err().to_string();
-    assert!(e.contains("refusing to overwrite the input model"), "{e}");
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    for (target, what) in [(out.clone(), "is the input"), (out.join("sub"), "lies inside"), (dir.path().to_path_buf(), "contains the input")] {
+        let e = loaded.save_replacing(&target, StorageDType::F32, &[], Replace::Force).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    }
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before, "the input is untouched");
     let foreign = dir.path().join("notes");
     std::fs::create_dir(&foreign).unwrap();
     std::fs::write(foreign.join("a.txt"), "keep me").unwrap();
     let e = m.save(&foreign, StorageDType::F32, &[]).unwrap_err().to_string();
-    assert!(e.contains("not a model directory"), "{e}");
+    assert!(e.contains("not an earlier slm output"), "{e}");
     assert!(foreign.join("a.txt").exists());
-    // Replacing an earlier output is allowed.
+    // A user's own HF directory (no slm stamp) is not replaced either, unless forced.
+    std::fs::remove_file(out.join(STAMP_FILE)).unwrap();
+    let e = m.save(&out, StorageDType::F32, &[]).unwrap_err().to_string();
+    assert!(e.contains("--force"), "{e}");
+    m.save_replacing(&out, StorageDType::F32, &[], Replace::Force).unwrap();
+    assert!(out.join(STAMP_FILE).is_file());
+    // Replacing an earlier output is allowed, and leaves no temporaries.
     m.save(&out.with_file_name("m2"), StorageDType::F32, &[]).unwrap();
     m.save(&out.with_file_name("m2"), StorageDType::F32, &[]).unwrap();
+    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
 }

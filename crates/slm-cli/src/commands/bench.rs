@@ -2,11 +2,12 @@
 //! with a KV cache (the paper's efficiency table). Warm-up runs are excluded; medians over `--runs`. Each model is
 //! measured in its own child process, so its peak RSS is its own.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+use slm_model::output::{OutputKind, OutputStamp};
 use slm_model::Model;
 
 use super::CommonArgs;
@@ -38,6 +39,13 @@ pub struct Args {
     pub single: bool,
 }
 
+/// The `--json` file: the stamp of an slm bench output, then one measurement per model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub slm_output: OutputStamp,
+    pub results: Vec<BenchResult>,
+}
+
 /// One model's measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchResult {
@@ -65,14 +73,9 @@ pub fn measure(model: &Model, name: &str, prompt_tokens: usize, new_tokens: usiz
         bail!("bench needs at least one run and one prompt token");
     }
     let prompt = match model.tokenizer() {
-        Ok(tok) => slm_model::calib::calibration_windows(
-            std::path::Path::new(slm_model::DEFAULT_CALIBRATION_CORPUS),
-            tok,
-            1,
-            prompt_tokens,
-            0,
-        )
-        .map(|mut w| w.remove(0))
+        Ok(tok) => slm_model::data::default_calibration_corpus(None)
+            .and_then(|corpus| slm_model::calib::calibration_windows(&corpus, tok, 1, prompt_tokens, 0))
+            .map(|mut w| w.remove(0))
         .unwrap_or_else(|_| (0..prompt_tokens as u32).map(|i| 100 + i % 1000).collect()),
         Err(_) => (0..prompt_tokens as u32).map(|i| i % model.spec.vocab_size as u32).collect(),
     };
@@ -103,6 +106,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         let r = measure(&model, &args.model.display().to_string(), args.prompt_tokens, args.new_tokens, args.warmup, args.runs)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
+    }
+    if let Some(p) = &args.json {
+        let inputs: Vec<&Path> = std::iter::once(&args.model).chain(&args.compare).map(PathBuf::as_path).collect();
+        common.check_output("--json", p, OutputKind::Bench, &inputs)?;
     }
     let exe = std::env::current_exe().context("locating the slm binary")?;
     let mut results = Vec::new();
@@ -147,7 +154,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         );
     }
     if let Some(p) = &args.json {
-        slm_model::write_file_atomically(p, &serde_json::to_vec_pretty(&results)?)?;
+        let report = BenchReport { slm_output: OutputStamp::new(OutputKind::Bench), results };
+        slm_model::write_file_atomically(p, &serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
 }

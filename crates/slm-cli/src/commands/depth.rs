@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use slm_depth::{apply, plan_depth, Calibration, Criterion, MergeOp, Method, Settings, Stop};
+use slm_model::output::OutputKind;
 use slm_model::{Model, StorageDType};
 
 use super::CommonArgs;
@@ -18,23 +19,24 @@ pub struct Args {
     /// Output HF directory (written atomically), with slm_plan.json.
     #[arg(long)]
     pub out: PathBuf,
-    /// slm (sliding layer merging, the reference loop), slm-dp (merge windows chosen jointly by dynamic programming
-    /// on local window costs), shortgpt, laco, sleb or ppl (Shortened-LLaMA).
-    #[arg(long, default_value = "slm")]
-    pub method: String,
+    /// slm-dp (merge windows chosen jointly by dynamic programming on local window costs; the default because it
+    /// measured best here: README, depth table), slm (sliding layer merging, the reference loop: with
+    /// `--merge reference` it is the reference code), shortgpt, laco, sleb or ppl (Shortened-LLaMA).
+    #[arg(long, default_value = "slm-dp")]
+    pub method: Method,
     /// Merge operator for slm/slm-dp/laco: paper, reference, average, delete or top [default: reference; top for
     /// slm-dp].
     #[arg(long)]
-    pub merge: Option<String>,
+    pub merge: Option<MergeOp>,
     /// Similarity criterion for slm/laco: cosine (the reference), token-cosine or kl [default: cosine]. For slm-dp
     /// it picks among the plans the DP proposes [default: kl].
     #[arg(long)]
-    pub criterion: Option<String>,
+    pub criterion: Option<Criterion>,
     /// Merge while the similarity to the dense model stays above T, in (0, 1] (slm/laco).
-    #[arg(long, conflicts_with_all = ["target_ratio", "target_layers"])]
+    #[arg(long, conflicts_with_all = ["target_ratio", "target_layers"], value_parser = super::finite_f64)]
     pub threshold: Option<f64>,
     /// Remove this share of the parameters, in (0, 1) (rounded to whole layers).
-    #[arg(long, conflicts_with = "target_layers")]
+    #[arg(long, conflicts_with = "target_layers", value_parser = super::finite_f64)]
     pub target_ratio: Option<f64>,
     /// Remove this many layers.
     #[arg(long)]
@@ -51,23 +53,21 @@ pub struct Args {
     pub no_incremental: bool,
     /// Re-fit the down_proj of every layer that stands in for several dense layers by ridge least squares on the
     /// calibration activations (λ = RIDGE · mean diagonal of AᵀA). Off unless given; 0.1 is a good start.
-    #[arg(long, value_name = "RIDGE")]
+    #[arg(long, value_name = "RIDGE", value_parser = super::finite_f64)]
     pub refit: Option<f64>,
     /// Storage dtype of the output: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: StorageDType,
 }
 
 /// slm-dp's calibration unless given: 40 windows of 32 tokens (the reference's 1280 tokens in short windows).
 pub const SLM_DP_WINDOWS: (usize, usize) = (40, 32);
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
-    let method: Method = args.method.parse().context("--method")?;
-    let default_op = if method == Method::SlmDp { "top" } else { "reference" };
-    let op: MergeOp = args.merge.as_deref().unwrap_or(default_op).parse().context("--merge")?;
-    let default_criterion = if method == Method::SlmDp { "kl" } else { "cosine" };
-    let criterion: Criterion = args.criterion.as_deref().unwrap_or(default_criterion).parse().context("--criterion")?;
-    let dtype: StorageDType = args.dtype.parse().context("--dtype")?;
+    let method = args.method;
+    let op = args.merge.unwrap_or(method.default_merge());
+    let criterion = args.criterion.unwrap_or(method.default_criterion());
+    let dtype = args.dtype;
     if let Some(r) = args.refit {
         if !(r > 0.0) {
             bail!("--refit: the ridge must be positive, got {r}");
@@ -79,6 +79,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
             bail!("--threshold: `{}` removes a number of layers; give --target-layers or --target-ratio", method.name());
         }
     }
+    // slm-dp compares whole plans by their next-token distributions; short windows weigh them the way the
+    // zero-shot tasks do (most of their contexts are under 40 tokens), at the reference's token count.
+    let calib = args.calib.or(if method == Method::SlmDp { SLM_DP_WINDOWS } else { super::REFERENCE_WINDOWS })?;
+    common.check_output("--out", &args.out, OutputKind::Model, &[&args.model, &calib.file])?;
     let model = Model::load(&args.model, &common.device()?)?;
     let stop = match (args.threshold, args.target_ratio, args.target_layers) {
         (Some(t), None, None) => Stop::Threshold(t),
@@ -89,9 +93,6 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if let Stop::TargetLayers(n) = stop {
         slm_depth::method::check_target(model.spec.num_layers(), n).context("--target-layers")?;
     }
-    // slm-dp compares whole plans by their next-token distributions; short windows weigh them the way the
-    // zero-shot tasks do (most of their contexts are under 40 tokens), at the reference's token count.
-    let calib = args.calib.or(if method == Method::SlmDp { SLM_DP_WINDOWS } else { super::REFERENCE_WINDOWS });
     let windows = calib.windows(&model)?;
 
     let start = Instant::now();
@@ -147,7 +148,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         "source_model": args.model.display().to_string(),
     });
     let plan_bytes = serde_json::to_vec_pretty(&plan_json)?;
-    pruned.save(&args.out, dtype, &[("slm_plan.json", plan_bytes)])?;
+    pruned.save_replacing(&args.out, dtype, &[("slm_plan.json", plan_bytes)], common.replace())?;
 
     println!("method:      {}{}", method.name(), if method.merges() { format!(" (operator {op}, criterion {})", criterion_name.unwrap_or_default()) } else { String::new() });
     if let Some(t) = outcome.threshold {

@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use slm_eval::{reports_avg7, results_file_name, results_json, sanitize_model_name, RunInfo, Task, TaskRun};
+use slm_model::output::OutputKind;
 use slm_model::Model;
 
 use super::CommonArgs;
@@ -17,17 +18,18 @@ pub struct Args {
     pub model: PathBuf,
     /// Comma-separated tasks: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, wikitext,
     /// wikitext2-128; `avg7` stands for the first seven.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required = true, value_parser = task_name)]
     pub tasks: Vec<String>,
     /// Evaluate only the first N documents of each task (wikitext2-128: the first N windows).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive_usize)]
     pub limit: Option<usize>,
     /// Sequences per forward pass (a sequence holds one context and all its continuations).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::positive_usize)]
     pub batch_size: usize,
-    /// Directory holding the task JSONL files (names as in ../shared/data/README.md).
-    #[arg(long, default_value = slm_eval::DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
+    /// Directory holding the task JSONL files (names as in data/README.md) [default: $SLM_DATA_DIR, else
+    /// share/slm/data beside the installed binary, else the source checkout's data/].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// Truncate requests on the left to this many tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     pub max_length: Option<usize>,
@@ -38,6 +40,16 @@ pub struct Args {
     /// Also write per-document records (samples_<task>_<time>.jsonl) next to the results JSON.
     #[arg(long, requires = "output_path")]
     pub log_samples: bool,
+}
+
+/// One name of `--tasks`, checked as clap parses it (so `slm run --check` refuses a bad one).
+fn task_name(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s == "avg7" || Task::from_name(s).is_ok() {
+        Ok(s.to_string())
+    } else {
+        Err(format!("unknown task `{s}` (known: {}, avg7)", slm_eval::TASKS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")))
+    }
 }
 
 /// Task names from `--tasks`, expanded and checked before any work starts.
@@ -89,23 +101,25 @@ fn unix_now() -> f64 {
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let tasks = parse_tasks(&args.tasks)?;
-    if !args.data_dir.is_dir() {
-        bail!("--data-dir {}: not a directory", args.data_dir.display());
-    }
+    let data_dir = slm_model::data::find_data_dir(args.data_dir.as_deref())?;
     for t in &tasks {
-        let p = t.data_path(&args.data_dir);
+        let p = t.data_path(&data_dir);
         if !p.is_file() {
             bail!("data file for task `{}` not found: {} (set --data-dir)", t.name(), p.display());
         }
     }
     let start_time = unix_now();
+    let location = args.output_path.as_deref().map(|out| output_location(out, &args.model, start_time));
+    if let Some((results_path, _)) = &location {
+        common.check_output("--output-path", results_path, OutputKind::EvalResults, &[&args.model, &data_dir])?;
+    }
     let model = Model::load(&args.model, &common.device()?)?;
     let max_length = args.max_length.unwrap_or(model.spec.max_position_embeddings);
     if max_length < 2 {
         bail!("--max-length must be at least 2, got {max_length}");
     }
     let settings = slm_eval::Settings {
-        data_dir: &args.data_dir,
+        data_dir: &data_dir,
         limit: args.limit,
         max_length,
         batch_size: args.batch_size,
@@ -143,7 +157,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         println!("\navg-7 (acc: boolq piqa winogrande arc_easy; acc_norm: hellaswag arc_challenge openbookqa): {a:.4}");
     }
 
-    if let Some(out) = &args.output_path {
+    if let Some((results_path, dir)) = location {
         let tok = model.tokenizer().ok();
         let token = |id: Option<u32>| {
             id.map(|i| (tok.and_then(|t| t.inner().id_to_token(i)).unwrap_or_default(), i))
@@ -165,8 +179,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
             start_time,
             end_time: unix_now(),
         };
-        let json = results_json(&reports, &info, &args.data_dir.display().to_string());
-        let (results_path, dir) = output_location(out, &args.model, start_time);
+        let json = results_json(&reports, &info, &data_dir.display().to_string());
         slm_model::write_file_atomically(&results_path, json.to_pretty_string().as_bytes())?;
         println!("results: {}", results_path.display());
         if args.log_samples {

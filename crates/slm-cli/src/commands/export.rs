@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use slm_model::output::OutputKind;
 use slm_model::{Model, StorageDType};
 
 use super::CommonArgs;
@@ -16,13 +16,14 @@ pub struct Args {
     pub out: PathBuf,
     /// Storage dtype of the saved weights: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: StorageDType,
 }
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
-    let dtype: StorageDType = args.dtype.parse().context("--dtype")?;
+    let dtype = args.dtype;
+    common.check_output("--out", &args.out, OutputKind::Model, &[&args.model])?;
     let model = Model::load(&args.model, &common.device()?)?;
-    model.save(&args.out, dtype, &[])?;
+    model.save_replacing(&args.out, dtype, &[], common.replace())?;
     println!(
         "exported {} ({} layers, {} parameters, {}) to {}",
         args.model.display(),

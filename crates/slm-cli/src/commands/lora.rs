@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use slm_lora::data::{load_examples, Format};
 use slm_lora::train::{evaluate, split_validation};
 use slm_lora::{Distill, Lora, LoraConfig, TrainConfig};
+use slm_model::output::OutputKind;
 use slm_model::{Model, StorageDType};
 
 use super::CommonArgs;
@@ -19,23 +20,28 @@ pub struct Args {
     /// Output directory: adapter_config.json, adapter_model.safetensors (PEFT), slm_lora.json (the run).
     #[arg(long)]
     pub out: PathBuf,
-    /// Training data: Alpaca JSON/JSONL (instruction, input, output) or JSONL with a `text` field.
-    #[arg(long, default_value = slm_model::DEFAULT_CALIBRATION_CORPUS)]
-    pub data: PathBuf,
+    /// Training data: Alpaca JSON/JSONL (instruction, input, output) or JSONL with a `text` field [default:
+    /// lambada_openai.test.jsonl in the data directory].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The data directory for the default --data (default: $SLM_DATA_DIR, else share/slm/data beside the
+    /// installed binary, else the source checkout's data/).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// Data format: auto, alpaca (loss on the response only) or text (fixed windows of --cutoff tokens).
     #[arg(long, default_value = "auto")]
-    pub format: String,
+    pub format: Format,
     /// LoRA rank r.
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
     /// LoRA alpha (scaling α/r).
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, value_parser = super::finite_f64)]
     pub alpha: f64,
     /// Dropout on the LoRA branch's input.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = super::finite_f64)]
     pub dropout: f64,
     /// Peak learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = super::finite_f64)]
     pub lr: f64,
     #[arg(long, default_value_t = 2)]
     pub epochs: usize,
@@ -51,10 +57,10 @@ pub struct Args {
     /// Linear warm-up steps, then linear decay to 0.
     #[arg(long, default_value_t = 100)]
     pub warmup_steps: usize,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = super::finite_f64)]
     pub weight_decay: f64,
     /// Clip the global gradient norm (0: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::finite_f64)]
     pub max_grad_norm: f64,
     /// Held-out validation sequences (default: 2000, at most a tenth of the data).
     #[arg(long)]
@@ -75,14 +81,14 @@ pub struct Args {
     #[arg(long)]
     pub teacher: Option<PathBuf>,
     /// Distillation temperature.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::finite_f64)]
     pub temperature: f64,
     /// Also write the merged model (W ← W₀ + (α/r)·B·A, in f32) as an HF directory OUT/merged.
     #[arg(long)]
     pub merge: bool,
     /// Storage dtype of the merged model: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: StorageDType,
 }
 
 /// The teacher for `--distill`: `--teacher`, or the source recorded in the pruned model's slm_plan.json.
@@ -115,15 +121,21 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         ..TrainConfig::default()
     };
     cfg.validate().context("training settings")?;
-    let format: Format = args.format.parse().context("--format")?;
-    let dtype: StorageDType = args.dtype.parse().context("--dtype")?;
+    let (format, dtype) = (args.format, args.dtype);
     if !(args.temperature > 0.0) {
         bail!("--temperature must be positive, got {}", args.temperature);
     }
+    let data = match &args.data {
+        Some(d) => d.clone(),
+        None => slm_model::data::default_calibration_corpus(args.data_dir.as_deref())?,
+    };
+    let mut inputs: Vec<&Path> = vec![&args.model, &data];
+    inputs.extend(args.teacher.as_deref());
+    common.check_output("--out", &args.out, OutputKind::Lora, &inputs)?;
     let device = common.device()?;
     let model = Model::load(&args.model, &device)?;
-    if !args.data.is_file() {
-        bail!("{}: training data file does not exist", args.data.display());
+    if !data.is_file() {
+        bail!("{}: training data file does not exist", data.display());
     }
     let teacher = if args.distill {
         let p = teacher_path(&args)?;
@@ -134,8 +146,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let distill = teacher.as_ref().map(|t| Distill { teacher: t, temperature: args.temperature });
 
     let tok = model.tokenizer()?;
-    let examples = load_examples(&args.data, format, tok, model.spec.eos_token_id, args.cutoff)
-        .with_context(|| format!("reading training data {}", args.data.display()))?;
+    let examples = load_examples(&data, format, tok, model.spec.eos_token_id, args.cutoff)
+        .with_context(|| format!("reading training data {}", data.display()))?;
     let val_size = args.val_size.unwrap_or_else(|| 2000.min(examples.len() / 10));
     let (train, val) = split_validation(examples, val_size, args.seed).context("--val-size")?;
     let lora = Lora::new(&model.spec, lora_cfg.clone(), args.seed, &device)?;
@@ -180,10 +192,11 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     let base_name = args.model.display().to_string();
+    slm_model::output::stamp_dir(&args.out, OutputKind::Lora)?;
     lora.save(&args.out, &base_name).with_context(|| format!("writing the adapter to {}", args.out.display()))?;
     let run_json = serde_json::json!({
         "source_model": base_name,
-        "data": args.data.display().to_string(),
+        "data": data.display().to_string(),
         "format": format!("{format:?}").to_lowercase(),
         "cutoff": args.cutoff,
         "lora": lora_cfg,
@@ -200,7 +213,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if args.merge {
         let merged = lora.merge(&model)?;
         let dir = args.out.join("merged");
-        merged.save(&dir, dtype, &[("slm_plan.json", merged_plan(&args.model, &run_json)?)])?;
+        let plan = merged_plan(&args.model, &run_json)?;
+        merged.save_replacing(&dir, dtype, &[("slm_plan.json", plan)], common.replace())?;
         println!("merged:      {}", dir.display());
     }
     println!("trainable:   {} parameters (r {}, alpha {})", lora.num_parameters(), args.rank, args.alpha);

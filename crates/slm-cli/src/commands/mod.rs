@@ -11,8 +11,11 @@ pub mod schedule;
 pub mod similarity;
 pub mod width;
 
+use std::path::Path;
+
 use anyhow::Context;
 use candle_core::Device;
+use slm_model::output::{OutputKind, Replace};
 
 /// Options shared by every command.
 #[derive(clap::Args, Debug, Clone)]
@@ -23,11 +26,25 @@ pub struct CommonArgs {
     /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Replace an existing output that is not an earlier slm output of the same kind (never an input).
+    #[arg(long, global = true)]
+    pub force: bool,
 }
 
 impl CommonArgs {
     pub fn device(&self) -> anyhow::Result<Device> {
         slm_model::parse_device(&self.device).context("--device")
+    }
+
+    /// The replacement rule of `--force`.
+    pub fn replace(&self) -> Replace {
+        Replace::from_force(self.force)
+    }
+
+    /// Checks an output path (named by `flag`) against the inputs before any work: see
+    /// [`slm_model::output::check_output`].
+    pub fn check_output(&self, flag: &str, out: &Path, kind: OutputKind, inputs: &[&Path]) -> anyhow::Result<()> {
+        slm_model::output::check_output(out, kind, inputs, self.replace()).with_context(|| flag.to_string())
     }
 }
 
@@ -47,17 +64,41 @@ pub fn init_tracing(verbose: u8) {
         .try_init();
 }
 
+/// A flag's number, refused when it is NaN or infinite (each command then checks its own range).
+pub fn finite_f64(s: &str) -> Result<f64, String> {
+    let x: f64 = s.trim().parse().map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(format!("`{s}` is not a finite number"))
+    }
+}
+
+/// A count that must be at least 1 (`--limit 0` would evaluate nothing and print an empty table).
+pub fn positive_usize(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
 /// Calibration text options shared by the commands that sample calibration windows.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CalibArgs {
-    /// Calibration corpus: JSONL with a `text` field per line.
-    #[arg(long = "calib", default_value = slm_model::DEFAULT_CALIBRATION_CORPUS)]
-    pub file: std::path::PathBuf,
-    /// Number of calibration windows [default: 10; `slm depth --method slm-dp`: 40].
+    /// Calibration corpus: JSONL with a `text` field per line [default: lambada_openai.test.jsonl in the data
+    /// directory].
+    #[arg(long = "calib")]
+    pub file: Option<std::path::PathBuf>,
+    /// The data directory (default: $SLM_DATA_DIR, else share/slm/data beside the installed binary, else the
+    /// source checkout's data/).
     #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Number of calibration windows [default: 10; `slm depth --method slm-dp`: 40].
+    #[arg(long, value_parser = positive_usize)]
     pub samples: Option<usize>,
     /// Tokens per calibration window [default: 128; `slm depth --method slm-dp`: 32].
-    #[arg(long)]
+    #[arg(long, value_parser = positive_usize)]
     pub seq_len: Option<usize>,
     /// Seed of the calibration sampling.
     #[arg(long, default_value_t = 1234)]
@@ -68,9 +109,13 @@ pub struct CalibArgs {
 pub const REFERENCE_WINDOWS: (usize, usize) = (10, 128);
 
 impl CalibArgs {
-    /// These settings, with `(samples, seq_len)` where the command line gave none.
-    pub fn or(&self, (samples, seq_len): (usize, usize)) -> Calib {
-        Calib { file: self.file.clone(), samples: self.samples.unwrap_or(samples), seq_len: self.seq_len.unwrap_or(seq_len), seed: self.seed }
+    /// These settings, with `(samples, seq_len)` where the command line gave none, and the corpus found.
+    pub fn or(&self, (samples, seq_len): (usize, usize)) -> anyhow::Result<Calib> {
+        let file = match &self.file {
+            Some(f) => f.clone(),
+            None => slm_model::data::default_calibration_corpus(self.data_dir.as_deref())?,
+        };
+        Ok(Calib { file, samples: self.samples.unwrap_or(samples), seq_len: self.seq_len.unwrap_or(seq_len), seed: self.seed })
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value as Json};
+use slm_model::output::OutputKind;
 use slm_model::{Model, ModelSpec};
 use toml::Value;
 
@@ -75,6 +76,10 @@ struct Outcome {
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let sched = schedule::parse(&args.schedule)?;
+    let out = args.out.clone().or_else(|| sched.out.clone());
+    if let Some(out) = &out {
+        common.check_output("the output directory", out, OutputKind::Run, &[&args.schedule, &sched.model])?;
+    }
     if args.check {
         for p in &sched.pipelines {
             let budget = p.budget.map(|b| format!(" (budget {:.0}% of dense, depth share {})", 100.0 * b, p.depth_share)).unwrap_or_default();
@@ -87,12 +92,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         println!("{}: OK", sched.path.display());
         return Ok(());
     }
-    let out = args
-        .out
-        .clone()
-        .or_else(|| sched.out.clone())
-        .ok_or_else(|| anyhow!("{}: give --out or `out = \"DIR\"` in the schedule", sched.path.display()))?;
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the output directory", out.display()))?;
+    let out = out.ok_or_else(|| anyhow!("{}: give --out or `out = \"DIR\"` in the schedule", sched.path.display()))?;
+    slm_model::output::stamp_dir(&out, OutputKind::Run)?;
     let dense = Model::load(&sched.model, &common.device()?)?;
     let dense_params = dense.spec.num_parameters() as f64;
 
@@ -423,7 +424,7 @@ fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], d
             argv.extend(schedule::option_args(&sched.calibration)?);
             parse_args("calibration", &argv).map_err(|e| anyhow!("[calibration]: {}", e.to_string().trim()))?
         };
-        let windows = calib.or(super::REFERENCE_WINDOWS).windows(dense)?;
+        let windows = calib.or(super::REFERENCE_WINDOWS)?.windows(dense)?;
         let hidden = slm_depth::similarity::layer_outputs(dense, &windows)?;
         let cka = slm_depth::similarity::cka_matrix(&hidden)?;
         let sim = slm_depth::similarity::write_heatmap_png_marked;

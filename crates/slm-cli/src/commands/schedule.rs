@@ -240,8 +240,8 @@ pub fn parse(path: &Path) -> anyhow::Result<Schedule> {
     let at = |line: usize| format!("{}: line {line}", path.display());
     let calibration: Vec<(String, Value)> = file.calibration.into_iter().collect();
     for (k, _) in &calibration {
-        if !["calib", "samples", "seq_len", "seed"].contains(&k.as_str()) {
-            bail!("{}: [calibration]: unknown key `{k}` (expected calib, samples, seq_len, seed)", path.display());
+        if !["calib", "data_dir", "samples", "seq_len", "seed"].contains(&k.as_str()) {
+            bail!("{}: [calibration]: unknown key `{k}` (expected calib, data_dir, samples, seq_len, seed)", path.display());
         }
     }
     for k in file.defaults.keys() {

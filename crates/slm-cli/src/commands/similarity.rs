@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use slm_depth::similarity::{angular_distance, cka_matrix, cosine_matrix, layer_outputs, write_heatmap_png};
+use slm_model::output::OutputKind;
 use slm_model::Model;
 
 use super::CommonArgs;
@@ -25,7 +26,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub skip_first: usize,
     /// CKA at or above which a run of consecutive layers counts as one "patch" in the printed summary.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = super::finite_f64)]
     pub patch_threshold: f64,
 }
 
@@ -35,13 +36,14 @@ const CKA_RANGE: (f64, f64) = (0.0, 1.0);
 const COSINE_RANGE: (f64, f64) = (0.0, 1.0);
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
-    let calib = args.calib.or(super::REFERENCE_WINDOWS);
+    let calib = args.calib.or(super::REFERENCE_WINDOWS)?;
     if calib.samples < 2 {
         bail!("--samples: CKA needs at least 2 windows, got {}", calib.samples);
     }
     if calib.seq_len == 0 {
         bail!("--seq-len must be positive");
     }
+    common.check_output("--out", &args.out, OutputKind::Similarity, &[&args.model, &calib.file])?;
     let model =
         Model::load(&args.model, &common.device()?).with_context(|| format!("loading {}", args.model.display()))?;
     let windows = calib.windows(&model)?;
@@ -81,7 +83,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         "angular_distance": angular,
         "heatmap_range": { "cka": [CKA_RANGE.0, CKA_RANGE.1], "cosine": [COSINE_RANGE.0, COSINE_RANGE.1] },
     });
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    slm_model::output::stamp_dir(&args.out, OutputKind::Similarity)?;
     let json_path = args.out.join("similarity.json");
     let bytes = serde_json::to_vec_pretty(&json).context("serialising similarity.json")?;
     slm_model::write_file_atomically(&json_path, &bytes)?;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
+use slm_model::output::OutputKind;
 use slm_model::{Model, StorageDType};
 use slm_width::{
     apply, default_layer_range, gradients, parse_layer_range, plan_width, ratio_for_target, Aggregation, Importance,
@@ -23,17 +24,17 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Share of the units (KV-head groups, MLP channels) removed in every pruned layer, in [0, 1).
-    #[arg(long, conflicts_with = "target_ratio")]
+    #[arg(long, conflicts_with = "target_ratio", value_parser = super::finite_f64)]
     pub pruning_ratio: Option<f64>,
     /// Instead: remove this share of all parameters, in (0, 1); the pruning ratio is searched.
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub target_ratio: Option<f64>,
     /// element1 (first-order Taylor), element2 (+ Fisher second order), vector, l2 (magnitude) or random.
     #[arg(long, default_value = "element1")]
-    pub importance: String,
+    pub importance: Importance,
     /// How a unit's member matrices combine, channel by channel: sum, mean or max.
     #[arg(long, default_value = "sum")]
-    pub aggregation: String,
+    pub aggregation: Aggregation,
     /// Layers to prune, A..B (end exclusive) or A..=B. Default: LLM-Pruner's 4..30 of 32 scaled to the depth
     /// (the first round(4L/32) and last round(2L/32) layers stay dense; 4..28 for 30 layers).
     #[arg(long)]
@@ -42,16 +43,16 @@ pub struct Args {
     pub calib: super::CalibArgs,
     /// Storage dtype of the output: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: StorageDType,
 }
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
-    let importance: Importance = args.importance.parse().context("--importance")?;
-    let aggregation: Aggregation = args.aggregation.parse().context("--aggregation")?;
-    let dtype: StorageDType = args.dtype.parse().context("--dtype")?;
+    let (importance, aggregation, dtype) = (args.importance, args.aggregation, args.dtype);
     if let Some(r) = args.pruning_ratio {
         slm_width::groups::check_ratio(r).context("--pruning-ratio")?;
     }
+    let calib = args.calib.or(super::REFERENCE_WINDOWS)?;
+    common.check_output("--out", &args.out, OutputKind::Model, &[&args.model, &calib.file])?;
     let model = Model::load(&args.model, &common.device()?)?;
     let n = model.spec.num_layers();
     let range = match &args.layers {
@@ -67,7 +68,6 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     slm_width::parameters_after(&model.spec, ratio, &range).context("--pruning-ratio")?;
     let layers: Vec<usize> = range.clone().collect();
 
-    let calib = args.calib.or(super::REFERENCE_WINDOWS);
     let start = Instant::now();
     let rss_before = super::memory_mib();
     let (grads, windows) = if importance.needs_gradient() {
@@ -133,7 +133,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         "source_model": args.model.display().to_string(),
         "previous_plan": previous,
     });
-    pruned.save(&args.out, dtype, &[("slm_plan.json", serde_json::to_vec_pretty(&plan_json)?)])?;
+    pruned.save_replacing(&args.out, dtype, &[("slm_plan.json", serde_json::to_vec_pretty(&plan_json)?)], common.replace())?;
 
     println!("importance:  {} (aggregation {})", importance.as_str(), aggregation.as_str());
     let ratio_text = if ratio.attention == ratio.mlp {

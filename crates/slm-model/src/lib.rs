@@ -6,10 +6,12 @@
 
 pub mod calib;
 pub mod error;
+pub mod files;
 pub mod forward;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_header;
 pub mod hf;
 pub mod spec;
 pub mod testing;
@@ -71,7 +73,7 @@ impl Model {
         } else if path.is_dir() && path.join("config.json").exists() {
             let (spec, weights) = hf::load_hf(path, device)?;
             let tok_path = path.join("tokenizer.json");
-            let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+            let tokenizer = if tok_path.symlink_metadata().is_ok() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
             Model {
                 spec,
                 weights,

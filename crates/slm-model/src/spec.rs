@@ -361,4 +361,30 @@ mod tests {
         let e = ModelSpec::from_hf_value(&v, p).unwrap_err().to_string();
         assert!(e.contains("lists 0 layers"), "{e}");
     }
+
+    #[test]
+    fn absurd_sizes_and_bad_numbers_are_refused() {
+        let p = Path::new("/x/config.json");
+        for (key, val) in [
+            ("num_hidden_layers", json!(1_000_000_000_000u64)),
+            ("hidden_size", json!(1u64 << 30)),
+            ("vocab_size", json!(u64::MAX)),
+            ("num_attention_heads", json!(1u64 << 20)),
+            ("rope_theta", json!(0.0)),
+            ("rope_theta", json!(-1.0)),
+            ("rms_norm_eps", json!(-1e-6)),
+            ("rms_norm_eps", json!("small")),
+        ] {
+            let mut v = smollm_like().to_hf_config("float32");
+            v[key] = val.clone();
+            let e = ModelSpec::from_hf_value(&v, p).unwrap_err().to_string();
+            assert!(e.contains("/x/config.json") && e.contains(key), "{key}={val}: {e}");
+        }
+        // Unvalidated specs can overflow the count; the checked count says so instead of wrapping.
+        let mut s = smollm_like();
+        s.hidden_size = usize::MAX / 2;
+        assert_eq!(s.checked_num_parameters(), None);
+        assert_eq!(s.num_parameters(), usize::MAX);
+        assert!(s.validate(p).is_err());
+    }
 }

@@ -16,7 +16,7 @@ use crate::tokenizer::Tokenizer;
 
 /// The `text` field of every line of a JSONL file. Errors name the file and line.
 pub fn read_jsonl_texts(path: &Path) -> Result<Vec<String>> {
-    let content = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let content = crate::files::read_regular_text(path, crate::files::MAX_CORPUS_BYTES)?;
     let mut out = Vec::new();
     for (i, line) in content.lines().enumerate() {
         if line.trim().is_empty() {

@@ -7,6 +7,12 @@ pub enum ModelError {
     /// The I/O error is part of the message (not a chained source), so it is printed once.
     #[error("{path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: is {kind}, not a regular file; refusing to read it")]
+    NotRegularFile { path: PathBuf, kind: &'static str },
+    #[error("{path}: is {len} bytes, more than the {max} bytes accepted for this kind of file")]
+    TooLarge { path: PathBuf, len: u64, max: u64 },
+    #[error("{path}: tensor `{name}` holds NaN or infinite values")]
+    NonFinite { path: PathBuf, name: String },
     #[error("{path}: not a model: expected an HF directory (config.json + model.safetensors) or a .gguf file")]
     UnknownFormat { path: PathBuf },
     #[error("{path}: invalid config: {message}")]

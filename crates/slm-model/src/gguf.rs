@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::spec::{LayerSpec, ModelSpec};
-use crate::weights::Weights;
+use crate::weights::{LayerWeights, Weights};
 
 fn gguf_err(path: &Path, message: impl Into<String>) -> ModelError {
     ModelError::Gguf {
@@ -20,24 +20,15 @@ fn gguf_err(path: &Path, message: impl Into<String>) -> ModelError {
     }
 }
 
-/// Reads the GGUF header (metadata and tensor directory). Fails clearly on a bad magic, a truncated file, or a
-/// tensor type that this build cannot dequantise.
+/// Reads the GGUF header (metadata and tensor directory) with our own bounds-checked reader
+/// ([`crate::gguf_header`]): fails clearly on a bad magic or version, a truncated file, an impossible count or size,
+/// a bad alignment, or a tensor type that this build cannot dequantise.
 pub fn read_content(path: &Path) -> Result<(Content, BufReader<File>)> {
-    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("unknown dtype") {
-            gguf_err(
-                path,
-                format!("unsupported quantisation type ({msg}); supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K..Q8_K"),
-            )
-        } else {
-            gguf_err(path, msg)
-        }
-    })?;
-    Ok((content, reader))
+    crate::gguf_header::read_gguf_header(path)
 }
+
+/// Fewest tensors a llama layer has in a GGUF (two norms, q/k/v/o, gate/up/down).
+const TENSORS_PER_LAYER: usize = 9;
 
 fn meta<'a>(c: &'a Content, key: &str) -> Option<&'a Value> {
     c.metadata.get(key)
@@ -103,6 +94,16 @@ pub fn spec_from_gguf(c: &Content, path: &Path) -> Result<ModelSpec> {
     }
     let hidden = meta_usize(c, "llama.embedding_length", path)?;
     let n_layers = meta_usize(c, "llama.block_count", path)?;
+    // Bound the layer count by the file before anything is sized by it.
+    if n_layers > c.tensor_infos.len() / TENSORS_PER_LAYER {
+        return Err(gguf_err(
+            path,
+            format!(
+                "metadata `llama.block_count` is {n_layers}, but the file has only {} tensors ({TENSORS_PER_LAYER} per layer)",
+                c.tensor_infos.len()
+            ),
+        ));
+    }
     let heads = per_layer(c, "llama.attention.head_count", n_layers, path)?
         .ok_or_else(|| gguf_err(path, "missing metadata `llama.attention.head_count`"))?;
     let kv_heads = per_layer(c, "llama.attention.head_count_kv", n_layers, path)?.unwrap_or_else(|| heads.clone());
@@ -182,21 +183,56 @@ pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
     Ok(w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
+/// HF tensor name → the shape `spec` implies (the LM head included even when tied: a GGUF may carry it).
+fn expected_shapes(spec: &ModelSpec) -> HashMap<String, Vec<usize>> {
+    let (v, h) = (spec.vocab_size, spec.hidden_size);
+    let mut out = HashMap::new();
+    out.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+    out.insert("model.norm.weight".to_string(), vec![h]);
+    out.insert("lm_head.weight".to_string(), vec![v, h]);
+    let suffixes = LayerWeights::named_suffixes();
+    for (i, l) in spec.layers.iter().enumerate() {
+        for (suffix, shape) in suffixes.iter().zip(LayerWeights::expected_shapes(l, h)) {
+            out.insert(format!("model.layers.{i}.{suffix}"), shape);
+        }
+    }
+    out
+}
+
 /// Loads the spec and f32 weights of a llama GGUF.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Content)> {
     let (content, mut reader) = read_content(path)?;
     let spec = spec_from_gguf(&content, path)?;
+    let expected = expected_shapes(&spec);
     let mut tensors = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
         let hf = hf_name(name).ok_or_else(|| gguf_err(path, format!("unexpected tensor `{name}` for a llama model")))?;
+        // Check the shape against the metadata before reading (and allocating) the tensor.
+        let dims = content.tensor_infos[name].shape.dims();
+        match expected.get(&hf) {
+            Some(want) if want.as_slice() == dims => {}
+            Some(want) => {
+                return Err(gguf_err(
+                    path,
+                    format!("tensor `{name}` has shape {dims:?}, but the metadata implies {want:?}"),
+                ))
+            }
+            None => {
+                return Err(gguf_err(
+                    path,
+                    format!("tensor `{name}` belongs to no layer ({} layers): metadata and tensors disagree", spec.layers.len()),
+                ))
+            }
+        }
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)
             .map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
         let mut t = q
             .dequantize(&Device::Cpu)
             .map_err(|e| gguf_err(path, format!("tensor `{name}`: cannot dequantise: {e}")))?;
+        crate::files::check_finite(&t, name, path)?;
         if let Some(layer) = hf.strip_prefix("model.layers.").and_then(|r| r.split('.').next()?.parse::<usize>().ok()) {
             let l = spec.layers.get(layer).ok_or_else(|| {
                 gguf_err(path, format!("tensor `{name}` belongs to no layer ({} layers): metadata and tensors disagree", spec.layers.len()))

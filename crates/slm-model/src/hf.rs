@@ -58,9 +58,28 @@ fn st_err(path: &Path, message: impl Into<String>) -> ModelError {
     }
 }
 
-/// Reads every tensor of one safetensors file as f32 on `device`.
+/// Checks the JSON header of a safetensors file before the safetensors crate parses it: the 8-byte length must
+/// fit in the file, and no tensor name may appear twice (the crate keeps one of them silently).
+fn check_safetensors_header(bytes: &[u8], path: &Path) -> Result<()> {
+    let n = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| st_err(path, format!("{} bytes: too short for the 8-byte header length", bytes.len())))?;
+    let body = bytes.len() as u64 - 8;
+    if n > body {
+        return Err(st_err(path, format!("header length {n} is more than the {body} bytes after it")));
+    }
+    let header = &bytes[8..8 + n as usize];
+    crate::files::find_duplicate_json_key(header)
+        .map_err(|k| st_err(path, format!("tensor name (header key) {k} appears twice in the header")))
+}
+
+/// Reads every tensor of one safetensors file as f32 on `device`. Refuses a non-regular file, a header with a
+/// repeated tensor name, and NaN/Inf weights (naming the tensor).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let bytes = crate::files::read_regular_file(path, u64::MAX)?;
+    check_safetensors_header(&bytes, path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         let detail = e.to_string();
         st_err(path, format!("cannot parse the file (truncated or corrupt?): {detail}"))
@@ -79,22 +98,22 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
                 })
             }
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .to_device(device)?;
-        out.insert(name, t);
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?.to_dtype(DType::F32)?;
+        crate::files::check_finite(&t, &name, path)?;
+        out.insert(name, t.to_device(device)?);
     }
     Ok(out)
 }
 
-/// The safetensors files of an HF directory: one file, or the shards named by the index.
+/// The safetensors files of an HF directory: one file, or the shards named by the index (plain file names
+/// inside `dir` only).
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
-    if single.exists() {
+    if single.symlink_metadata().is_ok() {
         return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
-    if !index.exists() {
+    if index.symlink_metadata().is_err() {
         return Err(ModelError::Io {
             path: single,
             error: std::io::Error::new(
@@ -103,20 +122,50 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             ),
         });
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| st_err(&index, format!("index is not valid JSON: {e}")))?;
+    let bytes = crate::files::read_regular_file(&index, crate::files::MAX_INDEX_BYTES)?;
+    let v = crate::files::parse_json_unique(&bytes, |m| st_err(&index, format!("index: {m}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| st_err(&index, "index has no `weight_map` object"))?;
-    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+    let mut files = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| st_err(&index, format!("`weight_map` entry `{tensor}` is not a file name string")))?;
+        let p = crate::files::shard_path(dir, file)
+            .map_err(|m| st_err(&index, format!("`weight_map` entry `{tensor}`: {m}")))?;
+        files.push(p);
+    }
     files.sort();
     files.dedup();
     if files.is_empty() {
         return Err(st_err(&index, "`weight_map` lists no files"));
     }
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    Ok(files)
+}
+
+/// Refuses weight files too small for the parameters the config implies (at 2 bytes each, the smallest dtype
+/// read), before any tensor is read: a config with absurd sizes fails here, not in an allocation.
+fn check_weight_bytes(spec: &ModelSpec, config: &Path, files: &[PathBuf]) -> Result<()> {
+    let mut total: u64 = 0;
+    for f in files {
+        let (_, len) = crate::files::open_regular_file(f)?;
+        total = total.saturating_add(len);
+    }
+    let params = spec.checked_num_parameters().unwrap_or(usize::MAX) as u64;
+    let need = params.saturating_mul(2);
+    if total < need {
+        return Err(ModelError::Config {
+            path: config.to_path_buf(),
+            message: format!(
+                "the config implies {params} parameters (at least {need} bytes of weights), but the weight files \
+                 hold only {total} bytes ({})",
+                files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Loads spec and f32 weights from an HF directory. Errors name the offending file.
@@ -124,9 +173,14 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
     let config = dir.join("config.json");
     let spec = ModelSpec::from_hf_config(&config)?;
     let files = weight_files(dir)?;
+    check_weight_bytes(&spec, &config, &files)?;
     let mut tensors = HashMap::new();
     for f in &files {
-        tensors.extend(read_safetensors(f, device)?);
+        for (name, t) in read_safetensors(f, device)? {
+            if tensors.insert(name.clone(), t).is_some() {
+                return Err(st_err(f, format!("tensor `{name}` is also in another shard")));
+            }
+        }
     }
     // Shape errors name the weights file (or the index for shards): that is where the disagreement shows.
     let source = if files.len() == 1 { files[0].clone() } else { dir.join("model.safetensors.index.json") };

@@ -7,10 +7,12 @@
 pub mod calib;
 pub mod data;
 pub mod error;
+pub mod files;
 pub mod forward;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_header;
 pub mod hf;
 pub mod output;
 pub mod spec;
@@ -70,7 +72,7 @@ impl Model {
         } else if path.is_dir() && path.join("config.json").exists() {
             let (spec, weights) = hf::load_hf(path, device)?;
             let tok_path = path.join("tokenizer.json");
-            let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+            let tokenizer = if tok_path.symlink_metadata().is_ok() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
             Model {
                 spec,
                 weights,

@@ -8,6 +8,18 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{ModelError, Result};
 
+/// Most decoder layers accepted (the largest public Llamas have ~128); a config beyond is refused before any
+/// per-layer allocation.
+pub const MAX_LAYERS: usize = 4096;
+/// Largest hidden size, MLP width, vocabulary and per-layer projection width (heads × head_dim) accepted.
+pub const MAX_DIM: usize = 1 << 24;
+/// Most attention (or KV) heads per layer.
+pub const MAX_HEADS: usize = 1 << 16;
+/// Largest head_dim.
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+/// Largest max_position_embeddings (16M tokens).
+pub const MAX_POSITIONS: usize = 1 << 24;
+
 /// Shape of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerSpec {
@@ -25,9 +37,16 @@ impl LayerSpec {
 
     /// Parameters of this layer: two RMSNorm weights, q/k/v/o and gate/up/down (no biases in Llama).
     pub fn num_parameters(&self, hidden_size: usize) -> usize {
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        2 * hidden_size + hidden_size * (2 * q + 2 * kv) + 3 * hidden_size * self.intermediate_size
+        self.checked_num_parameters(hidden_size).unwrap_or(usize::MAX)
+    }
+
+    /// [`LayerSpec::num_parameters`], or `None` when it overflows (only an unvalidated spec can).
+    pub fn checked_num_parameters(&self, hidden_size: usize) -> Option<usize> {
+        let q = self.num_attention_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim)?;
+        let attn = hidden_size.checked_mul(q.checked_add(kv)?.checked_mul(2)?)?;
+        let mlp = hidden_size.checked_mul(self.intermediate_size)?.checked_mul(3)?;
+        hidden_size.checked_mul(2)?.checked_add(attn)?.checked_add(mlp)
     }
 }
 
@@ -56,10 +75,18 @@ impl ModelSpec {
     }
 
     pub fn num_parameters(&self) -> usize {
-        let embed = self.vocab_size * self.hidden_size;
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// [`ModelSpec::num_parameters`], or `None` when it overflows (only an unvalidated spec can).
+    pub fn checked_num_parameters(&self) -> Option<usize> {
+        let embed = self.vocab_size.checked_mul(self.hidden_size)?;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        let layers: usize = self.layers.iter().map(|l| l.num_parameters(self.hidden_size)).sum();
-        embed + layers + self.hidden_size + head
+        let mut total = embed.checked_add(head)?.checked_add(self.hidden_size)?;
+        for l in &self.layers {
+            total = total.checked_add(l.checked_num_parameters(self.hidden_size)?)?;
+        }
+        Some(total)
     }
 
     /// Checks the invariants the forward pass relies on.
@@ -74,7 +101,24 @@ impl ModelSpec {
         if self.layers.is_empty() {
             return Err(err("the model has no layers".into()));
         }
+        check_bound("num_hidden_layers", self.layers.len(), MAX_LAYERS, path)?;
+        check_bound("vocab_size", self.vocab_size, MAX_DIM, path)?;
+        check_bound("hidden_size", self.hidden_size, MAX_DIM, path)?;
+        check_bound("max_position_embeddings", self.max_position_embeddings, MAX_POSITIONS, path)?;
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(err(format!("rope_theta {} must be finite and positive", self.rope_theta)));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(err(format!("rms_norm_eps {} must be finite and positive", self.rms_norm_eps)));
+        }
         for (i, l) in self.layers.iter().enumerate() {
+            let bound = |what: &str, x: usize, max: usize| check_bound(&format!("layer {i}: {what}"), x, max, path);
+            bound("num_attention_heads", l.num_attention_heads, MAX_HEADS)?;
+            bound("num_key_value_heads", l.num_key_value_heads, MAX_HEADS)?;
+            bound("head_dim", l.head_dim, MAX_HEAD_DIM)?;
+            bound("intermediate_size", l.intermediate_size, MAX_DIM)?;
+            // Both factors are ≤ 2^16, so the product cannot overflow.
+            bound("num_attention_heads × head_dim", l.num_attention_heads * l.head_dim, MAX_DIM)?;
             if l.num_attention_heads == 0 || l.num_key_value_heads == 0 || l.head_dim == 0 {
                 return Err(err(format!("layer {i}: heads, KV heads and head_dim must be positive")));
             }
@@ -91,15 +135,18 @@ impl ModelSpec {
                 return Err(err(format!("layer {i}: intermediate_size must be positive")));
             }
         }
+        if self.checked_num_parameters().is_none() {
+            return Err(err("the parameter count overflows".into()));
+        }
         Ok(())
     }
 
     /// Reads an HF `config.json` (LlamaForCausalLM). Per-layer shapes come from `slm_layers` when present.
     pub fn from_hf_config(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        let bytes = crate::files::read_regular_file(path, crate::files::MAX_CONFIG_BYTES)?;
+        let value = crate::files::parse_json_unique(&bytes, |message| ModelError::Config {
             path: path.to_path_buf(),
-            message: format!("not valid JSON: {e}"),
+            message,
         })?;
         Self::from_hf_value(&value, path)
     }
@@ -145,22 +192,31 @@ impl ModelSpec {
             None | Some(Value::Null) => {}
             Some(_) => return Err(err("`rope_scaling` is not supported (only plain rotary)".into())),
         }
-        let vocab_size = get_usize("vocab_size")?;
-        let hidden_size = get_usize("hidden_size")?;
-        let num_layers = get_usize("num_hidden_layers")?;
-        let heads = get_usize("num_attention_heads")?;
+        // Every size is bounded as it is read, before anything (the per-layer list) is allocated from it.
+        let bounded = |key: &str, x: usize, max: usize| check_bound(key, x, max, path).map(|()| x);
+        let vocab_size = bounded("vocab_size", get_usize("vocab_size")?, MAX_DIM)?;
+        let hidden_size = bounded("hidden_size", get_usize("hidden_size")?, MAX_DIM)?;
+        let num_layers = bounded("num_hidden_layers", get_usize("num_hidden_layers")?, MAX_LAYERS)?;
+        let heads = bounded("num_attention_heads", get_usize("num_attention_heads")?, MAX_HEADS)?;
         let kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(heads);
         if heads == 0 {
             return Err(err("num_attention_heads must be positive".into()));
         }
         let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / heads);
         let intermediate_size = get_usize("intermediate_size")?;
-        let rope_theta = obj
-            .get("rope_theta")
-            .or_else(|| obj.get("rope_parameters").and_then(|r| r.get("rope_theta")))
-            .and_then(Value::as_f64)
-            .unwrap_or(10_000.0);
-        let rms_norm_eps = obj.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6);
+        // Present but not a number is an error, not the default (validate() then checks finite and positive).
+        let opt_f64 = |key: &str, v: Option<&Value>, default: f64| -> Result<f64> {
+            match v {
+                None | Some(Value::Null) => Ok(default),
+                Some(x) => x.as_f64().ok_or_else(|| err(format!("`{key}` must be a number"))),
+            }
+        };
+        let rope_theta = opt_f64(
+            "rope_theta",
+            obj.get("rope_theta").or_else(|| obj.get("rope_parameters").and_then(|r| r.get("rope_theta"))),
+            10_000.0,
+        )?;
+        let rms_norm_eps = opt_f64("rms_norm_eps", obj.get("rms_norm_eps"), 1e-6)?;
         let max_position_embeddings = opt_usize("max_position_embeddings")?.unwrap_or(2048);
         let tie_word_embeddings = obj
             .get("tie_word_embeddings")
@@ -247,6 +303,17 @@ impl ModelSpec {
     }
 }
 
+/// Refuses `x > max` for the field `what`, naming the file.
+fn check_bound(what: &str, x: usize, max: usize, path: &Path) -> Result<()> {
+    if x > max {
+        return Err(ModelError::Config {
+            path: path.to_path_buf(),
+            message: format!("`{what}` is {x}, more than the {max} accepted"),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +360,31 @@ mod tests {
         v["slm_layers"] = json!([]);
         let e = ModelSpec::from_hf_value(&v, p).unwrap_err().to_string();
         assert!(e.contains("lists 0 layers"), "{e}");
+    }
+
+    #[test]
+    fn absurd_sizes_and_bad_numbers_are_refused() {
+        let p = Path::new("/x/config.json");
+        for (key, val) in [
+            ("num_hidden_layers", json!(1_000_000_000_000u64)),
+            ("hidden_size", json!(1u64 << 30)),
+            ("vocab_size", json!(u64::MAX)),
+            ("num_attention_heads", json!(1u64 << 20)),
+            ("rope_theta", json!(0.0)),
+            ("rope_theta", json!(-1.0)),
+            ("rms_norm_eps", json!(-1e-6)),
+            ("rms_norm_eps", json!("small")),
+        ] {
+            let mut v = smollm_like().to_hf_config("float32");
+            v[key] = val.clone();
+            let e = ModelSpec::from_hf_value(&v, p).unwrap_err().to_string();
+            assert!(e.contains("/x/config.json") && e.contains(key), "{key}={val}: {e}");
+        }
+        // Unvalidated specs can overflow the count; the checked count says so instead of wrapping.
+        let mut s = smollm_like();
+        s.hidden_size = usize::MAX / 2;
+        assert_eq!(s.checked_num_parameters(), None);
+        assert_eq!(s.num_parameters(), usize::MAX);
+        assert!(s.validate(p).is_err());
     }
 }

@@ -46,8 +46,12 @@ fn strings(c: &Content, key: &str, path: &Path) -> Result<Vec<String>> {
 }
 
 impl Tokenizer {
+    /// Reads a `tokenizer.json` (a regular file of bounded size, no key given twice in one object).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| tok_err(path, e.to_string()))?;
+        let bytes = crate::files::read_regular_file(path, crate::files::MAX_TOKENIZER_BYTES)?;
+        crate::files::find_duplicate_json_key(&bytes)
+            .map_err(|k| tok_err(path, format!("key {k} appears twice in one object")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(path, e.to_string()))?;
         Ok(Tokenizer { inner })
     }
 

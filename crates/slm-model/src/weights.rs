@@ -41,6 +41,21 @@ impl LayerWeights {
         ]
     }
 
+    /// The HF name suffixes in the order of [`LayerWeights::named`].
+    pub fn named_suffixes() -> [&'static str; 9] {
+        [
+            "input_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "post_attention_layernorm.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ]
+    }
+
     /// Projection by its short name (one of [`PROJECTIONS`]).
     pub fn projection(&self, name: &str) -> Option<&Tensor> {
         Some(match name {

@@ -39,6 +39,12 @@ fn schedule_errors_name_the_line_and_key_before_any_work() {
         ("[[pipeline]]\nname = \"a\"\nbudget = 0.8\nsteps = [{ step = \"depth\", target_layers = 3 }]\n", 4, vec!["key `target_layers`", "has a budget"]),
         ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"depth\", method = \"shortgpt\" }]\n", 3, vec!["give the pipeline a budget or the step one of"]),
         ("[[pipeline]]\nname = \"a\"\nbudgett = 0.8\nsteps = []\n", 3, vec!["unknown field `budgett`"]),
+        // Enum-like and numeric values are typed: a bad one is refused by the check, not hours later.
+        ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"depth\", method = \"slmm\", target_layers = 2 }]\n", 3, vec!["key `method`", "unknown depth method `slmm`"]),
+        ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"eval\", tasks = \"mmlu\" }]\n", 3, vec!["key `tasks`", "unknown task `mmlu`"]),
+        ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"width\", pruning_ratio = 0.2, importance = \"taylor\" }]\n", 3, vec!["key `importance`", "taylor"]),
+        ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"depth\", merge = \"sum\", target_layers = 2 }]\n", 3, vec!["key `merge`", "unknown merge operator `sum`"]),
+        ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"eval\", limit = 0 }]\n", 3, vec!["key `limit`", "at least 1"]),
         ("[[pipeline]]\nname = \"a\"\nsteps = [{ step = \"eval\" }\n", 3, vec![]),
     ];
     for (text, offset, wants) in cases {

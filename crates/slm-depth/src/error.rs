@@ -11,6 +11,10 @@ pub enum DepthError {
     #[error("cannot merge layers {lo}..={hi}: {problem}")]
     Incompatible { lo: usize, hi: usize, problem: String },
 
+    /// A score or cost came out NaN or infinite (the search stops rather than rank on it).
+    #[error("{what} is {value}, not a finite number: the model's activations overflow or are not finite on the calibration windows")]
+    NonFinite { what: String, value: f64 },
+
     #[error("model: {0}")]
     Model(#[from] slm_model::ModelError),
 

@@ -217,6 +217,7 @@ impl<'m> Calibration<'m> {
             for &i in &c.removed {
                 worst = worst.min(self.block_cosine(i, i)?);
             }
+            let worst = finite(worst, || format!("block cosine of {c:?}"))?;
             self.memo.insert(key, worst);
             return Ok(worst);
         }
@@ -240,6 +241,7 @@ impl<'m> Calibration<'m> {
                 (-kl.to_scalar::<f64>()?).exp()
             }
         };
+        let v = finite(v, || format!("the {} similarity of candidate {c:?}", criterion.name()))?;
         self.memo.insert(key, v);
         Ok(v)
     }
@@ -268,7 +270,8 @@ impl<'m> Calibration<'m> {
         };
         self.evaluations += 1;
         // Clamped: rounding can put the cosine of identical streams a hair above 1.
-        let v = (1.0 - mean_token_cosine(&out, &self.dense_hidden[hi + 1])?).max(0.0);
+        let v = finite(1.0 - mean_token_cosine(&out, &self.dense_hidden[hi + 1])?, || format!("the cost of window [{lo}, {hi}]"))?
+            .max(0.0);
         self.memo.insert(key, v);
         Ok(v)
     }
@@ -290,7 +293,7 @@ impl<'m> Calibration<'m> {
         let n = targets.len();
         let idx = Tensor::from_vec(targets, (n, 1), logp.device())?;
         let lp: Vec<f32> = logp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
-        let v = -lp.iter().map(|&x| x as f64).sum::<f64>();
+        let v = finite(-lp.iter().map(|&x| x as f64).sum::<f64>(), || format!("the calibration NLL of candidate {c:?}"))?;
         self.memo.insert(key, v);
         Ok(v)
     }
@@ -299,6 +302,15 @@ impl<'m> Calibration<'m> {
     pub fn perplexity(&mut self, c: &Candidate) -> Result<f64> {
         let n: usize = self.windows.iter().map(|w| w.len() - 1).sum();
         Ok((self.nll(c)? / n as f64).exp())
+    }
+}
+
+/// `v`, or an error naming what it is when it is NaN or infinite.
+fn finite(v: f64, what: impl FnOnce() -> String) -> Result<f64> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(DepthError::NonFinite { what: what(), value: v })
     }
 }
 

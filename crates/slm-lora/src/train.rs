@@ -322,6 +322,13 @@ pub fn train(
             }
             let mut gs = acc.expect("a global batch holds at least one micro-batch");
             let norm = gs.iter().map(|g| Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)).sum::<Result<f64>>()?.sqrt();
+            if !(loss_sum.is_finite() && norm.is_finite()) {
+                return Err(LoraError::InvalidArgument(format!(
+                    "training diverged at step {} (epoch {epoch}): loss {loss_sum}, gradient norm {norm}; lower --lr or check \
+                     the model and data",
+                    step + 1
+                )));
+            }
             if cfg.max_grad_norm > 0.0 && norm > cfg.max_grad_norm {
                 let f = cfg.max_grad_norm / (norm + 1e-6);
                 gs = gs.iter().map(|g| g * f).collect::<candle_core::Result<_>>()?;

@@ -239,6 +239,13 @@ pub fn gradients(
         None
     };
     let loss = lm_loss(&m, windows)?;
+    let loss_value = loss.to_scalar::<f32>()? as f64;
+    if !loss_value.is_finite() {
+        return Err(WidthError::InvalidArgument(format!(
+            "the calibration loss is {loss_value}: the model's activations are not finite on the calibration windows, so \
+             no importance can be computed"
+        )));
+    }
     let store = loss.backward()?;
     passes += 1;
     on_pass();
@@ -250,7 +257,7 @@ pub fn gradients(
         layers: layers.to_vec(),
         grad,
         fisher,
-        loss: loss.to_scalar::<f32>()? as f64,
+        loss: loss_value,
         backward_passes: passes,
     })
 }

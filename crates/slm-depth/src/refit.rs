@@ -20,54 +20,23 @@ use crate::error::{DepthError, Result};
 use crate::plan::{apply, DepthPlan};
 use crate::score::Calibration;
 
-/// Solves `(G) X = B` for symmetric positive-definite `G` (`n×n`, row-major) and `B` (`n×m`), in place on `B`.
+/// Solves `(G) X = B` for symmetric positive-definite `G` (`n×n`, row-major) and `B` (`n×m`), in place on `B`
+/// (nalgebra's Cholesky factorisation).
 pub fn cholesky_solve(g: &mut [f64], b: &mut [f64], n: usize, m: usize) -> Result<()> {
-    // G = L Lᵀ, L stored in the lower triangle of g.
-    for j in 0..n {
-        let mut d = g[j * n + j];
-        for k in 0..j {
-            d -= g[j * n + k] * g[j * n + k];
-        }
-        if !(d > 0.0) {
-            return Err(DepthError::InvalidArgument(format!("refit: normal matrix is not positive definite at {j}")));
-        }
-        let d = d.sqrt();
-        g[j * n + j] = d;
-        for i in j + 1..n {
-            let mut s = g[i * n + j];
-            for k in 0..j {
-                s -= g[i * n + k] * g[j * n + k];
-            }
-            g[i * n + j] = s / d;
-        }
+    if g.len() != n * n || b.len() != n * m {
+        return Err(DepthError::InvalidArgument(format!(
+            "refit: {} and {} entries for a {n}×{n} system with {m} right-hand sides",
+            g.len(),
+            b.len()
+        )));
     }
-    // L Y = B, then Lᵀ X = Y, row by row over the m right-hand sides.
+    let chol = nalgebra::DMatrix::from_row_slice(n, n, g)
+        .cholesky()
+        .ok_or_else(|| DepthError::InvalidArgument("refit: the normal matrix is not positive definite".into()))?;
+    let x = chol.solve(&nalgebra::DMatrix::from_row_slice(n, m, b));
     for i in 0..n {
-        for k in 0..i {
-            let l = g[i * n + k];
-            if l != 0.0 {
-                for c in 0..m {
-                    b[i * m + c] -= l * b[k * m + c];
-                }
-            }
-        }
-        let d = g[i * n + i];
         for c in 0..m {
-            b[i * m + c] /= d;
-        }
-    }
-    for i in (0..n).rev() {
-        for k in i + 1..n {
-            let l = g[k * n + i];
-            if l != 0.0 {
-                for c in 0..m {
-                    b[i * m + c] -= l * b[k * m + c];
-                }
-            }
-        }
-        let d = g[i * n + i];
-        for c in 0..m {
-            b[i * m + c] /= d;
+            b[i * m + c] = x[(i, c)];
         }
     }
     Ok(())

@@ -141,13 +141,16 @@ impl Calib {
     }
 }
 
-/// (current, peak) resident memory of this process in MiB, from /proc (None elsewhere).
+/// (current, peak) resident memory of this process in MiB (procfs's reading of /proc/self/status; None off
+/// Linux).
+#[cfg(target_os = "linux")]
 pub fn memory_mib() -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| -> Option<f64> {
-        let line = status.lines().find(|l| l.starts_with(name))?;
-        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb / 1024.0)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    let status = procfs::process::Process::myself().ok()?.status().ok()?;
+    let mib = |kb: u64| kb as f64 / 1024.0;
+    Some((mib(status.vmrss?), mib(status.vmhwm?)))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn memory_mib() -> Option<(f64, f64)> {
+    None
 }

@@ -273,7 +273,7 @@ fn draw_heatmap(root: &Area, spec: &Heatmap) -> DrawResult<()> {
     let avail_w = w - left - gap - bar_w - right - 16;
     let cell = (avail_h.min(avail_w) / n as u32).max(1);
     let side = cell * n as u32;
-    let x0 = (w - (left + side + gap + bar_w + right)) / 2 + left;
+    let x0 = w.saturating_sub(left + side + gap + bar_w + right) / 2 + left;
     let y0 = top + (avail_h - side.min(avail_h)) / 2;
 
     // Tick labels: every index if they fit, else index 0 and every k-th counted from 1.

@@ -424,7 +424,7 @@ fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], d
         };
         sim(out.join("similarity_dense.png"), "Layer similarity (linear CKA), dense model", &[])?;
         for (p, o) in sched.pipelines.iter().zip(outcomes) {
-            let (mut groups, mut removed) = (Vec::new(), false);
+            let (mut groups, mut merged, mut removed) = (Vec::new(), false, false);
             for plan_path in &o.depth_plans {
                 let Ok(text) = std::fs::read_to_string(plan_path) else { continue };
                 let plan: Json = serde_json::from_str(&text)?;
@@ -435,6 +435,7 @@ fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], d
                 for g in plan["plan"]["merges"].as_array().into_iter().flatten() {
                     if let (Some(a), Some(b)) = (g[0].as_u64(), g[1].as_u64()) {
                         groups.push((a as usize + 1, b as usize + 1));
+                        merged = true;
                     }
                 }
                 for r in plan["plan"]["removed"].as_array().into_iter().flatten().filter_map(Json::as_u64) {
@@ -443,7 +444,11 @@ fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], d
                 }
             }
             if !groups.is_empty() {
-                let what = if removed { "merged windows / removed layers" } else { "merged windows" };
+                let what = match (merged, removed) {
+                    (true, true) => "merged windows / removed layers",
+                    (false, true) => "removed layers",
+                    _ => "merged windows",
+                };
                 let title = format!("Layer similarity (linear CKA), {what} outlined (pipeline {})", p.name);
                 sim(out.join(format!("similarity_{}.png", p.name)), &title, &groups)?;
             }

@@ -1,5 +1,5 @@
 //! Layer-similarity analysis: linear CKA, cosine and angular distance between the outputs of every pair of
-//! layers, and heat maps of such matrices.
+//! layers (heat maps of such matrices: the slm-plot crate).
 //!
 //! This is the analysis behind SLM's "patch-like" figure (spec §1a): consecutive layers whose outputs are
 //! highly similar form blocks, which motivates merging runs of consecutive layers. It is not the criterion the
@@ -13,8 +13,6 @@
 //! biased linear CKA computed here (the reference additionally sums HSIC over minibatches of 16 and truncates
 //! each to an integer).
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Tensor};
 use slm_model::{Mode, Model};
 
@@ -22,13 +20,6 @@ use crate::error::{DepthError, Result};
 
 /// Windows per forward pass in [`layer_outputs`]: bounds the activation memory of one pass.
 pub const LAYER_OUTPUT_BATCH: usize = 8;
-
-/// Side of one matrix cell in [`write_heatmap_png`], in pixels.
-pub const HEATMAP_CELL_PX: u32 = 16;
-/// White gap between the matrix and the colour bar, in pixels.
-pub const HEATMAP_GAP_PX: u32 = 8;
-/// Width of the colour bar (top = `hi`, bottom = `lo`), in pixels.
-pub const HEATMAP_BAR_PX: u32 = 16;
 
 /// The `L + 1` hidden states of `model` on `windows`: the embeddings, then each layer's output, each
 /// `[N, T, hidden]` with `N = windows.len()`.
@@ -223,138 +214,4 @@ pub fn cosine_matrix(hidden: &[Tensor]) -> Result<Vec<Vec<f64>>> {
 /// Angular distance `arccos(cos)/π` in `[0, 1]` (0: same direction, 0.5: orthogonal, 1: opposite).
 pub fn angular_distance(cos: f64) -> f64 {
     cos.clamp(-1.0, 1.0).acos() / std::f64::consts::PI
-}
-
-/// Pixel size `(width, height)` of the heat map of an `n × n` matrix written by [`write_heatmap_png`].
-pub fn heatmap_size(n: usize) -> (u32, u32) {
-    let side = n as u32 * HEATMAP_CELL_PX;
-    (side + HEATMAP_GAP_PX + HEATMAP_BAR_PX, side)
-}
-
-/// Viridis sampled at 0, 1/8, ..., 1 (matplotlib's table); linear interpolation between the stops.
-const VIRIDIS: [[f64; 3]; 9] = [
-    [68.0, 1.0, 84.0],
-    [71.0, 44.0, 122.0],
-    [59.0, 81.0, 139.0],
-    [44.0, 113.0, 142.0],
-    [33.0, 144.0, 141.0],
-    [39.0, 173.0, 129.0],
-    [92.0, 200.0, 99.0],
-    [170.0, 220.0, 50.0],
-    [253.0, 231.0, 37.0],
-];
-
-/// The viridis colour of `t` in `[0, 1]` (clamped).
-pub fn viridis(t: f64) -> [u8; 3] {
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
-    let x = t * (VIRIDIS.len() - 1) as f64;
-    let k = (x.floor() as usize).min(VIRIDIS.len() - 2);
-    let f = x - k as f64;
-    let (a, b) = (VIRIDIS[k], VIRIDIS[k + 1]);
-    [0, 1, 2].map(|c| (a[c] + f * (b[c] - a[c])).round() as u8)
-}
-
-/// Colour of a non-finite cell.
-const MISSING: [u8; 3] = [128, 128, 128];
-
-/// Writes `m` (square) as a PNG heat map: [`HEATMAP_CELL_PX`]-pixel cells, row 0 at the top, column 0 at the
-/// left, values mapped linearly from `[lo, hi]` onto viridis (dark = `lo`, yellow = `hi`; values outside are
-/// clamped, non-finite ones grey), and a colour bar on the right running from `hi` (top) to `lo` (bottom).
-/// No text (the build has no font support). Written atomically: rendered to a temporary file in the same
-/// directory, then renamed.
-pub fn write_heatmap_png(path: &Path, m: &[Vec<f64>], lo: f64, hi: f64) -> Result<()> {
-    write_heatmap_png_marked(path, m, lo, hi, &[])
-}
-
-/// [`write_heatmap_png`] with a red outline around each diagonal block `[a, b]` of `groups` (e.g. the layer
-/// windows a depth plan merges).
-pub fn write_heatmap_png_marked(path: &Path, m: &[Vec<f64>], lo: f64, hi: f64, groups: &[(usize, usize)]) -> Result<()> {
-    let out_err = |message: String| DepthError::Output { path: path.to_path_buf(), message };
-    let n = m.len();
-    if n == 0 {
-        return Err(out_err("cannot draw an empty matrix".into()));
-    }
-    if let Some((i, r)) = m.iter().enumerate().find(|(_, r)| r.len() != n) {
-        return Err(out_err(format!("row {i} has {} entries in a {n}×{n} matrix", r.len())));
-    }
-    if !(lo.is_finite() && hi.is_finite() && hi > lo) {
-        return Err(DepthError::InvalidArgument(format!("heat map range [{lo}, {hi}] is empty or not finite")));
-    }
-    let (w, h) = heatmap_size(n);
-    let cell = HEATMAP_CELL_PX as usize;
-    let (wu, hu) = (w as usize, h as usize);
-    let mut rgb = vec![255u8; wu * hu * 3];
-    let mut put = |x: usize, y: usize, c: [u8; 3]| {
-        let o = (y * wu + x) * 3;
-        rgb[o..o + 3].copy_from_slice(&c);
-    };
-    for (i, row) in m.iter().enumerate() {
-        for (j, &v) in row.iter().enumerate() {
-            let c = if v.is_finite() { viridis((v - lo) / (hi - lo)) } else { MISSING };
-            for y in i * cell..(i + 1) * cell {
-                for x in j * cell..(j + 1) * cell {
-                    put(x, y, c);
-                }
-            }
-        }
-    }
-    for &(a, b) in groups {
-        if a > b || b >= n {
-            return Err(DepthError::InvalidArgument(format!("group [{a}, {b}] is outside the {n}×{n} heat map")));
-        }
-        let (x0, x1) = (a * cell, (b + 1) * cell - 1);
-        for t in x0..=x1 {
-            for d in 0..2.min(cell) {
-                put(t, x0 + d, [230, 30, 30]);
-                put(t, x1 - d, [230, 30, 30]);
-                put(x0 + d, t, [230, 30, 30]);
-                put(x1 - d, t, [230, 30, 30]);
-            }
-        }
-    }
-    let bar_x = n * cell + HEATMAP_GAP_PX as usize;
-    for y in 0..hu {
-        let t = if hu > 1 { 1.0 - y as f64 / (hu - 1) as f64 } else { 1.0 };
-        let c = viridis(t);
-        for x in bar_x..bar_x + HEATMAP_BAR_PX as usize {
-            put(x, y, c);
-        }
-    }
-    write_png(path, (w, h), &rgb)
-}
-
-/// Writes an RGB buffer (`w·h·3` bytes, row-major) as a PNG, atomically (temporary file, then rename).
-pub fn write_png(path: &Path, (w, h): (u32, u32), rgb: &[u8]) -> Result<()> {
-    let out_err = |message: String| DepthError::Output { path: path.to_path_buf(), message };
-    if rgb.len() != (w as usize) * (h as usize) * 3 {
-        return Err(out_err(format!("{} bytes for a {w}×{h} RGB image", rgb.len())));
-    }
-    let tmp = temp_path(path);
-    let result = encode_png(&tmp, (w, h), rgb).and_then(|()| {
-        std::fs::rename(&tmp, path).map_err(|e| format!("cannot move {} into place: {e}", tmp.display()))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(out_err)
-}
-
-/// A temporary name beside `path`, still ending in `.png`: the encoder picks the format from the extension.
-fn temp_path(path: &Path) -> PathBuf {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    parent.join(format!(".{name}.tmp-{}.png", std::process::id()))
-}
-
-fn encode_png(path: &Path, (w, h): (u32, u32), rgb: &[u8]) -> std::result::Result<(), String> {
-    use plotters::backend::{BitMapBackend, DrawingBackend};
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    }
-    let mut backend = BitMapBackend::new(path, (w, h));
-    backend.blit_bitmap((0, 0), (w, h), rgb).map_err(|e| format!("cannot draw: {e}"))?;
-    backend.present().map_err(|e| format!("cannot write PNG: {e}"))
 }

@@ -1,10 +1,8 @@
-//! Layer similarity: linear CKA, cosine, angular distance and heat maps, on hand-checkable inputs and on a tiny
+//! Layer similarity: linear CKA, cosine and angular distance, on hand-checkable inputs and on a tiny
 //! random model.
 
 use candle_core::{Device, Tensor};
-use slm_depth::similarity::{
-    angular_distance, cka_matrix, cosine_matrix, heatmap_size, layer_outputs, linear_cka, viridis, write_heatmap_png,
-};
+use slm_depth::similarity::{angular_distance, cka_matrix, cosine_matrix, layer_outputs, linear_cka};
 
 fn matrix(rows: &[&[f64]]) -> Tensor {
     let n = rows.len();
@@ -144,44 +142,6 @@ fn angular_distance_endpoints() {
     assert_eq!(angular_distance(1.0 + 1e-12), 0.0);
     assert!(close(angular_distance(-1.0 - 1e-12), 1.0, 1e-15));
     assert!(close(angular_distance(0.5), 1.0 / 3.0, 1e-15));
-}
-
-fn png_size(bytes: &[u8]) -> (u32, u32) {
-    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
-    assert_eq!(&bytes[12..16], b"IHDR");
-    let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
-    let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
-    (w, h)
-}
-
-#[test]
-fn heatmap_png_has_the_expected_size_and_no_temp_file_is_left() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cka.png");
-    let m = vec![vec![1.0, 0.5, 0.0], vec![0.5, 1.0, f64::NAN], vec![0.0, f64::NAN, 1.0]];
-    write_heatmap_png(&path, &m, 0.0, 1.0).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    // 3 cells of 16 px, an 8 px gap and a 16 px colour bar.
-    assert_eq!(heatmap_size(3), (3 * 16 + 8 + 16, 3 * 16));
-    assert_eq!(png_size(&bytes), heatmap_size(3));
-    let names: Vec<String> =
-        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(names, vec!["cka.png".to_string()]);
-
-    // Overwriting works, and bad inputs are errors that leave nothing behind.
-    write_heatmap_png(&path, &m, -1.0, 1.0).unwrap();
-    assert!(write_heatmap_png(&dir.path().join("bad.png"), &m, 1.0, 1.0).is_err());
-    assert!(write_heatmap_png(&dir.path().join("bad.png"), &[vec![1.0, 2.0]], 0.0, 1.0).is_err());
-    assert!(write_heatmap_png(&dir.path().join("bad.png"), &[], 0.0, 1.0).is_err());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-}
-
-#[test]
-fn viridis_endpoints() {
-    assert_eq!(viridis(0.0), [68, 1, 84]);
-    assert_eq!(viridis(1.0), [253, 231, 37]);
-    assert_eq!(viridis(-3.0), viridis(0.0));
-    assert_eq!(viridis(7.0), viridis(1.0));
 }
 
 #[test]

@@ -345,7 +345,7 @@ pub fn report_markdown(report: &Json) -> String {
         let v: Vec<f64> = r.iter().filter_map(Json::as_f64).collect();
         if v.len() == 4 {
             s.push_str(&format!(
-                "\nparams_vs_avg7.png: x = parameters from {:.1}M to {:.1}M, y = avg-7 from {:.2} to {:.2}; grid every tenth.",
+                "\nparams_vs_avg7.png: x = parameters from {:.1}M to {:.1}M, y = avg-7 from {:.2} to {:.2}; each point labelled with its pipeline.",
                 v[0] / 1e6, v[1] / 1e6, 100.0 * v[2], 100.0 * v[3]
             ));
         }
@@ -383,40 +383,31 @@ fn plot_ranges(points: &[(usize, f64, f64)], dense: f64) -> (f64, f64, f64, f64)
     ((min_p - 0.05 * dense).max(0.0), dense, min_a - 0.02, max_a + 0.02)
 }
 
-/// `params_vs_avg7.png` (a point per evaluated pipeline; x: parameters, y: avg-7, ranges from [`plot_ranges`],
-/// stated in report.md; grey grid lines every tenth of each range) and, with `[report] similarity`, the dense model's layer CKA heat map, once plain and
-/// once per pipeline with a depth step, its merged windows / removed layers outlined.
+/// `params_vs_avg7.png` (a point per evaluated pipeline, labelled with its name; x: parameters in millions,
+/// y: avg-7 in %, ranges from [`plot_ranges`], stated in report.md) and, with `[report] similarity`, the dense
+/// model's layer CKA heat map, once plain and once per pipeline with a depth step, its merged windows / removed
+/// layers outlined.
 fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], dense: &Model, out: &Path) -> anyhow::Result<()> {
     if !points.is_empty() {
-        let (w, h, m) = (480usize, 360usize, 30usize);
-        let mut rgb = vec![255u8; w * h * 3];
-        let mut put = |x: usize, y: usize, c: [u8; 3]| {
-            if x < w && y < h {
-                rgb[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&c);
-            }
-        };
-        for k in 0..=10 {
-            let gx = m + k * (w - 2 * m) / 10;
-            let gy = h - m - k * (h - 2 * m) / 10;
-            let c = if k == 0 { [0, 0, 0] } else { [225, 225, 225] };
-            for t in m..=h - m {
-                put(gx, t, c);
-            }
-            for t in m..=w - m {
-                put(t, gy, c);
-            }
-        }
         let (x0, x1, y0, y1) = plot_ranges(points, dense.spec.num_parameters() as f64);
-        for &(i, params, avg) in points {
-            let x = m + (((params - x0) / (x1 - x0)).clamp(0.0, 1.0) * (w - 2 * m) as f64) as usize;
-            let y = h - m - (((avg - y0) / (y1 - y0)).clamp(0.0, 1.0) * (h - 2 * m) as f64) as usize;
-            for dx in 0..9 {
-                for dy in 0..9 {
-                    put(x + dx - 4, y + dy - 4, PALETTE[i % PALETTE.len()]);
-                }
-            }
-        }
-        slm_depth::similarity::write_png(&out.join("params_vs_avg7.png"), (w as u32, h as u32), &rgb)?;
+        let marks: Vec<slm_plot::ScatterPoint> = points
+            .iter()
+            .map(|&(i, params, avg)| slm_plot::ScatterPoint {
+                x: params / 1e6,
+                y: 100.0 * avg,
+                label: sched.pipelines.get(i).map(|p| p.name.clone()).unwrap_or_default(),
+                colour: PALETTE[i % PALETTE.len()],
+            })
+            .collect();
+        let spec = slm_plot::Scatter {
+            title: "Parameters vs avg-7 accuracy",
+            x_desc: "parameters (millions)",
+            y_desc: "avg-7 accuracy (%)",
+            x_range: (x0 / 1e6, x1 / 1e6),
+            y_range: (100.0 * y0, 100.0 * y1),
+            points: &marks,
+        };
+        slm_plot::scatter_png(&out.join("params_vs_avg7.png"), &spec)?;
     }
     if sched.report.similarity {
         let calib: super::CalibArgs = {
@@ -427,10 +418,14 @@ fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], d
         let windows = calib.or(super::REFERENCE_WINDOWS)?.windows(dense)?;
         let hidden = slm_depth::similarity::layer_outputs(dense, &windows)?;
         let cka = slm_depth::similarity::cka_matrix(&hidden)?;
-        let sim = slm_depth::similarity::write_heatmap_png_marked;
-        sim(&out.join("similarity_dense.png"), &cka, 0.0, 1.0, &[])?;
+        let labels = slm_plot::layer_labels(cka.len());
+        let sim = |path: PathBuf, title: &str, groups: &[(usize, usize)]| {
+            let spec = super::similarity::heatmap(title, &cka, (0.0, 1.0), &labels, "linear CKA", groups);
+            slm_plot::heatmap_png(&path, &spec)
+        };
+        sim(out.join("similarity_dense.png"), "Layer similarity (linear CKA), dense model", &[])?;
         for (p, o) in sched.pipelines.iter().zip(outcomes) {
-            let mut groups = Vec::new();
+            let (mut groups, mut merged, mut removed) = (Vec::new(), false, false);
             for plan_path in &o.depth_plans {
                 let Ok(text) = std::fs::read_to_string(plan_path) else { continue };
                 let plan: Json = serde_json::from_str(&text)?;
@@ -441,14 +436,22 @@ fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], d
                 for g in plan["plan"]["merges"].as_array().into_iter().flatten() {
                     if let (Some(a), Some(b)) = (g[0].as_u64(), g[1].as_u64()) {
                         groups.push((a as usize + 1, b as usize + 1));
+                        merged = true;
                     }
                 }
                 for r in plan["plan"]["removed"].as_array().into_iter().flatten().filter_map(Json::as_u64) {
                     groups.push((r as usize + 1, r as usize + 1));
+                    removed = true;
                 }
             }
             if !groups.is_empty() {
-                sim(&out.join(format!("similarity_{}.png", p.name)), &cka, 0.0, 1.0, &groups)?;
+                let what = match (merged, removed) {
+                    (true, true) => "merged windows / removed layers",
+                    (false, true) => "removed layers",
+                    _ => "merged windows",
+                };
+                let title = format!("Layer similarity (linear CKA), {what} outlined (pipeline {})", p.name);
+                sim(out.join(format!("similarity_{}.png", p.name)), &title, &groups)?;
             }
         }
     }

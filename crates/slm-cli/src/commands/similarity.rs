@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use slm_depth::similarity::{angular_distance, cka_matrix, cosine_matrix, layer_outputs, write_heatmap_png};
+use slm_depth::similarity::{angular_distance, cka_matrix, cosine_matrix, layer_outputs};
 use slm_model::output::OutputKind;
 use slm_model::Model;
 
@@ -87,8 +87,15 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let json_path = args.out.join("similarity.json");
     let bytes = serde_json::to_vec_pretty(&json).context("serialising similarity.json")?;
     slm_model::write_file_atomically(&json_path, &bytes)?;
-    write_heatmap_png(&args.out.join("cka.png"), &cka, CKA_RANGE.0, CKA_RANGE.1)?;
-    write_heatmap_png(&args.out.join("cosine.png"), &cosine, COSINE_RANGE.0, COSINE_RANGE.1)?;
+    let model_name = args.model.file_name().unwrap_or(args.model.as_os_str()).to_string_lossy();
+    let axis_labels = slm_plot::layer_labels(labels.len());
+    for (file, m, range, short, metric) in [
+        ("cka.png", &cka, CKA_RANGE, "linear CKA", "linear CKA"),
+        ("cosine.png", &cosine, COSINE_RANGE, "cosine", "cosine similarity"),
+    ] {
+        let title = format!("Layer similarity ({short}), {model_name}");
+        slm_plot::heatmap_png(&args.out.join(file), &heatmap(&title, m, range, &axis_labels, metric, &[]))?;
+    }
 
     println!(
         "{}: {} representations (embeddings + {} layers), {} windows × {} tokens from {} (seed {})",
@@ -118,6 +125,27 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         args.out.join("cosine.png").display()
     );
     Ok(())
+}
+
+/// The heat map of a layer×layer matrix (index 0: the embeddings, index i + 1: layer i's output).
+pub(crate) fn heatmap<'a>(
+    title: &'a str,
+    m: &'a [Vec<f64>],
+    range: (f64, f64),
+    labels: &'a [String],
+    metric: &'a str,
+    groups: &'a [(usize, usize)],
+) -> slm_plot::Heatmap<'a> {
+    slm_plot::Heatmap {
+        title,
+        matrix: m,
+        range,
+        labels,
+        x_desc: "layer output (emb = embeddings)",
+        y_desc: "layer output",
+        colorbar_label: metric,
+        groups,
+    }
 }
 
 /// Maximal runs `[a, b]` (b > a) of consecutive representations whose pairwise CKA is all `>= threshold`,

@@ -85,11 +85,12 @@ impl<'a> Engine<'a> {
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<RequestResult>, EvalError> {
         for (i, r) in requests.iter().enumerate() {
-            if r.context.is_empty() || r.continuation.is_empty() {
-                return Err(EvalError::InvalidArgument(format!(
-                    "request {i} has an empty context or continuation"
-                )));
-            }
+            let empty = match (r.context.is_empty(), r.continuation.is_empty()) {
+                (true, _) => "context (the model needs a token to predict from)",
+                (_, true) => "continuation (no tokens to score)",
+                _ => continue,
+            };
+            return Err(EvalError::InvalidArgument(format!("request {i} of {}: empty {empty}", requests.len())));
         }
         let mut groups = self.group(requests);
         // Longest first; ties keep first-occurrence order, so the schedule is deterministic.

@@ -31,8 +31,13 @@
 //! - `wikitext`: [`load_wikitext_docs`] → per page [`rolling_requests`]`(encoder, &doc.text,
 //!   prefix_token, max_length)` (prefix = the tokenizer's BOS id, else EOS: lm-eval's
 //!   `prefix_token_id`) → engine → [`doc_loglikelihood`] per page → [`aggregate_wikitext`].
-//! - `wikitext2-128`: [`wikitext2_text`] → encode once → [`fixed_windows`]`(tokens, 128)` →
-//!   engine → [`window_perplexity`].
+//! - `wikitext2-128`: [`wikitext2_windows`] ([`wikitext2_text`] → encode once →
+//!   [`fixed_windows`]`(tokens, 128)`) → engine → [`window_perplexity`].
+//!
+//! Bad data is refused, never scored: a record's error names the file, the line and the field
+//! (a gold label outside the choices included); a file with nothing to evaluate (no records, a
+//! limit of 0, text shorter than one window) names the file; a NaN or infinite log-likelihood
+//! names the task and the document.
 
 pub mod engine;
 pub mod error;
@@ -53,8 +58,8 @@ pub use metrics::{
 };
 pub use perplexity::{
     aggregate_wikitext, doc_loglikelihood, fixed_windows, load_wikitext_docs, load_wikitext_rows,
-    make_disjoint_window, rolling_requests, rolling_token_windows, wikitext2_text, wikitext_pages,
-    window_perplexity, WikitextDoc, Window,
+    make_disjoint_window, rolling_requests, rolling_token_windows, wikitext2_text, wikitext2_windows,
+    wikitext_pages, window_perplexity, WikitextDoc, Window,
 };
 pub use request::{
     build_token_requests, encode_pair, move_trailing_whitespace, DocRequests, TextEncoder,

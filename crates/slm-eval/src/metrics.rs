@@ -56,18 +56,39 @@ pub fn argmax(xs: &[f64]) -> usize {
 ///
 /// `acc = [argmax(ll) == gold]`; `acc_norm = [argmax(ll[i] / chars(choice[i])) == gold]` with
 /// `chars` the number of Unicode code points of the choice without the leading delimiter (Python
-/// `len`). A gold index outside the choices counts as wrong (lm-eval sets it to -100).
+/// `len`). A document without choices, a gold index outside them (lm-eval would silently count it wrong), a
+/// result count that is not one per request, and a NaN or infinite log-likelihood are errors.
 pub fn score_doc(
     task: &Task,
     doc: &Doc,
     results: &[RequestResult],
 ) -> Result<DocResult, EvalError> {
-    if results.len() != doc.requests.len() || results.is_empty() {
+    let bad_doc = |problem: String| EvalError::BadDoc {
+        task: task.name().to_string(),
+        doc_id: doc.doc_id,
+        problem,
+    };
+    if doc.requests.is_empty() {
+        return Err(bad_doc("the document has no requests (no choices to score)".into()));
+    }
+    if doc.choices.len() != doc.requests.len() {
+        let (c, r) = (doc.choices.len(), doc.requests.len());
+        return Err(bad_doc(format!("{c} choices for {r} requests (expected one request per choice)")));
+    }
+    if doc.gold >= doc.choices.len() {
+        let (g, n) = (doc.gold, doc.choices.len());
+        return Err(bad_doc(format!("gold index {g} is not one of the {n} choices (expected 0 to {})", n - 1)));
+    }
+    if results.len() != doc.requests.len() {
         return Err(EvalError::ResultCount {
+            task: task.name().to_string(),
             doc_id: doc.doc_id,
             expected: doc.requests.len(),
             got: results.len(),
         });
+    }
+    for (i, r) in results.iter().enumerate() {
+        EvalError::check_finite(task.name(), || format!("doc {}, request {i}", doc.doc_id), r.loglikelihood)?;
     }
     let lls: Vec<f64> = results.iter().map(|r| r.loglikelihood).collect();
     let pred = argmax(&lls);
@@ -99,9 +120,10 @@ pub fn score_docs(
 ) -> Result<Vec<DocResult>, EvalError> {
     if docs.len() != results.len() {
         return Err(EvalError::InvalidArgument(format!(
-            "{} documents but {} result lists",
-            docs.len(),
-            results.len()
+            "task `{}`: {} result lists for {} documents (expected one per document)",
+            task.name(),
+            results.len(),
+            docs.len()
         )));
     }
     docs.iter()
@@ -219,10 +241,21 @@ mod tests {
         let boolq = Task::from_name("boolq").unwrap();
         let r = score_doc(&boolq, &doc(&["no", "yes"], 1), &rr(&[-1.0, -0.5])).unwrap();
         assert_eq!((r.acc, r.acc_norm), (1.0, None));
-        // Gold outside the choices is wrong; a result-count mismatch is an error.
-        let r = score_doc(&boolq, &doc(&["no", "yes"], 5), &rr(&[-1.0, -0.5])).unwrap();
-        assert_eq!(r.acc, 0.0);
-        assert!(score_doc(&boolq, &doc(&["no", "yes"], 1), &rr(&[-1.0])).is_err());
+        // Gold outside the choices, a result-count mismatch and a non-finite score are errors.
+        let e = score_doc(&boolq, &doc(&["no", "yes"], 5), &rr(&[-1.0, -0.5])).unwrap_err().to_string();
+        assert_eq!(e, "task `boolq`, doc 0: gold index 5 is not one of the 2 choices (expected 0 to 1)");
+        let e = score_doc(&boolq, &doc(&["no", "yes"], 1), &rr(&[-1.0])).unwrap_err().to_string();
+        assert_eq!(e, "task `boolq`, doc 0: 1 results for 2 requests (expected one result per request)");
+        let e = score_doc(&boolq, &doc(&[], 0), &rr(&[])).unwrap_err().to_string();
+        assert_eq!(e, "task `boolq`, doc 0: the document has no requests (no choices to score)");
+        for bad in [f64::NAN, f64::NEG_INFINITY, f64::INFINITY] {
+            let e = score_doc(&boolq, &doc(&["no", "yes"], 1), &rr(&[-1.0, bad])).unwrap_err().to_string();
+            assert!(e.starts_with("task `boolq`, doc 0, request 1: the log-likelihood is "), "{e}");
+            assert!(e.contains(&bad.to_string()) && e.ends_with("not a finite number; refusing to average it"));
+        }
+        let docs = [doc(&["no", "yes"], 1)];
+        let e = score_docs(&boolq, &docs, &[]).unwrap_err().to_string();
+        assert!(e.contains("task `boolq`: 0 result lists for 1 documents (expected one per document)"), "{e}");
     }
 
     #[test]

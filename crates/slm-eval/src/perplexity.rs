@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::error::EvalError;
 use crate::metrics::MetricValue;
 use crate::request::{TextEncoder, TokenRequest};
-use crate::task::{for_each_record, Metric, Task};
+use crate::task::{describe, for_each_record, no_records_problem, FieldError, Metric, Task};
 use crate::text::{py_split_whitespace_count, py_strip, wikitext_detokenize};
 
 /// One WikiText page as lm-eval's `wikitext` task sees it.
@@ -26,20 +26,29 @@ pub struct WikitextDoc {
     pub bytes: usize,
 }
 
-/// The `text` field of every row of `wikitext-2-raw-v1.test.jsonl`, in order.
+/// The `text` field of every row of `wikitext-2-raw-v1.test.jsonl`, in order. A file without rows, or whose
+/// rows are all blank, is an error: there is nothing to score.
 pub fn load_wikitext_rows(data_dir: &Path) -> Result<Vec<String>, EvalError> {
     let task = Task::from_name("wikitext")?;
     let path = task.data_path(data_dir);
     let mut rows = Vec::new();
     for_each_record(&path, "wikitext", |line, record| {
-        let text = record
+        let v = record
             .get("text")
-            .ok_or_else(|| EvalError::malformed(&path, line, "missing field `text`"))?
-            .as_str()
-            .ok_or_else(|| EvalError::malformed(&path, line, "field `text` is not a string"))?;
+            .ok_or_else(|| FieldError::new("text", "missing from the record").at(&path, line))?;
+        let text = v.as_str().ok_or_else(|| {
+            FieldError::new("text", format!("expected a string, got {}", describe(v))).at(&path, line)
+        })?;
         rows.push(text.to_string());
         Ok(true)
     })?;
+    if rows.is_empty() {
+        return Err(EvalError::nothing("wikitext", &path, no_records_problem(None, "text")));
+    }
+    if rows.iter().all(|r| py_strip(r).is_empty()) {
+        let problem = format!("all {} rows have a blank `text` field: there is no text to score", rows.len());
+        return Err(EvalError::nothing("wikitext", &path, problem));
+    }
     Ok(rows)
 }
 
@@ -77,6 +86,10 @@ pub fn load_wikitext_docs(
     data_dir: &Path,
     limit: Option<usize>,
 ) -> Result<Vec<WikitextDoc>, EvalError> {
+    if limit == Some(0) {
+        let path = Task::from_name("wikitext")?.data_path(data_dir);
+        return Err(EvalError::nothing("wikitext", &path, no_records_problem(limit, "pages")));
+    }
     let pages = wikitext_pages(&load_wikitext_rows(data_dir)?);
     Ok(pages
         .into_iter()
@@ -167,21 +180,36 @@ pub fn doc_loglikelihood(window_lls: &[f64]) -> f64 {
 
 /// lm-eval's `wikitext` metrics from the per-document log-likelihoods (`doc_lls[i]` for
 /// `docs[i]`): `word_perplexity = exp(-Σll/Σwords)`, `byte_perplexity = exp(-Σll/Σbytes)`,
-/// `bits_per_byte = (-Σll/Σbytes)/ln 2`; no stderr.
+/// `bits_per_byte = (-Σll/Σbytes)/ln 2`; no stderr. No documents, a NaN or infinite log-likelihood, or no bytes
+/// at all is an error, never a perplexity.
 pub fn aggregate_wikitext(
     docs: &[WikitextDoc],
     doc_lls: &[f64],
 ) -> Result<Vec<MetricValue>, EvalError> {
-    if docs.len() != doc_lls.len() || docs.is_empty() {
+    if docs.is_empty() {
+        return Err(EvalError::InvalidArgument(
+            "wikitext: no documents to aggregate (a perplexity needs at least one page)".into(),
+        ));
+    }
+    if docs.len() != doc_lls.len() {
         return Err(EvalError::InvalidArgument(format!(
-            "{} wikitext documents but {} log-likelihoods",
-            docs.len(),
-            doc_lls.len()
+            "wikitext: {} log-likelihoods for {} documents (expected one per document)",
+            doc_lls.len(),
+            docs.len()
         )));
+    }
+    for (d, &ll) in docs.iter().zip(doc_lls) {
+        EvalError::check_finite("wikitext", || format!("doc {}", d.doc_id), ll)?;
     }
     let ll = doc_loglikelihood(doc_lls);
     let words = docs.iter().fold(0.0, |a, d| a + d.words as f64);
     let bytes = docs.iter().fold(0.0, |a, d| a + d.bytes as f64);
+    if bytes == 0.0 {
+        return Err(EvalError::InvalidArgument(format!(
+            "wikitext: the {} documents hold no bytes of text (a perplexity needs some text)",
+            docs.len()
+        )));
+    }
     let value = |metric, value| MetricValue {
         metric,
         value,
@@ -218,15 +246,52 @@ pub fn fixed_windows(tokens: &[u32], seq_len: usize) -> Result<Vec<TokenRequest>
         .collect())
 }
 
+/// The `wikitext2-128` requests: [`wikitext2_text`] encoded once, cut by [`fixed_windows`], the first `limit`
+/// kept. A limit of 0, or text too short for one window, is an error naming the data file.
+pub fn wikitext2_windows(
+    encoder: &impl TextEncoder,
+    data_dir: &Path,
+    seq_len: usize,
+    limit: Option<usize>,
+) -> Result<Vec<TokenRequest>, EvalError> {
+    const TASK: &str = "wikitext2-128";
+    let path = Task::from_name(TASK)?.data_path(data_dir);
+    if limit == Some(0) {
+        return Err(EvalError::nothing(TASK, &path, no_records_problem(limit, "windows")));
+    }
+    let tokens = encoder.encode(&wikitext2_text(data_dir)?)?;
+    let mut windows = fixed_windows(&tokens, seq_len)?;
+    if windows.is_empty() {
+        let problem = format!(
+            "the text tokenises to {} tokens, fewer than one {seq_len}-token window needs",
+            tokens.len()
+        );
+        return Err(EvalError::nothing(TASK, &path, problem));
+    }
+    if let Some(n) = limit {
+        windows.truncate(n);
+    }
+    Ok(windows)
+}
+
 /// `exp` of the mean token negative log-likelihood over all scored tokens of the windows
-/// (`lls[i]` is the summed log-likelihood of `windows[i]`).
+/// (`lls[i]` is the summed log-likelihood of `windows[i]`). No windows, or a NaN or infinite log-likelihood,
+/// is an error.
 pub fn window_perplexity(windows: &[TokenRequest], lls: &[f64]) -> Result<MetricValue, EvalError> {
-    if windows.len() != lls.len() || windows.is_empty() {
+    if windows.is_empty() {
+        return Err(EvalError::InvalidArgument(
+            "wikitext2-128: no windows to score (a perplexity needs at least one window)".into(),
+        ));
+    }
+    if windows.len() != lls.len() {
         return Err(EvalError::InvalidArgument(format!(
-            "{} windows but {} log-likelihoods",
-            windows.len(),
-            lls.len()
+            "wikitext2-128: {} log-likelihoods for {} windows (expected one per window)",
+            lls.len(),
+            windows.len()
         )));
+    }
+    for (i, &ll) in lls.iter().enumerate() {
+        EvalError::check_finite("wikitext2-128", || format!("window {i}"), ll)?;
     }
     let tokens = windows
         .iter()
@@ -351,7 +416,26 @@ mod tests {
         let p = window_perplexity(&ws, &[-2.0, -4.0]).unwrap();
         assert!((p.value - std::f64::consts::E).abs() < 1e-12);
         assert!(fixed_windows(&t, 1).is_err());
-        assert!(window_perplexity(&ws, &[-1.0]).is_err());
+        assert_eq!(
+            window_perplexity(&ws, &[-1.0]).unwrap_err().to_string(),
+            "invalid argument: wikitext2-128: 1 log-likelihoods for 2 windows (expected one per window)"
+        );
+        assert_eq!(
+            window_perplexity(&[], &[]).unwrap_err().to_string(),
+            "invalid argument: wikitext2-128: no windows to score (a perplexity needs at least one window)"
+        );
+        // Too few tokens for one window: no windows (the data-file error is `wikitext2_windows`'s).
+        assert!(fixed_windows(&t[..3], 4).unwrap().is_empty());
+        for bad in [f64::NAN, f64::NEG_INFINITY] {
+            let e = window_perplexity(&ws, &[-1.0, bad]).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "task `wikitext2-128`, window 1: the log-likelihood is {bad}, not a finite number; \
+                     refusing to average it"
+                )
+            );
+        }
     }
 
     #[test]
@@ -370,7 +454,19 @@ mod tests {
         assert!((m[1].value - 0.4f64.exp()).abs() < 1e-12); // 8 / 20 bytes
         assert!((m[2].value - 0.4 / std::f64::consts::LN_2).abs() < 1e-12);
         assert!(m.iter().all(|v| v.stderr.is_none()));
-        assert!(aggregate_wikitext(&docs, &[-1.0]).is_err());
+        assert_eq!(
+            aggregate_wikitext(&docs, &[-1.0]).unwrap_err().to_string(),
+            "invalid argument: wikitext: 1 log-likelihoods for 2 documents (expected one per document)"
+        );
+        assert_eq!(
+            aggregate_wikitext(&[], &[]).unwrap_err().to_string(),
+            "invalid argument: wikitext: no documents to aggregate (a perplexity needs at least one page)"
+        );
+        let e = aggregate_wikitext(&docs, &[-1.0, f64::NAN]).unwrap_err().to_string();
+        assert!(e.starts_with("task `wikitext`, doc 0: the log-likelihood is NaN"), "{e}");
+        // An empty page scores 0 and has 0 bytes: an error, never a perplexity of 1.0.
+        let e = aggregate_wikitext(&[doc(1, 0)], &[0.0]).unwrap_err().to_string();
+        assert!(e.contains("hold no bytes of text"), "{e}");
     }
 
     #[test]

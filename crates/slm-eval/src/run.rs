@@ -8,8 +8,7 @@ use crate::engine::Engine;
 use crate::error::EvalError;
 use crate::metrics::{aggregate, score_docs};
 use crate::perplexity::{
-    aggregate_wikitext, doc_loglikelihood, fixed_windows, load_wikitext_docs, rolling_requests, wikitext2_text,
-    window_perplexity,
+    aggregate_wikitext, doc_loglikelihood, load_wikitext_docs, rolling_requests, wikitext2_windows, window_perplexity,
 };
 use crate::request::{build_token_requests, TokenRequest};
 use crate::results::{sample_record, Json, TaskReport};
@@ -116,6 +115,10 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
             let mut counts = Vec::new();
             for d in &docs {
                 let r = rolling_requests(tok, &d.text, prefix, s.max_length)?;
+                if r.is_empty() {
+                    let problem = format!("page {} tokenises to no tokens: nothing to score", d.doc_id);
+                    return Err(EvalError::nothing(task.name(), &task.data_path(s.data_dir), problem));
+                }
                 counts.push(r.len());
                 requests.extend(r);
             }
@@ -148,11 +151,7 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
             })
         }
         TaskKind::WindowPerplexity => {
-            let tokens = crate::TextEncoder::encode(tok, &wikitext2_text(s.data_dir)?)?;
-            let mut windows = fixed_windows(&tokens, WIKITEXT2_WINDOW)?;
-            if let Some(n) = s.limit {
-                windows.truncate(n);
-            }
+            let windows = wikitext2_windows(tok, s.data_dir, WIKITEXT2_WINDOW, s.limit)?;
             let (results, stats) = score(model, s, task.name(), &windows, progress)?;
             let lls = lls(&results);
             let samples = lls

@@ -325,8 +325,8 @@ pub struct Doc {
     /// lm-eval's `doc_to_choice` strings, without the target delimiter. `acc_norm` divides by
     /// their length in characters (Unicode code points).
     pub choices: Vec<String>,
-    /// Gold choice index. lm-eval counts a gold index outside the choices as wrong; so does
-    /// [`crate::score_doc`].
+    /// Gold choice index, always one of the choices: the interpreter refuses a label outside them (lm-eval would
+    /// silently count the document as wrong), and so does [`crate::score_doc`].
     pub gold: usize,
 }
 
@@ -407,11 +407,18 @@ impl Task {
             if limit.is_some_and(|n| docs.len() >= n) {
                 return Ok(false);
             }
-            let doc = interpret(&self.spec.format, docs.len(), record)
-                .map_err(|problem| EvalError::malformed(&path, line, problem))?;
+            let doc =
+                interpret(&self.spec.format, docs.len(), record).map_err(|e| e.at(&path, line))?;
             docs.push(doc);
             Ok(true)
         })?;
+        if docs.is_empty() {
+            return Err(EvalError::nothing(
+                self.spec.name,
+                &path,
+                no_records_problem(limit, "documents"),
+            ));
+        }
         Ok(docs)
     }
 
@@ -442,8 +449,17 @@ impl Task {
     }
 }
 
+/// Why a load gave nothing: a limit of 0, or a file without records.
+pub(crate) fn no_records_problem(limit: Option<usize>, what: &str) -> String {
+    if limit == Some(0) {
+        format!("a limit of 0 leaves no {what} to evaluate (the limit must be at least 1)")
+    } else {
+        "the file holds no records (it is empty or has only blank lines)".to_string()
+    }
+}
+
 /// Calls `f(line_number, record)` for each non-blank line of a JSONL file until `f` returns
-/// `Ok(false)`. Line numbers are 1-based physical lines.
+/// `Ok(false)`. Line numbers are 1-based physical lines; a line that is not a JSON object is refused.
 pub(crate) fn for_each_record(
     path: &Path,
     task: &str,
@@ -478,6 +494,10 @@ pub(crate) fn for_each_record(
         }
         let record: Value = serde_json::from_str(&line)
             .map_err(|e| EvalError::malformed(path, line_no, format!("invalid JSON: {e}")))?;
+        if !record.is_object() {
+            let problem = format!("expected a JSON object, got {}", describe(&record));
+            return Err(EvalError::malformed(path, line_no, problem));
+        }
         if !f(line_no, &record)? {
             break;
         }
@@ -485,52 +505,162 @@ pub(crate) fn for_each_record(
     Ok(())
 }
 
+/// What is wrong with one field of a record, before the file and line are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FieldError {
+    /// Dotted path, with an index for a list item (`choices.text[2]`).
+    pub field: String,
+    pub problem: String,
+}
+
+impl FieldError {
+    pub(crate) fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// The error for this field of the record on `line` (1-based) of `path`.
+    pub(crate) fn at(self, path: &Path, line: usize) -> EvalError {
+        EvalError::BadField {
+            path: path.to_path_buf(),
+            line,
+            field: self.field,
+            problem: self.problem,
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "field `{}`: {}", self.field, self.problem)
+    }
+}
+
+/// A JSON value as written, cut to a readable length (a label, a key).
+fn show(v: &Value) -> String {
+    const MAX: usize = 40;
+    let s = v.to_string();
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s,
+    }
+}
+
+/// The kind and (short) value of a JSON value, for "expected X, got Y" messages.
+pub(crate) fn describe(v: &Value) -> String {
+    match v {
+        Value::Null => "null".to_string(),
+        Value::Bool(_) => format!("the boolean {v}"),
+        Value::Number(_) => format!("the number {v}"),
+        Value::String(_) => format!("the string {}", show(v)),
+        Value::Array(a) if a.len() == 1 => "a list of 1 item".to_string(),
+        Value::Array(a) => format!("a list of {} items", a.len()),
+        Value::Object(_) => "an object".to_string(),
+    }
+}
+
 /// Looks up a dotted path (`choices.text`) in a record.
-fn field<'a>(record: &'a Value, path: &str) -> Result<&'a Value, String> {
+fn field<'a>(record: &'a Value, path: &str) -> Result<&'a Value, FieldError> {
     let mut v = record;
+    let mut walked = 0usize;
     for part in path.split('.') {
+        if !v.is_object() {
+            let parent = match walked {
+                0 => "the record".to_string(),
+                n => format!("`{}`", &path[..n - 1]),
+            };
+            let problem = format!("missing: {parent} is {}, not an object", describe(v));
+            return Err(FieldError::new(path, problem));
+        }
         v = v
             .get(part)
-            .ok_or_else(|| format!("missing field `{path}`"))?;
+            .ok_or_else(|| FieldError::new(path, "missing from the record"))?;
+        walked += part.len() + 1;
     }
     Ok(v)
 }
 
-fn str_field<'a>(record: &'a Value, path: &str) -> Result<&'a str, String> {
-    field(record, path)?
-        .as_str()
-        .ok_or_else(|| format!("field `{path}` is not a string"))
+fn str_field<'a>(record: &'a Value, path: &str) -> Result<&'a str, FieldError> {
+    let v = field(record, path)?;
+    v.as_str()
+        .ok_or_else(|| FieldError::new(path, format!("expected a string, got {}", describe(v))))
 }
 
-fn str_list_field(record: &Value, path: &str) -> Result<Vec<String>, String> {
-    let items = field(record, path)?
-        .as_array()
-        .ok_or_else(|| format!("field `{path}` is not a list"))?;
+fn str_list_field(record: &Value, path: &str) -> Result<Vec<String>, FieldError> {
+    let v = field(record, path)?;
+    let items = v.as_array().ok_or_else(|| {
+        FieldError::new(
+            path,
+            format!("expected a list of strings, got {}", describe(v)),
+        )
+    })?;
     items
         .iter()
-        .map(|v| {
-            v.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| format!("field `{path}` holds a non-string item"))
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_str().map(str::to_string).ok_or_else(|| {
+                FieldError::new(
+                    format!("{path}[{i}]"),
+                    format!("expected a string, got {}", describe(v)),
+                )
+            })
         })
         .collect()
 }
 
-/// An integer field, or a string holding one (Python `int()`: surrounding whitespace allowed).
-fn index_field(record: &Value, path: &str) -> Result<usize, String> {
+/// A list-of-strings field that holds the choices: at least one.
+fn choice_list(record: &Value, path: &str) -> Result<Vec<String>, FieldError> {
+    let choices = str_list_field(record, path)?;
+    if choices.is_empty() {
+        return Err(FieldError::new(
+            path,
+            "the choice list is empty (a document needs at least one choice)",
+        ));
+    }
+    Ok(choices)
+}
+
+/// "expected 0 or 1": the valid gold indices for `n` (≥ 1) choices.
+fn expected_indices(n: usize) -> String {
+    match n {
+        0 | 1 => "expected 0".to_string(),
+        2 => "expected 0 or 1".to_string(),
+        _ => format!("expected 0 to {}", n - 1),
+    }
+}
+
+/// A gold index among `n` choices: an integer field, or a string holding one (Python `int()`: surrounding
+/// whitespace allowed).
+fn index_field(record: &Value, path: &str, n: usize) -> Result<usize, FieldError> {
     let v = field(record, path)?;
-    let n = match v {
-        Value::Number(n) => n.as_i64(),
+    let i = match v {
+        Value::Number(x) => x.as_i64(),
         Value::String(s) => py_strip(s).parse::<i64>().ok(),
         _ => None,
     };
-    let n = n.ok_or_else(|| format!("field `{path}` is not an integer: {v}"))?;
-    usize::try_from(n).map_err(|_| format!("field `{path}` is negative: {n}"))
+    let expected = expected_indices(n);
+    let i = i.ok_or_else(|| {
+        FieldError::new(
+            path,
+            format!(
+                "expected an integer label ({expected}), got {}",
+                describe(v)
+            ),
+        )
+    })?;
+    usize::try_from(i).ok().filter(|&i| i < n).ok_or_else(|| {
+        FieldError::new(
+            path,
+            format!("{} is not a valid label ({expected})", show(v)),
+        )
+    })
 }
 
 /// Fills `{{field}}` placeholders; a template without placeholders is a bare field name
 /// (lm-eval's convention for `doc_to_text: question_stem`).
-fn fill_template(template: &str, record: &Value) -> Result<String, String> {
+fn fill_template(template: &str, record: &Value) -> Result<String, FieldError> {
     if !template.contains("{{") {
         return str_field(record, template).map(str::to_string);
     }
@@ -539,9 +669,12 @@ fn fill_template(template: &str, record: &Value) -> Result<String, String> {
     while let Some(open) = rest.find("{{") {
         out.push_str(&rest[..open]);
         let after = &rest[open + 2..];
-        let close = after
-            .find("}}")
-            .ok_or_else(|| format!("unclosed placeholder in template `{template}`"))?;
+        let close = after.find("}}").ok_or_else(|| {
+            FieldError::new(
+                template,
+                "the task's template has an unclosed `{{` placeholder",
+            )
+        })?;
         out.push_str(str_field(record, after[..close].trim())?);
         rest = &after[close + 2..];
     }
@@ -549,8 +682,13 @@ fn fill_template(template: &str, record: &Value) -> Result<String, String> {
     Ok(out)
 }
 
-/// The interpreter: one record → one [`Doc`]. Errors name the bad or missing field.
-pub(crate) fn interpret(format: &DocFormat, doc_id: usize, record: &Value) -> Result<Doc, String> {
+/// The interpreter: one record → one [`Doc`]. Errors name the bad or missing field; a gold label that is not
+/// one of the choices is an error, as are an empty or non-string choice list.
+pub(crate) fn interpret(
+    format: &DocFormat,
+    doc_id: usize,
+    record: &Value,
+) -> Result<Doc, FieldError> {
     const DELIM: &str = " ";
     let choice_requests = |context: String, choices: Vec<String>, gold: usize| Doc {
         doc_id,
@@ -577,25 +715,42 @@ pub(crate) fn interpret(format: &DocFormat, doc_id: usize, record: &Value) -> Re
                     .iter()
                     .map(|n| str_field(record, n).map(str::to_string))
                     .collect::<Result<_, _>>()?,
-                Choices::List(path) => str_list_field(record, path)?,
+                Choices::List(path) => choice_list(record, path)?,
             };
             let gold = match gold {
-                Gold::Int(path) => index_field(record, path)?,
+                Gold::Int(path) => index_field(record, path, choices.len())?,
                 Gold::IndexOf {
                     key,
                     labels,
                     lstrip_key,
                 } => {
-                    let k = str_field(record, key)?;
+                    let raw_key = str_field(record, key)?;
                     let k = if *lstrip_key {
-                        k.trim_start_matches(crate::text::py_isspace)
+                        raw_key.trim_start_matches(crate::text::py_isspace)
                     } else {
-                        k
+                        raw_key
                     };
-                    str_list_field(record, labels)?
-                        .iter()
-                        .position(|l| l == k)
-                        .ok_or_else(|| format!("`{key}` {k:?} is not in `{labels}`"))?
+                    let label_list = str_list_field(record, labels)?;
+                    if label_list.len() != choices.len() {
+                        let problem = format!(
+                            "{} labels for {} choices (expected one label per choice)",
+                            label_list.len(),
+                            choices.len()
+                        );
+                        return Err(FieldError::new(*labels, problem));
+                    }
+                    label_list.iter().position(|l| l == k).ok_or_else(|| {
+                        let valid: Vec<String> = label_list
+                            .iter()
+                            .map(|l| show(&Value::from(l.as_str())))
+                            .collect();
+                        let raw = show(&Value::from(raw_key));
+                        let problem = format!(
+                            "{raw} is not a valid label (expected one of `{labels}`: {})",
+                            valid.join(", ")
+                        );
+                        FieldError::new(*key, problem)
+                    })?
                 }
             };
             Ok(choice_requests(context, choices, gold))
@@ -608,18 +763,18 @@ pub(crate) fn interpret(format: &DocFormat, doc_id: usize, record: &Value) -> Re
             );
             let query =
                 hellaswag_preprocess(&format!("{}: {ctx}", str_field(record, "activity_label")?));
-            let choices = str_list_field(record, "endings")?
+            let choices: Vec<String> = choice_list(record, "endings")?
                 .iter()
                 .map(|e| hellaswag_preprocess(e))
                 .collect();
-            let gold = index_field(record, "label")?;
+            let gold = index_field(record, "label", choices.len())?;
             Ok(choice_requests(query, choices, gold))
         }
         DocFormat::WinoGrande => {
             let sentence = str_field(record, "sentence")?;
-            let i = sentence
-                .find('_')
-                .ok_or("field `sentence` has no \"_\" blank")?;
+            let i = sentence.find('_').ok_or_else(|| {
+                FieldError::new("sentence", "has no \"_\" blank for the options to fill")
+            })?;
             let continuation = format!("{DELIM}{}", py_strip(&sentence[i + 1..]));
             let choices: Vec<String> = ["option1", "option2"]
                 .iter()
@@ -629,9 +784,11 @@ pub(crate) fn interpret(format: &DocFormat, doc_id: usize, record: &Value) -> Re
                 "1" => 0,
                 "2" => 1,
                 other => {
-                    return Err(format!(
-                        "field `answer` must be \"1\" or \"2\", got {other:?}"
-                    ))
+                    let problem = format!(
+                        "{} is not a valid label (expected \"1\" or \"2\")",
+                        show(&Value::from(other))
+                    );
+                    return Err(FieldError::new("answer", problem));
                 }
             };
             Ok(Doc {
@@ -647,7 +804,10 @@ pub(crate) fn interpret(format: &DocFormat, doc_id: usize, record: &Value) -> Re
                 gold,
             })
         }
-        DocFormat::Perplexity => Err("perplexity records are not documents".into()),
+        DocFormat::Perplexity => Err(FieldError::new(
+            "text",
+            "a perplexity record is not a multiple-choice document",
+        )),
     }
 }
 
@@ -751,29 +911,43 @@ pub(crate) mod tests {
     fn bad_records_name_the_field() {
         let r =
             json!({"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "B"});
-        let e = interpret(spec("arc_easy"), 0, &r).unwrap_err();
-        assert!(
-            e.contains("answerKey") && e.contains("choices.label"),
-            "{e}"
+        let e = interpret(spec("arc_easy"), 0, &r).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "field `answerKey`: \"B\" is not a valid label (expected one of `choices.label`: \"A\")"
         );
         let r = json!({"goal": "g", "sol1": "a", "label": 0});
-        assert_eq!(
-            interpret(spec("piqa"), 0, &r).unwrap_err(),
-            "missing field `sol2`"
-        );
+        let e = interpret(spec("piqa"), 0, &r).unwrap_err();
+        assert_eq!(e, FieldError::new("sol2", "missing from the record"));
         let r = json!({"goal": "g", "sol1": "a", "sol2": 3, "label": 0});
         assert_eq!(
-            interpret(spec("piqa"), 0, &r).unwrap_err(),
-            "field `sol2` is not a string"
+            interpret(spec("piqa"), 0, &r).unwrap_err().to_string(),
+            "field `sol2`: expected a string, got the number 3"
         );
         let r = json!({"goal": "g", "sol1": "a", "sol2": "b", "label": -1});
-        assert!(interpret(spec("piqa"), 0, &r)
-            .unwrap_err()
-            .contains("negative"));
+        assert_eq!(
+            interpret(spec("piqa"), 0, &r).unwrap_err().to_string(),
+            "field `label`: -1 is not a valid label (expected 0 or 1)"
+        );
+        let r = json!({"goal": "g", "sol1": "a", "sol2": "b", "label": " 1 "});
+        assert_eq!(interpret(spec("piqa"), 0, &r).unwrap().gold, 1);
         let r = json!({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"});
-        assert!(interpret(spec("winogrande"), 0, &r)
-            .unwrap_err()
-            .contains("sentence"));
+        assert_eq!(
+            interpret(spec("winogrande"), 0, &r).unwrap_err().field,
+            "sentence"
+        );
+        // A dotted path through something that is not an object.
+        let r = json!({"question": "q", "choices": ["a", "b"], "answerKey": "A"});
+        assert_eq!(
+            interpret(spec("arc_easy"), 0, &r).unwrap_err().to_string(),
+            "field `choices.text`: missing: `choices` is a list of 2 items, not an object"
+        );
+        assert_eq!(
+            interpret(spec("boolq"), 0, &json!(3))
+                .unwrap_err()
+                .to_string(),
+            "field `passage`: missing: the record is the number 3, not an object"
+        );
     }
 
     #[test]
@@ -795,12 +969,9 @@ pub(crate) mod tests {
         .unwrap();
         let e = task.load_docs(&dir, None).unwrap_err();
         let msg = e.to_string();
+        assert!(matches!(e, EvalError::BadField { line: 4, .. }), "{msg}");
         assert!(
-            matches!(e, EvalError::MalformedRecord { line: 4, .. }),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("piqa.validation.jsonl:4") && msg.contains("`sol2`"),
+            msg.contains("piqa.validation.jsonl: line 4: field `sol2`"),
             "{msg}"
         );
         // The limit stops before the bad record.
@@ -811,7 +982,10 @@ pub(crate) mod tests {
         )
         .unwrap();
         let msg = task.load_docs(&dir, None).unwrap_err().to_string();
-        assert!(msg.contains(":2: malformed record: invalid JSON"), "{msg}");
+        assert!(
+            msg.contains(": line 2: malformed record: invalid JSON"),
+            "{msg}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
 
         let e = Task::from_name("mmlu").unwrap_err().to_string();

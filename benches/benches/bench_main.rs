@@ -13,9 +13,7 @@ fn forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("forward");
     g.sample_size(10);
     g.throughput(Throughput::Elements((batch * seq) as u64));
-    g.bench_function("b16x128_all_logits", |b| {
-        b.iter(|| model.forward(&seqs, &all, false, Mode::Inference).unwrap())
-    });
+    g.bench_function("b16x128_all_logits", |b| b.iter(|| model.forward(&seqs, &all, false, Mode::Inference).unwrap()));
     g.bench_function("b16x128_last_logits", |b| {
         b.iter(|| model.forward(&seqs, &last, false, Mode::Inference).unwrap())
     });

@@ -35,15 +35,16 @@ fn export_then_inspect_the_export() {
     assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
     let st = std::fs::metadata(out.join("model.safetensors")).unwrap().len();
     assert!(st > 2 * 134_000_000 && st < 2 * 136_000_000, "bf16 file of {st} bytes");
-    let v: serde_json::Value =
-        serde_json::from_str(&run_ok(slm().arg("inspect").arg(&out).arg("--json"))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&run_ok(slm().arg("inspect").arg(&out).arg("--json"))).unwrap();
     assert_eq!(v["num_parameters"], 134_515_008u64);
 }
 
 #[test]
 fn bad_flags_and_paths_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let e = run_err(slm().arg("export").arg(default_model_path()).arg("--out").arg(dir.path().join("x")).args(["--dtype", "f8"]));
+    let e = run_err(
+        slm().arg("export").arg(default_model_path()).arg("--out").arg(dir.path().join("x")).args(["--dtype", "f8"]),
+    );
     assert!(e.contains("unknown dtype `f8`"), "{e}");
     let e = run_err(slm().arg("inspect").arg(default_model_path()).args(["--device", "tpu"]));
     assert!(e.contains("unknown device `tpu`"), "{e}");
@@ -94,10 +95,8 @@ fn eval_writes_lm_eval_results_and_samples_that_match_the_golden_run() {
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("samples_openbookqa_"))
         .collect();
     assert_eq!(samples.len(), 1);
-    let golden_lines = std::fs::read_to_string(
-        slm_model::testing::golden_dir().join("lm-eval-first25/openbookqa.jsonl"),
-    )
-    .unwrap();
+    let golden_lines =
+        std::fs::read_to_string(slm_model::testing::golden_dir().join("lm-eval-first25/openbookqa.jsonl")).unwrap();
     let ours = std::fs::read_to_string(&samples[0]).unwrap();
     assert_eq!(ours.lines().count(), 25);
     for (a, b) in ours.lines().zip(golden_lines.lines()) {
@@ -115,13 +114,18 @@ fn eval_rejects_unknown_task_missing_file_and_malformed_record() {
     assert!(e.contains("unknown task `mmlu`"), "{e}");
 
     let dir = tempfile::tempdir().unwrap();
-    let e = run_err(slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()));
+    let e = run_err(
+        slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()),
+    );
     assert!(e.contains("arc_easy.test.jsonl") && e.contains("not found"), "{e}");
 
     let good = std::fs::read_to_string(slm_model::testing::data_dir().join("arc_easy.test.jsonl")).unwrap();
     let first = good.lines().next().unwrap();
-    std::fs::write(dir.path().join("arc_easy.test.jsonl"), format!("{first}\n{{\"id\": \"x\", \"question\": 3}}\n")).unwrap();
-    let e = run_err(slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()));
+    std::fs::write(dir.path().join("arc_easy.test.jsonl"), format!("{first}\n{{\"id\": \"x\", \"question\": 3}}\n"))
+        .unwrap();
+    let e = run_err(
+        slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()),
+    );
     assert!(e.contains("arc_easy.test.jsonl:2"), "{e}");
 }
 
@@ -173,9 +177,12 @@ fn depth_slm_dp_merges_windows_for_the_target_and_records_its_proposals() {
     let m = slm_model::Model::load(&out, &candle_core::Device::Cpu).unwrap();
     assert_eq!(m.spec.num_layers(), 22);
     // slm-dp needs a layer count.
-    let e = run_err(
-        slm().arg("depth").arg(default_model_path()).arg("--out").arg(dir.path().join("t")).args(["--method", "slm-dp", "--threshold", "0.5"]),
-    );
+    let e = run_err(slm().arg("depth").arg(default_model_path()).arg("--out").arg(dir.path().join("t")).args([
+        "--method",
+        "slm-dp",
+        "--threshold",
+        "0.5",
+    ]));
     assert!(e.contains("--target-layers or --target-ratio"), "{e}");
 }
 
@@ -193,10 +200,24 @@ fn depth_calibration_defaults_depend_on_the_method() {
     .enumerate()
     {
         let out = dir.path().join(format!("m{i}"));
-        run_ok(slm().arg("depth").arg(default_model_path()).arg("--out").arg(&out).args(&flags).args(["--target-layers", "1"]).arg("--calib").arg(lambada.clone()));
+        run_ok(
+            slm()
+                .arg("depth")
+                .arg(default_model_path())
+                .arg("--out")
+                .arg(&out)
+                .args(&flags)
+                .args(["--target-layers", "1"])
+                .arg("--calib")
+                .arg(lambada.clone()),
+        );
         let plan: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("slm_plan.json")).unwrap()).unwrap();
-        assert_eq!((plan["calibration"]["samples"].as_u64(), plan["calibration"]["seq_len"].as_u64()), (Some(samples), Some(seq_len)), "{flags:?}");
+        assert_eq!(
+            (plan["calibration"]["samples"].as_u64(), plan["calibration"]["seq_len"].as_u64()),
+            (Some(samples), Some(seq_len)),
+            "{flags:?}"
+        );
     }
 }
 
@@ -251,7 +272,10 @@ fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
     // Per pruned layer: 3 query heads (192 q rows, 192 o columns) + 1 KV head (64 k, 64 v rows) = 576*512, plus
     // 384 channels * 3 * 576; 14 layers.
     let removed = 14 * (576 * 512 + 384 * 3 * 576);
-    assert_eq!(plan["parameters_before"].as_u64().unwrap() - plan["parameters_after"].as_u64().unwrap(), removed as u64);
+    assert_eq!(
+        plan["parameters_before"].as_u64().unwrap() - plan["parameters_after"].as_u64().unwrap(),
+        removed as u64
+    );
     assert_eq!(m.spec.num_parameters() as u64, plan["parameters_after"].as_u64().unwrap());
     let eval = run_ok(
         slm()
@@ -267,9 +291,12 @@ fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
 fn width_target_ratio_lands_on_the_requested_share() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w");
-    let stdout = run_ok(
-        slm().arg("width").arg(default_model_path()).arg("--out").arg(&out).args(["--target-ratio", "0.2", "--importance", "l2"]),
-    );
+    let stdout = run_ok(slm().arg("width").arg(default_model_path()).arg("--out").arg(&out).args([
+        "--target-ratio",
+        "0.2",
+        "--importance",
+        "l2",
+    ]));
     // Ratio 0.3106 on layers 4..28: 1 of 3 KV heads (576*512 parameters) and 478 of 1536 channels per layer.
     assert!(stdout.contains("4..28 pruned at ratio 0.3106"), "{stdout}");
     let removed = 24 * (576 * 512 + 478 * 3 * 576);

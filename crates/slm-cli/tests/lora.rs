@@ -30,11 +30,23 @@ fn lora_writes_peft_adapter_and_merged_model() {
             .arg(alpaca(dir.path()))
             .arg("--out")
             .arg(&out)
-            .args(["--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "1", "--cutoff", "64", "--val-size", "2"])
+            .args([
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--micro-batch-size",
+                "1",
+                "--cutoff",
+                "64",
+                "--val-size",
+                "2",
+            ])
             .args(["--rank", "2", "--merge"]),
     );
     assert!(stdout.contains("steps:       1"), "{stdout}");
-    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 2);
     assert!(out.join("adapter_model.safetensors").is_file());
@@ -65,8 +77,11 @@ fn lora_rejects_bad_input() {
     std::fs::write(&bad, "{\"instruction\": \"x\", \"output\": \"y\"}\n{\"instruction\": \"x\"}\n").unwrap();
     let e = run_err(slm().arg("lora").arg(&model).arg("--out").arg(&out).arg("--data").arg(&bad));
     assert!(e.contains("bad.jsonl") && e.contains("line 2") && e.contains("`output`"), "{e}");
-    let e = run_err(slm().arg("lora").arg(&model).arg("--out").arg(&out).arg("--data").arg(dir.path().join("nope.jsonl")));
+    let e =
+        run_err(slm().arg("lora").arg(&model).arg("--out").arg(&out).arg("--data").arg(dir.path().join("nope.jsonl")));
     assert!(e.contains("nope.jsonl") && e.contains("does not exist"), "{e}");
-    let e = run_err(slm().arg("lora").arg(&model).arg("--out").arg(&out).arg("--data").arg(alpaca(dir.path())).arg("--distill"));
+    let e = run_err(
+        slm().arg("lora").arg(&model).arg("--out").arg(&out).arg("--data").arg(alpaca(dir.path())).arg("--distill"),
+    );
     assert!(e.contains("--teacher"), "{e}");
 }

@@ -7,7 +7,7 @@ mod common;
 
 use common::slm;
 
-use slm_model::testing::{default_model_path, data_dir};
+use slm_model::testing::{data_dir, default_model_path};
 
 fn header(out: &Path) -> String {
     format!(
@@ -143,7 +143,10 @@ steps = [{ step = "eval", tasks = "openbookqa" }, { step = "depth", method = "sh
         if name == "split" {
             // The eval of the dense input (step 1) is not the final model's; steps 3 and 4 make one row.
             let dir = out.join("split");
-            assert_eq!(evals, [dir.join("3-eval/results.json").to_str().unwrap(), dir.join("4-eval/results.json").to_str().unwrap()]);
+            assert_eq!(
+                evals,
+                [dir.join("3-eval/results.json").to_str().unwrap(), dir.join("4-eval/results.json").to_str().unwrap()]
+            );
             let (tasks, ppl) = (json(Path::new(evals[0])), json(Path::new(evals[1])));
             assert!(tasks["results"]["wikitext2-128"].is_null() && ppl["results"]["openbookqa"].is_null());
             assert_eq!(r["tasks"]["openbookqa"]["value"], tasks["results"]["openbookqa"]["acc_norm,none"]);
@@ -185,7 +188,8 @@ steps = [{ step = "eval", tasks = "openbookqa" }, { step = "depth", method = "sh
 fn the_shipped_schedules_are_valid() {
     let root = slm_model::testing::workspace_root();
     for name in ["demo.toml", "paper.toml"] {
-        let o = slm().current_dir(&root).arg("run").arg(root.join("schedules").join(name)).arg("--check").output().unwrap();
+        let o =
+            slm().current_dir(&root).arg("run").arg(root.join("schedules").join(name)).arg("--check").output().unwrap();
         let stdout = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
         assert!(stdout.contains("slm+width"), "{name}: {stdout}");

@@ -55,20 +55,43 @@ fn outputs_over_into_or_around_an_input_are_refused_and_the_input_is_untouched()
         (vec!["export".into(), mp.clone(), "--out".into(), mp.clone()], "is the input"),
         (vec!["export".into(), mp.clone(), "--out".into(), inside.display().to_string()], "lies inside the input"),
         (vec!["export".into(), mp.clone(), "--out".into(), dir.path().display().to_string()], "contains the input"),
-        (vec!["depth".into(), mp.clone(), "--out".into(), mp.clone(), "--target-layers".into(), "1".into()], "is the input"),
-        (vec!["width".into(), mp.clone(), "--out".into(), mp.clone(), "--pruning-ratio".into(), "0.2".into()], "is the input"),
+        (
+            vec!["depth".into(), mp.clone(), "--out".into(), mp.clone(), "--target-layers".into(), "1".into()],
+            "is the input",
+        ),
+        (
+            vec!["width".into(), mp.clone(), "--out".into(), mp.clone(), "--pruning-ratio".into(), "0.2".into()],
+            "is the input",
+        ),
         (vec!["similarity".into(), mp.clone(), "--out".into(), inside.display().to_string()], "lies inside"),
         (vec!["lora".into(), mp.clone(), "--out".into(), mp.clone(), "--max-steps".into(), "1".into()], "is the input"),
         (
-            vec!["eval".into(), mp.clone(), "--tasks".into(), "openbookqa".into(), "--output-path".into(), m.join("config.json").display().to_string()],
+            vec![
+                "eval".into(),
+                mp.clone(),
+                "--tasks".into(),
+                "openbookqa".into(),
+                "--output-path".into(),
+                m.join("config.json").display().to_string(),
+            ],
             "lies inside the input",
         ),
-        (vec!["bench".into(), mp.clone(), "--json".into(), m.join("config.json").display().to_string()], "lies inside the input"),
+        (
+            vec!["bench".into(), mp.clone(), "--json".into(), m.join("config.json").display().to_string()],
+            "lies inside the input",
+        ),
         (vec!["run".into(), sched.display().to_string()], "is the input"),
         (vec!["run".into(), sched.display().to_string(), "--check".into()], "is the input"),
         // A calibration corpus is an input too.
         (
-            vec!["depth".into(), default_model_path().display().to_string(), "--out".into(), calib.display().to_string(), "--target-layers".into(), "1".into()],
+            vec![
+                "depth".into(),
+                default_model_path().display().to_string(),
+                "--out".into(),
+                calib.display().to_string(),
+                "--target-layers".into(),
+                "1".into(),
+            ],
             "is the input",
         ),
     ];
@@ -102,12 +125,20 @@ fn a_foreign_existing_output_needs_force_and_an_earlier_output_is_replaced() {
     // Results JSON: a user's file is not replaced; an earlier results file is.
     let notes = dir.path().join("notes.json");
     std::fs::write(&notes, b"{\"mine\": 1}").unwrap();
-    let e = run_err(slm().arg("eval").arg(&model).args(["--tasks", "openbookqa", "--limit", "2", "--output-path"]).arg(&notes));
+    let e = run_err(
+        slm().arg("eval").arg(&model).args(["--tasks", "openbookqa", "--limit", "2", "--output-path"]).arg(&notes),
+    );
     assert!(e.contains("--output-path") && e.contains("not an earlier slm output"), "{e}");
     assert_eq!(std::fs::read(&notes).unwrap(), b"{\"mine\": 1}");
     let results = dir.path().join("r.json");
     for _ in 0..2 {
-        run_ok(slm().arg("eval").arg(&model).args(["--tasks", "openbookqa", "--limit", "2", "--output-path"]).arg(&results));
+        run_ok(
+            slm()
+                .arg("eval")
+                .arg(&model)
+                .args(["--tasks", "openbookqa", "--limit", "2", "--output-path"])
+                .arg(&results),
+        );
     }
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
     assert_eq!(v["slm_output"]["kind"], "eval-results");
@@ -140,7 +171,8 @@ fn an_export_killed_at_any_point_leaves_the_old_output_or_none_and_no_temporarie
     let old = std::fs::read(out.join("model.safetensors")).unwrap();
     // Kill -9 at points spread over a whole export (loading, converting, writing, renaming).
     for k in 1..=6u32 {
-        let mut child = slm().arg("export").arg(&model).arg("--out").arg(&out).args(["--dtype", "bf16"]).spawn().unwrap();
+        let mut child =
+            slm().arg("export").arg(&model).arg("--out").arg(&out).args(["--dtype", "bf16"]).spawn().unwrap();
         std::thread::sleep(full * k / 6);
         let _ = child.kill(); // SIGKILL on Unix
         child.wait().unwrap();
@@ -161,14 +193,24 @@ fn the_data_are_found_from_any_working_directory_and_a_bad_place_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let model = default_model_path();
     // No --data-dir, run from an unrelated directory: the source checkout's data/ is found.
-    let out = run_ok(slm().current_dir(dir.path()).arg("eval").arg(&model).args(["--tasks", "openbookqa", "--limit", "2"]));
+    let out =
+        run_ok(slm().current_dir(dir.path()).arg("eval").arg(&model).args(["--tasks", "openbookqa", "--limit", "2"]));
     assert!(out.contains("openbookqa"), "{out}");
-    let e = run_err(slm().current_dir(dir.path()).env("SLM_DATA_DIR", "/no/such/data").arg("eval").arg(&model).args(["--tasks", "openbookqa"]));
+    let e = run_err(
+        slm()
+            .current_dir(dir.path())
+            .env("SLM_DATA_DIR", "/no/such/data")
+            .arg("eval")
+            .arg(&model)
+            .args(["--tasks", "openbookqa"]),
+    );
     assert!(e.contains("$SLM_DATA_DIR = /no/such/data: not a directory"), "{e}");
     let e = run_err(slm().arg("eval").arg(&model).args(["--tasks", "openbookqa", "--data-dir", "/no/such/data"]));
     assert!(e.contains("--data-dir /no/such/data: not a directory"), "{e}");
     // The default calibration corpus of depth/width/similarity/lora comes from the same place.
-    let e = run_err(slm().env("SLM_DATA_DIR", "/no/such/data").arg("similarity").arg(&model).arg("--out").arg(dir.path().join("s")));
+    let e = run_err(
+        slm().env("SLM_DATA_DIR", "/no/such/data").arg("similarity").arg(&model).arg("--out").arg(dir.path().join("s")),
+    );
     assert!(e.contains("$SLM_DATA_DIR"), "{e}");
 }
 

@@ -15,7 +15,8 @@ pub fn block_influence(cal: &Calibration) -> Result<Vec<f64>> {
             let (b, t, d) = h[i].dims3()?;
             let x = h[i].reshape((b * t, d))?.to_dtype(DType::F64)?;
             let y = h[i + 1].reshape((b * t, d))?.to_dtype(DType::F64)?;
-            let cos = ((&x * &y)?.sum(D::Minus1)? / (x.sqr()?.sum(D::Minus1)?.sqrt()? * y.sqr()?.sum(D::Minus1)?.sqrt()?)?)?;
+            let cos = ((&x * &y)?.sum(D::Minus1)?
+                / (x.sqr()?.sum(D::Minus1)?.sqrt()? * y.sqr()?.sum(D::Minus1)?.sqrt()?)?)?;
             let cos: Vec<f64> = cos.to_vec1()?;
             // ShortGPT sets NaN cosines (zero vectors) to 0.5.
             let mean = cos.iter().map(|c| if c.is_nan() { 0.5 } else { *c }).sum::<f64>() / cos.len() as f64;
@@ -42,8 +43,11 @@ fn check_n(cal: &Calibration, n: usize, available: usize) -> Result<()> {
     Ok(())
 }
 
+/// What a removal baseline decided: the layers removed, and the score of every layer it weighed.
+pub type Removal = (Vec<usize>, Vec<(usize, f64)>);
+
 /// ShortGPT: remove the `n` layers of lowest block influence, in one shot. Returns (removed, per-layer scores).
-pub fn shortgpt(cal: &Calibration, n: usize) -> Result<(Vec<usize>, Vec<(usize, f64)>)> {
+pub fn shortgpt(cal: &Calibration, n: usize) -> Result<Removal> {
     check_n(cal, n, cal.num_layers())?;
     let scores: Vec<(usize, f64)> = block_influence(cal)?.into_iter().enumerate().collect();
     Ok((lowest(&scores, n), scores))
@@ -51,7 +55,7 @@ pub fn shortgpt(cal: &Calibration, n: usize) -> Result<(Vec<usize>, Vec<(usize, 
 
 /// Shortened-LLaMA's PPL criterion: the calibration perplexity of the dense model without each single block;
 /// remove the `n` lowest. The "+" heuristic keeps blocks 0–3 and the last two out of the candidates.
-pub fn shortened_ppl(cal: &mut Calibration, n: usize) -> Result<(Vec<usize>, Vec<(usize, f64)>)> {
+pub fn shortened_ppl(cal: &mut Calibration, n: usize) -> Result<Removal> {
     let l = cal.num_layers();
     let candidates: Vec<usize> = (0..l).filter(|&i| i >= 4 && i + 2 < l).collect();
     check_n(cal, n, candidates.len())?;
@@ -64,7 +68,7 @@ pub fn shortened_ppl(cal: &mut Calibration, n: usize) -> Result<(Vec<usize>, Vec
 
 /// SLEB: `n` times, remove the alive block (never the first or last alive one) whose removal gives the lowest
 /// calibration NLL, re-scoring after every removal. Returns (removed in order, NLL after each removal).
-pub fn sleb(cal: &mut Calibration, n: usize) -> Result<(Vec<usize>, Vec<(usize, f64)>)> {
+pub fn sleb(cal: &mut Calibration, n: usize) -> Result<Removal> {
     let l = cal.num_layers();
     check_n(cal, n, l.saturating_sub(2))?;
     let mut removed: Vec<usize> = Vec::new();

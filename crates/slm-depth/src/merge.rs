@@ -41,7 +41,9 @@ impl std::str::FromStr for MergeOp {
     type Err = DepthError;
     fn from_str(s: &str) -> Result<Self> {
         MergeOp::ALL.into_iter().find(|op| op.name() == s).ok_or_else(|| {
-            DepthError::InvalidArgument(format!("unknown merge operator `{s}` (known: paper, reference, average, delete, top)"))
+            DepthError::InvalidArgument(format!(
+                "unknown merge operator `{s}` (known: paper, reference, average, delete, top)"
+            ))
         })
     }
 }

@@ -5,10 +5,10 @@ use slm_model::ModelSpec;
 
 use crate::baselines;
 use crate::error::{DepthError, Result};
+use crate::merge::MergeOp;
 use crate::plan::DepthPlan;
 use crate::score::{Calibration, Candidate, Criterion};
 use crate::search::{dp_windows, laco, sliding_merge, threshold_for_target, SearchResult, Step};
-use crate::merge::MergeOp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,7 +30,8 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [Method::Slm, Method::SlmDp, Method::ShortGpt, Method::Laco, Method::Sleb, Method::Ppl];
+    pub const ALL: [Method; 6] =
+        [Method::Slm, Method::SlmDp, Method::ShortGpt, Method::Laco, Method::Sleb, Method::Ppl];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -51,13 +52,21 @@ impl Method {
     /// The merge operator used unless one is given: `top` for slm-dp (best measured, README depth table),
     /// the reference's operator for the others.
     pub fn default_merge(self) -> MergeOp {
-        if self == Method::SlmDp { MergeOp::Top } else { MergeOp::Reference }
+        if self == Method::SlmDp {
+            MergeOp::Top
+        } else {
+            MergeOp::Reference
+        }
     }
 
     /// The similarity criterion used unless one is given: `kl` picks among slm-dp's proposals, the reference's
     /// flattened cosine elsewhere.
     pub fn default_criterion(self) -> Criterion {
-        if self == Method::SlmDp { Criterion::Kl } else { Criterion::Cosine }
+        if self == Method::SlmDp {
+            Criterion::Kl
+        } else {
+            Criterion::Cosine
+        }
     }
 
     /// Methods that a similarity threshold can stop; the others remove a number of layers.
@@ -70,7 +79,9 @@ impl std::str::FromStr for Method {
     type Err = DepthError;
     fn from_str(s: &str) -> Result<Self> {
         Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
-            DepthError::InvalidArgument(format!("unknown depth method `{s}` (known: slm, slm-dp, shortgpt, laco, sleb, ppl)"))
+            DepthError::InvalidArgument(format!(
+                "unknown depth method `{s}` (known: slm, slm-dp, shortgpt, laco, sleb, ppl)"
+            ))
         })
     }
 }

@@ -21,13 +21,20 @@ pub struct DepthPlan {
 impl DepthPlan {
     /// Checks that windows and removed layers are in range, windows have at least two layers, and nothing
     /// overlaps. Sorts both lists.
-    pub fn new(num_layers: usize, mut merges: Vec<[usize; 2]>, mut removed: Vec<usize>, operator: MergeOp) -> Result<Self> {
+    pub fn new(
+        num_layers: usize,
+        mut merges: Vec<[usize; 2]>,
+        mut removed: Vec<usize>,
+        operator: MergeOp,
+    ) -> Result<Self> {
         merges.sort();
         removed.sort();
         let mut used = vec![false; num_layers];
         let mut claim = |i: usize, what: String| -> Result<()> {
             if i >= num_layers {
-                return Err(DepthError::InvalidArgument(format!("{what}: layer {i} does not exist ({num_layers} layers)")));
+                return Err(DepthError::InvalidArgument(format!(
+                    "{what}: layer {i} does not exist ({num_layers} layers)"
+                )));
             }
             if std::mem::replace(&mut used[i], true) {
                 return Err(DepthError::InvalidArgument(format!("{what}: layer {i} is already in another group")));
@@ -91,9 +98,7 @@ pub fn planned_layers(model: &Model, plan: &DepthPlan) -> Result<Vec<(LayerSpec,
     }
     plan.output_layers()
         .into_iter()
-        .map(|(lo, hi)| {
-            merge_window(&model.weights.layers[lo..=hi], &model.spec.layers[lo..=hi], lo, plan.operator)
-        })
+        .map(|(lo, hi)| merge_window(&model.weights.layers[lo..=hi], &model.spec.layers[lo..=hi], lo, plan.operator))
         .collect()
 }
 

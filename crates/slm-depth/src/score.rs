@@ -47,7 +47,9 @@ impl std::str::FromStr for Criterion {
     type Err = DepthError;
     fn from_str(s: &str) -> Result<Self> {
         Criterion::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
-            DepthError::InvalidArgument(format!("unknown criterion `{s}` (known: cosine, token-cosine, kl, block-cosine)"))
+            DepthError::InvalidArgument(format!(
+                "unknown criterion `{s}` (known: cosine, token-cosine, kl, block-cosine)"
+            ))
         })
     }
 }
@@ -168,7 +170,9 @@ impl<'m> Calibration<'m> {
         let l = self.num_layers();
         for &[lo, hi] in &c.merges {
             if lo >= hi || hi >= l {
-                return Err(DepthError::InvalidArgument(format!("merge window [{lo}, {hi}] is not valid for {l} layers")));
+                return Err(DepthError::InvalidArgument(format!(
+                    "merge window [{lo}, {hi}] is not valid for {l} layers"
+                )));
             }
         }
         let start = if self.incremental { c.lowest_changed(l) } else { 0 };
@@ -266,12 +270,21 @@ impl<'m> Calibration<'m> {
             let (spec, w) = self.merged_layer(lo, hi)?.clone();
             self.layer_forwards += 1;
             self.full_layer_forwards += 1;
-            decoder_layer(&self.dense_hidden[lo], &w, &spec, &self.batch, self.model.spec.rms_norm_eps, Mode::Inference)?
+            decoder_layer(
+                &self.dense_hidden[lo],
+                &w,
+                &spec,
+                &self.batch,
+                self.model.spec.rms_norm_eps,
+                Mode::Inference,
+            )?
         };
         self.evaluations += 1;
         // Clamped: rounding can put the cosine of identical streams a hair above 1.
-        let v = finite(1.0 - mean_token_cosine(&out, &self.dense_hidden[hi + 1])?, || format!("the cost of window [{lo}, {hi}]"))?
-            .max(0.0);
+        let v = finite(1.0 - mean_token_cosine(&out, &self.dense_hidden[hi + 1])?, || {
+            format!("the cost of window [{lo}, {hi}]")
+        })?
+        .max(0.0);
         self.memo.insert(key, v);
         Ok(v)
     }
@@ -293,7 +306,8 @@ impl<'m> Calibration<'m> {
         let n = targets.len();
         let idx = Tensor::from_vec(targets, (n, 1), logp.device())?;
         let lp: Vec<f32> = logp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
-        let v = finite(-lp.iter().map(|&x| x as f64).sum::<f64>(), || format!("the calibration NLL of candidate {c:?}"))?;
+        let v =
+            finite(-lp.iter().map(|&x| x as f64).sum::<f64>(), || format!("the calibration NLL of candidate {c:?}"))?;
         self.memo.insert(key, v);
         Ok(v)
     }

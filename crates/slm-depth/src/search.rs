@@ -187,18 +187,22 @@ pub fn dp_windows(
     cost: &mut dyn FnMut(usize, usize) -> Result<f64>,
 ) -> Result<Option<(Vec<[usize; 2]>, f64)>> {
     if max_window < 2 {
-        return Err(DepthError::InvalidArgument(format!("a merge window has at least 2 layers, got a maximum of {max_window}")));
+        return Err(DepthError::InvalidArgument(format!(
+            "a merge window has at least 2 layers, got a maximum of {max_window}"
+        )));
     }
     crate::method::check_target(num_layers, target)?;
     let top = num_layers - 2; // highest layer a window may reach
-    // Costs of every window that removes at most `target` layers and has at most `max_window` layers.
+                              // Costs of every window that removes at most `target` layers and has at most `max_window` layers.
     let span = target.min(max_window - 1);
     let mut costs = std::collections::HashMap::new();
     for lo in 0..top {
         for hi in lo + 1..=top.min(lo + span) {
             let c = cost(lo, hi)?;
             if !(c.is_finite() && c >= 0.0) {
-                return Err(DepthError::InvalidArgument(format!("window [{lo}, {hi}] has cost {c}; costs must be finite and ≥ 0")));
+                return Err(DepthError::InvalidArgument(format!(
+                    "window [{lo}, {hi}] has cost {c}; costs must be finite and ≥ 0"
+                )));
             }
             costs.insert((lo, hi), c);
         }

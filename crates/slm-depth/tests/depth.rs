@@ -68,7 +68,8 @@ fn paper_merge_of_equal_layers_returns_that_layer_and_reference_is_top_projectio
     // paper = θ0 + (θ1 − θ0) + (θ2 − θ0), checked element by element by hand-written arithmetic.
     let (_, p) = merge_window(&m.weights.layers[0..3], &m.spec.layers[0..3], 0, MergeOp::Paper).unwrap();
     let get = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let (a, b, c) = (get(&m.weights.layers[0].up_proj), get(&m.weights.layers[1].up_proj), get(&m.weights.layers[2].up_proj));
+    let (a, b, c) =
+        (get(&m.weights.layers[0].up_proj), get(&m.weights.layers[1].up_proj), get(&m.weights.layers[2].up_proj));
     let want: Vec<f32> = (0..a.len()).map(|i| (a[i] + (b[i] - a[i])) + (c[i] - a[i])).collect();
     assert_eq!(get(&p.up_proj), want);
     // average = mean of the window, norms too.
@@ -110,7 +111,9 @@ fn merging_layers_of_different_widths_is_a_clear_error() {
 }
 
 /// A similarity oracle from a table keyed by (committed windows, candidate window); unknown keys fail the test.
-fn table(entries: &[(&[[usize; 2]], [usize; 2], f64)]) -> impl FnMut(&[[usize; 2]]) -> slm_depth::error::Result<f64> {
+type Entry<'a> = (&'a [[usize; 2]], [usize; 2], f64);
+
+fn table(entries: &[Entry]) -> impl FnMut(&[[usize; 2]]) -> slm_depth::error::Result<f64> {
     let map: HashMap<(Vec<[usize; 2]>, [usize; 2]), f64> =
         entries.iter().map(|(c, w, s)| ((c.to_vec(), *w), *s)).collect();
     move |merges: &[[usize; 2]]| {
@@ -148,12 +151,7 @@ fn sliding_search_window_reaching_layer_zero_and_consecutive_commits() {
     assert!(r.merges.is_empty());
     assert_eq!(r.steps.iter().map(|s| (s.lo, s.hi)).collect::<Vec<_>>(), vec![(3, 4), (2, 3), (1, 2), (0, 1)]);
     // Two commits: [3, 4] then [1, 2] (the window [0, 2] fails).
-    let mut two = table(&[
-        (&[], [3, 4], 0.9),
-        (&[], [2, 4], 0.1),
-        (&[[3, 4]], [1, 2], 0.9),
-        (&[[3, 4]], [0, 2], 0.1),
-    ]);
+    let mut two = table(&[(&[], [3, 4], 0.9), (&[], [2, 4], 0.1), (&[[3, 4]], [1, 2], 0.9), (&[[3, 4]], [0, 2], 0.1)]);
     assert_eq!(sliding_merge(6, 0.5, &mut two).unwrap().merges, vec![[3, 4], [1, 2]]);
 }
 
@@ -302,7 +300,14 @@ fn cholesky_solves_a_hand_worked_system() {
 }
 
 /// Every set of disjoint windows of at most `max_window` layers inside `0..=top`, with what it removes and costs.
-fn all_window_sets(lo: usize, top: usize, max_window: usize, cost: &dyn Fn(usize, usize) -> f64, out: &mut Vec<(usize, f64, Vec<[usize; 2]>)>, acc: (usize, f64, Vec<[usize; 2]>)) {
+fn all_window_sets(
+    lo: usize,
+    top: usize,
+    max_window: usize,
+    cost: &dyn Fn(usize, usize) -> f64,
+    out: &mut Vec<(usize, f64, Vec<[usize; 2]>)>,
+    acc: (usize, f64, Vec<[usize; 2]>),
+) {
     if lo >= top {
         out.push(acc);
         return;
@@ -348,7 +353,9 @@ fn dp_windows_finds_the_least_cost_set_that_brute_force_finds() {
     assert_eq!(slm_depth::dp_windows(6, 1, 2, &mut flat).unwrap().unwrap().0, vec![[3, 4]]);
     // Bad input.
     let mut ok = |_: usize, _: usize| -> slm_depth::error::Result<f64> { Ok(0.5) };
-    for (l, n, w, want) in [(6, 0, 3, "at least one must go"), (6, 5, 3, "at least two must remain"), (6, 2, 1, "at least 2 layers")] {
+    for (l, n, w, want) in
+        [(6, 0, 3, "at least one must go"), (6, 5, 3, "at least two must remain"), (6, 2, 1, "at least 2 layers")]
+    {
         let e = slm_depth::dp_windows(l, n, w, &mut ok).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
     }
@@ -359,7 +366,8 @@ fn dp_windows_finds_the_least_cost_set_that_brute_force_finds() {
 /// 1 − mean over rows of the cosine between rows of `a` and `b` (`[B, T, d]`), by plain arithmetic.
 fn one_minus_token_cosine(a: &Tensor, b: &Tensor) -> f64 {
     let d = a.dim(2).unwrap();
-    let (a, b) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let (a, b) =
+        (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     let rows = a.len() / d;
     let mut sum = 0.0;
     for r in 0..rows {

@@ -51,24 +51,21 @@ pub mod text;
 
 pub use engine::{Engine, EngineStats};
 pub use error::EvalError;
-pub use run::{evaluate, Progress, Settings, Silent, TaskRun};
 pub use metrics::{
-    aggregate, argmax, avg7, mean, mean_stderr, score_doc, score_docs, DocResult, MetricValue,
-    RequestResult,
+    aggregate, argmax, avg7, mean, mean_stderr, score_doc, score_docs, DocResult, MetricValue, RequestResult,
 };
 pub use perplexity::{
-    aggregate_wikitext, doc_loglikelihood, fixed_windows, load_wikitext_docs, load_wikitext_rows,
-    make_disjoint_window, rolling_requests, rolling_token_windows, wikitext2_text, wikitext2_windows,
-    wikitext_pages, window_perplexity, WikitextDoc, Window,
+    aggregate_wikitext, doc_loglikelihood, fixed_windows, load_wikitext_docs, load_wikitext_rows, make_disjoint_window,
+    rolling_requests, rolling_token_windows, wikitext2_text, wikitext2_windows, wikitext_pages, window_perplexity,
+    WikitextDoc, Window,
 };
 pub use request::{
-    build_token_requests, encode_pair, move_trailing_whitespace, DocRequests, TextEncoder,
-    TokenRequest,
+    build_token_requests, encode_pair, move_trailing_whitespace, DocRequests, TextEncoder, TokenRequest,
 };
 pub use results::{
-    reports_avg7, results_file_name, results_json, sample_record, sanitize_model_name, Json,
-    RunInfo, TaskReport,
+    reports_avg7, results_file_name, results_json, sample_record, sanitize_model_name, Json, RunInfo, TaskReport,
 };
+pub use run::{evaluate, Progress, Settings, Silent, TaskRun};
 pub use task::{Doc, Metric, Request, Task, TaskKind, TaskSpec, AVG7, TASKS};
 
 /// Window length of the LLM-Pruner/SLM perplexity protocol.

@@ -58,16 +58,8 @@ pub fn argmax(xs: &[f64]) -> usize {
 /// `chars` the number of Unicode code points of the choice without the leading delimiter (Python
 /// `len`). A document without choices, a gold index outside them (lm-eval would silently count it wrong), a
 /// result count that is not one per request, and a NaN or infinite log-likelihood are errors.
-pub fn score_doc(
-    task: &Task,
-    doc: &Doc,
-    results: &[RequestResult],
-) -> Result<DocResult, EvalError> {
-    let bad_doc = |problem: String| EvalError::BadDoc {
-        task: task.name().to_string(),
-        doc_id: doc.doc_id,
-        problem,
-    };
+pub fn score_doc(task: &Task, doc: &Doc, results: &[RequestResult]) -> Result<DocResult, EvalError> {
+    let bad_doc = |problem: String| EvalError::BadDoc { task: task.name().to_string(), doc_id: doc.doc_id, problem };
     if doc.requests.is_empty() {
         return Err(bad_doc("the document has no requests (no choices to score)".into()));
     }
@@ -94,11 +86,7 @@ pub fn score_doc(
     let pred = argmax(&lls);
     let hit = |p: usize| if p == doc.gold { 1.0 } else { 0.0 };
     let acc_norm = task.metrics().contains(&Metric::AccNorm).then(|| {
-        let normed: Vec<f64> = lls
-            .iter()
-            .zip(&doc.choices)
-            .map(|(ll, c)| ll / c.chars().count() as f64)
-            .collect();
+        let normed: Vec<f64> = lls.iter().zip(&doc.choices).map(|(ll, c)| ll / c.chars().count() as f64).collect();
         hit(argmax(&normed))
     });
     Ok(DocResult {
@@ -113,11 +101,7 @@ pub fn score_doc(
 }
 
 /// [`score_doc`] for each document; `results[i]` belongs to `docs[i]`.
-pub fn score_docs(
-    task: &Task,
-    docs: &[Doc],
-    results: &[Vec<RequestResult>],
-) -> Result<Vec<DocResult>, EvalError> {
+pub fn score_docs(task: &Task, docs: &[Doc], results: &[Vec<RequestResult>]) -> Result<Vec<DocResult>, EvalError> {
     if docs.len() != results.len() {
         return Err(EvalError::InvalidArgument(format!(
             "task `{}`: {} result lists for {} documents (expected one per document)",
@@ -126,10 +110,7 @@ pub fn score_docs(
             docs.len()
         )));
     }
-    docs.iter()
-        .zip(results)
-        .map(|(d, r)| score_doc(task, d, r))
-        .collect()
+    docs.iter().zip(results).map(|(d, r)| score_doc(task, d, r)).collect()
 }
 
 /// Naive left-to-right sum, as Python 3.11's built-in `sum` (the golden run used 3.11;
@@ -196,25 +177,14 @@ mod tests {
     fn doc(choices: &[&str], gold: usize) -> Doc {
         Doc {
             doc_id: 0,
-            requests: choices
-                .iter()
-                .map(|c| Request {
-                    context: "q".into(),
-                    continuation: format!(" {c}"),
-                })
-                .collect(),
+            requests: choices.iter().map(|c| Request { context: "q".into(), continuation: format!(" {c}") }).collect(),
             choices: choices.iter().map(|c| c.to_string()).collect(),
             gold,
         }
     }
 
     fn rr(lls: &[f64]) -> Vec<RequestResult> {
-        lls.iter()
-            .map(|&l| RequestResult {
-                loglikelihood: l,
-                is_greedy: false,
-            })
-            .collect()
+        lls.iter().map(|&l| RequestResult { loglikelihood: l, is_greedy: false }).collect()
     }
 
     #[test]
@@ -272,10 +242,8 @@ mod tests {
     fn aggregate_and_avg7() {
         let piqa = Task::from_name("piqa").unwrap();
         let d = doc(&["a", "bb"], 0);
-        let results: Vec<DocResult> = [[-1.0, -3.0], [-2.0, -1.0], [-3.0, -5.0]]
-            .iter()
-            .map(|l| score_doc(&piqa, &d, &rr(l)).unwrap())
-            .collect();
+        let results: Vec<DocResult> =
+            [[-1.0, -3.0], [-2.0, -1.0], [-3.0, -5.0]].iter().map(|l| score_doc(&piqa, &d, &rr(l)).unwrap()).collect();
         let agg = aggregate(&piqa, &results);
         assert_eq!(agg.len(), 2);
         assert_eq!(agg[0].metric, Metric::Acc);
@@ -298,37 +266,16 @@ mod tests {
     /// lm-eval's own aggregates for the golden run, from its per-document metrics, bit for bit.
     #[test]
     fn aggregates_match_golden_results_json() {
-        let dir = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../golden/lm-eval-first25"
-        );
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../golden/lm-eval-first25");
         let results = std::fs::read_to_string(format!("{dir}/results.json")).unwrap();
-        for task in [
-            "boolq",
-            "piqa",
-            "hellaswag",
-            "winogrande",
-            "arc_easy",
-            "arc_challenge",
-            "openbookqa",
-        ] {
+        for task in ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] {
             let lines = std::fs::read_to_string(format!("{dir}/{task}.jsonl")).unwrap();
-            let docs: Vec<serde_json::Value> = lines
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
+            let docs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
             let t = Task::from_name(task).unwrap();
             let section = &results[results.find(&format!("\"{task}_local\": {{")).unwrap()..];
             for m in t.metrics() {
-                let xs: Vec<f64> = docs
-                    .iter()
-                    .map(|d| d["metrics"][m.name()].as_f64().unwrap())
-                    .collect();
-                assert_eq!(
-                    mean(&xs),
-                    raw_numbers(section, &format!("{},none", m.name()))[0],
-                    "{task} {m:?}"
-                );
+                let xs: Vec<f64> = docs.iter().map(|d| d["metrics"][m.name()].as_f64().unwrap()).collect();
+                assert_eq!(mean(&xs), raw_numbers(section, &format!("{},none", m.name()))[0], "{task} {m:?}");
                 assert_eq!(
                     mean_stderr(&xs).unwrap(),
                     raw_numbers(section, &format!("{}_stderr,none", m.name()))[0],
@@ -336,24 +283,12 @@ mod tests {
                 );
             }
             // Golden per-doc metrics follow from the golden log-likelihoods.
-            let loaded = t
-                .load_docs(&crate::task::tests::repo_data_dir(), Some(25))
-                .unwrap();
+            let loaded = t.load_docs(&crate::task::tests::repo_data_dir(), Some(25)).unwrap();
             for ((d, g), line) in loaded.iter().zip(&docs).zip(lines.lines()) {
                 let lls = raw_numbers(line, "loglikelihood");
                 let r = score_doc(&t, d, &rr(&lls)).unwrap();
-                assert_eq!(
-                    r.acc,
-                    g["metrics"]["acc"].as_f64().unwrap(),
-                    "{task} doc {}",
-                    d.doc_id
-                );
-                assert_eq!(
-                    r.acc_norm,
-                    g["metrics"]["acc_norm"].as_f64(),
-                    "{task} doc {}",
-                    d.doc_id
-                );
+                assert_eq!(r.acc, g["metrics"]["acc"].as_f64().unwrap(), "{task} doc {}", d.doc_id);
+                assert_eq!(r.acc_norm, g["metrics"]["acc_norm"].as_f64(), "{task} doc {}", d.doc_id);
             }
         }
     }

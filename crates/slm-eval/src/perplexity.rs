@@ -33,9 +33,7 @@ pub fn load_wikitext_rows(data_dir: &Path) -> Result<Vec<String>, EvalError> {
     let path = task.data_path(data_dir);
     let mut rows = Vec::new();
     for_each_record(&path, "wikitext", |line, record| {
-        let v = record
-            .get("text")
-            .ok_or_else(|| FieldError::new("text", "missing from the record").at(&path, line))?;
+        let v = record.get("text").ok_or_else(|| FieldError::new("text", "missing from the record").at(&path, line))?;
         let text = v.as_str().ok_or_else(|| {
             FieldError::new("text", format!("expected a string, got {}", describe(v))).at(&path, line)
         })?;
@@ -59,10 +57,7 @@ pub fn load_wikitext_rows(data_dir: &Path) -> Result<Vec<String>, EvalError> {
 /// and strip, starts with "= " and ends with " =" (a top-level heading) closes the current page
 /// (emitted unless whitespace-only) and opens a new one. The rest is emitted at the end as is.
 pub fn wikitext_pages(rows: &[String]) -> Vec<String> {
-    let raw: String = rows
-        .iter()
-        .map(|r| if r.is_empty() { " \n" } else { r.as_str() })
-        .collect();
+    let raw: String = rows.iter().map(|r| if r.is_empty() { " \n" } else { r.as_str() }).collect();
     let mut pages = Vec::new();
     let mut doc: Vec<&str> = Vec::new();
     for line in raw.split('\n') {
@@ -82,10 +77,7 @@ pub fn wikitext_pages(rows: &[String]) -> Vec<String> {
 }
 
 /// The first `limit` (all when `None`) pages of lm-eval's `wikitext` task, detokenised and counted.
-pub fn load_wikitext_docs(
-    data_dir: &Path,
-    limit: Option<usize>,
-) -> Result<Vec<WikitextDoc>, EvalError> {
+pub fn load_wikitext_docs(data_dir: &Path, limit: Option<usize>) -> Result<Vec<WikitextDoc>, EvalError> {
     if limit == Some(0) {
         let path = Task::from_name("wikitext")?.data_path(data_dir);
         return Err(EvalError::nothing("wikitext", &path, no_records_problem(limit, "pages")));
@@ -138,10 +130,7 @@ pub fn rolling_token_windows(
         let k = (n - predicted).min(pred_len);
         let end = predicted + k;
         // end >= max_seq_len + 1 here, so the start is never negative.
-        windows.push((
-            tokens[end - max_seq_len - 1..end - 1].to_vec(),
-            tokens[end - k..end].to_vec(),
-        ));
+        windows.push((tokens[end - max_seq_len - 1..end - 1].to_vec(), tokens[end - k..end].to_vec()));
         predicted += k;
     }
     Ok(windows)
@@ -151,10 +140,7 @@ pub fn rolling_token_windows(
 /// `context ++ predicted[..len-1]` is the original input.
 pub fn make_disjoint_window((input, pred): Window) -> TokenRequest {
     let keep = input.len() + 1 - pred.len();
-    TokenRequest {
-        context: input[..keep].to_vec(),
-        continuation: pred,
-    }
+    TokenRequest { context: input[..keep].to_vec(), continuation: pred }
 }
 
 /// The requests of one `wikitext` document, as lm-eval's `loglikelihood_rolling`
@@ -167,10 +153,7 @@ pub fn rolling_requests(
     max_length: usize,
 ) -> Result<Vec<TokenRequest>, EvalError> {
     let tokens = encoder.encode(text)?;
-    Ok(rolling_token_windows(&tokens, prefix_token, max_length, 1)?
-        .into_iter()
-        .map(make_disjoint_window)
-        .collect())
+    Ok(rolling_token_windows(&tokens, prefix_token, max_length, 1)?.into_iter().map(make_disjoint_window).collect())
 }
 
 /// A document's log-likelihood: the naive left-to-right sum of its window log-likelihoods.
@@ -182,10 +165,7 @@ pub fn doc_loglikelihood(window_lls: &[f64]) -> f64 {
 /// `docs[i]`): `word_perplexity = exp(-Σll/Σwords)`, `byte_perplexity = exp(-Σll/Σbytes)`,
 /// `bits_per_byte = (-Σll/Σbytes)/ln 2`; no stderr. No documents, a NaN or infinite log-likelihood, or no bytes
 /// at all is an error, never a perplexity.
-pub fn aggregate_wikitext(
-    docs: &[WikitextDoc],
-    doc_lls: &[f64],
-) -> Result<Vec<MetricValue>, EvalError> {
+pub fn aggregate_wikitext(docs: &[WikitextDoc], doc_lls: &[f64]) -> Result<Vec<MetricValue>, EvalError> {
     if docs.is_empty() {
         return Err(EvalError::InvalidArgument(
             "wikitext: no documents to aggregate (a perplexity needs at least one page)".into(),
@@ -210,11 +190,7 @@ pub fn aggregate_wikitext(
             docs.len()
         )));
     }
-    let value = |metric, value| MetricValue {
-        metric,
-        value,
-        stderr: None,
-    };
+    let value = |metric, value| MetricValue { metric, value, stderr: None };
     Ok(vec![
         value(Metric::WordPerplexity, (-(ll / words)).exp()),
         value(Metric::BytePerplexity, (-(ll / bytes)).exp()),
@@ -233,16 +209,11 @@ pub fn wikitext2_text(data_dir: &Path) -> Result<String, EvalError> {
 /// scored: `context = [w0]`, `continuation = w[1..]`.
 pub fn fixed_windows(tokens: &[u32], seq_len: usize) -> Result<Vec<TokenRequest>, EvalError> {
     if seq_len < 2 {
-        return Err(EvalError::InvalidArgument(format!(
-            "perplexity windows need at least 2 tokens, got {seq_len}"
-        )));
+        return Err(EvalError::InvalidArgument(format!("perplexity windows need at least 2 tokens, got {seq_len}")));
     }
     Ok(tokens
         .chunks_exact(seq_len)
-        .map(|w| TokenRequest {
-            context: vec![w[0]],
-            continuation: w[1..].to_vec(),
-        })
+        .map(|w| TokenRequest { context: vec![w[0]], continuation: w[1..].to_vec() })
         .collect())
 }
 
@@ -262,10 +233,8 @@ pub fn wikitext2_windows(
     let tokens = encoder.encode(&wikitext2_text(data_dir)?)?;
     let mut windows = fixed_windows(&tokens, seq_len)?;
     if windows.is_empty() {
-        let problem = format!(
-            "the text tokenises to {} tokens, fewer than one {seq_len}-token window needs",
-            tokens.len()
-        );
+        let problem =
+            format!("the text tokenises to {} tokens, fewer than one {seq_len}-token window needs", tokens.len());
         return Err(EvalError::nothing(TASK, &path, problem));
     }
     if let Some(n) = limit {
@@ -293,15 +262,9 @@ pub fn window_perplexity(windows: &[TokenRequest], lls: &[f64]) -> Result<Metric
     for (i, &ll) in lls.iter().enumerate() {
         EvalError::check_finite("wikitext2-128", || format!("window {i}"), ll)?;
     }
-    let tokens = windows
-        .iter()
-        .fold(0.0, |a, w| a + w.continuation.len() as f64);
+    let tokens = windows.iter().fold(0.0, |a, w| a + w.continuation.len() as f64);
     let ll = doc_loglikelihood(lls);
-    Ok(MetricValue {
-        metric: Metric::Perplexity,
-        value: (-ll / tokens).exp(),
-        stderr: None,
-    })
+    Ok(MetricValue { metric: Metric::Perplexity, value: (-ll / tokens).exp(), stderr: None })
 }
 
 #[cfg(test)]
@@ -320,29 +283,12 @@ mod tests {
         let t: Vec<u32> = (1..=10).collect();
         assert_eq!(
             rolling_token_windows(&t, 0, 4, 1).unwrap(),
-            vec![
-                w(&[0, 1, 2, 3], &[1, 2, 3, 4]),
-                w(&[4, 5, 6, 7], &[5, 6, 7, 8]),
-                w(&[6, 7, 8, 9], &[9, 10])
-            ]
+            vec![w(&[0, 1, 2, 3], &[1, 2, 3, 4]), w(&[4, 5, 6, 7], &[5, 6, 7, 8]), w(&[6, 7, 8, 9], &[9, 10])]
         );
-        let disjoint: Vec<TokenRequest> = rolling_token_windows(&t, 0, 4, 1)
-            .unwrap()
-            .into_iter()
-            .map(make_disjoint_window)
-            .collect();
-        let pairs: Vec<_> = disjoint
-            .iter()
-            .map(|r| (r.context.clone(), r.continuation.clone()))
-            .collect();
-        assert_eq!(
-            pairs,
-            vec![
-                w(&[0], &[1, 2, 3, 4]),
-                w(&[4], &[5, 6, 7, 8]),
-                w(&[6, 7, 8], &[9, 10])
-            ]
-        );
+        let disjoint: Vec<TokenRequest> =
+            rolling_token_windows(&t, 0, 4, 1).unwrap().into_iter().map(make_disjoint_window).collect();
+        let pairs: Vec<_> = disjoint.iter().map(|r| (r.context.clone(), r.continuation.clone())).collect();
+        assert_eq!(pairs, vec![w(&[0], &[1, 2, 3, 4]), w(&[4], &[5, 6, 7, 8]), w(&[6, 7, 8], &[9, 10])]);
         // The model input of each disjoint window is the original window input.
         assert_eq!(disjoint[2].input(), vec![6, 7, 8, 9]);
         let pairs: Vec<_> = rolling_token_windows(&t, 0, 4, 2)
@@ -351,38 +297,19 @@ mod tests {
             .map(make_disjoint_window)
             .map(|r| (r.context, r.continuation))
             .collect();
-        assert_eq!(
-            pairs,
-            vec![
-                w(&[0], &[1, 2, 3, 4]),
-                w(&[3, 4], &[5, 6, 7]),
-                w(&[6, 7], &[8, 9, 10])
-            ]
-        );
+        assert_eq!(pairs, vec![w(&[0], &[1, 2, 3, 4]), w(&[3, 4], &[5, 6, 7]), w(&[6, 7], &[8, 9, 10])]);
         // context_len == max_seq_len: one new token per window.
         let ws = rolling_token_windows(&t, 0, 4, 4).unwrap();
         assert_eq!(ws.len(), 7);
         assert_eq!(ws[1], w(&[1, 2, 3, 4], &[5]));
         assert_eq!(ws[6], w(&[6, 7, 8, 9], &[10]));
         // Short and exact fits: one window.
-        assert_eq!(
-            rolling_token_windows(&t, 0, 11, 1).unwrap(),
-            vec![w(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], &t)]
-        );
-        assert_eq!(
-            rolling_token_windows(&t, 0, 10, 1).unwrap(),
-            vec![w(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], &t)]
-        );
-        assert_eq!(
-            rolling_token_windows(&[1, 2, 3], 0, 4, 1).unwrap(),
-            vec![w(&[0, 1, 2], &[1, 2, 3])]
-        );
+        assert_eq!(rolling_token_windows(&t, 0, 11, 1).unwrap(), vec![w(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], &t)]);
+        assert_eq!(rolling_token_windows(&t, 0, 10, 1).unwrap(), vec![w(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], &t)]);
+        assert_eq!(rolling_token_windows(&[1, 2, 3], 0, 4, 1).unwrap(), vec![w(&[0, 1, 2], &[1, 2, 3])]);
         // max_seq_len 1: every token predicted from its predecessor.
         let ws = rolling_token_windows(&t, 0, 1, 1).unwrap();
-        assert_eq!(
-            (ws.len(), ws[0].clone(), ws[9].clone()),
-            (10, w(&[0], &[1]), w(&[9], &[10]))
-        );
+        assert_eq!((ws.len(), ws[0].clone(), ws[9].clone()), (10, w(&[0], &[1]), w(&[9], &[10])));
         assert!(rolling_token_windows(&[], 0, 4, 1).unwrap().is_empty());
         assert!(rolling_token_windows(&t, 0, 4, 0).is_err());
         assert!(rolling_token_windows(&t, 0, 4, 5).is_err());
@@ -407,10 +334,7 @@ mod tests {
         let t: Vec<u32> = (0..10).collect();
         let ws = fixed_windows(&t, 4).unwrap();
         assert_eq!(ws.len(), 2);
-        assert_eq!(
-            (ws[0].context.clone(), ws[0].continuation.clone()),
-            (vec![0], vec![1, 2, 3])
-        );
+        assert_eq!((ws[0].context.clone(), ws[0].continuation.clone()), (vec![0], vec![1, 2, 3]));
         assert_eq!(ws[1].input(), vec![4, 5, 6]);
         // Total ll -6 over 6 scored tokens → exp(1).
         let p = window_perplexity(&ws, &[-2.0, -4.0]).unwrap();
@@ -440,13 +364,7 @@ mod tests {
 
     #[test]
     fn wikitext_aggregation() {
-        let doc = |words, bytes| WikitextDoc {
-            doc_id: 0,
-            page: String::new(),
-            text: String::new(),
-            words,
-            bytes,
-        };
+        let doc = |words, bytes| WikitextDoc { doc_id: 0, page: String::new(), text: String::new(), words, bytes };
         let docs = [doc(3, 10), doc(1, 10)];
         let m = aggregate_wikitext(&docs, &[-5.0, -3.0]).unwrap();
         assert_eq!(m[0].metric, Metric::WordPerplexity);
@@ -471,27 +389,15 @@ mod tests {
 
     #[test]
     fn page_reconstruction() {
-        let rows: Vec<String> = [
-            "",
-            " = A = \n",
-            "",
-            " a b \n",
-            " = = Sub = = \n",
-            "",
-            " = B = \n",
-            " c\n",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let rows: Vec<String> = ["", " = A = \n", "", " a b \n", " = = Sub = = \n", "", " = B = \n", " c\n"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         // Raw lines: " ", " = A = ", " ", " a b ", " = = Sub = = ", " ", " = B = ", " c", "".
         // The first heading closes a whitespace-only page (dropped); the subheading does not split.
         assert_eq!(
             wikitext_pages(&rows),
-            vec![
-                " = A = \n \n a b \n = = Sub = = \n ".to_string(),
-                " = B = \n c\n".to_string()
-            ]
+            vec![" = A = \n \n a b \n = = Sub = = \n ".to_string(), " = B = \n c\n".to_string()]
         );
     }
 
@@ -500,11 +406,7 @@ mod tests {
         for &b in bytes {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
             }
         }
         !crc
@@ -519,22 +421,12 @@ mod tests {
         assert_eq!(docs.len(), 62);
         assert_eq!(docs.iter().map(|d| d.bytes).sum::<usize>(), 1_290_527);
         assert_eq!(docs.iter().map(|d| d.words).sum::<usize>(), 241_335);
-        assert!(docs[0]
-            .text
-            .starts_with(" = Robert Boulter =\n\nRobert Boulter is an English film, television"));
+        assert!(docs[0].text.starts_with(" = Robert Boulter =\n\nRobert Boulter is an English film, television"));
         assert!(docs[61].page.ends_with(" \n \n"));
-        assert_eq!(
-            docs.iter().map(|d| d.text.chars().count()).sum::<usize>(),
-            1_238_432
-        );
+        assert_eq!(docs.iter().map(|d| d.text.chars().count()).sum::<usize>(), 1_238_432);
         let all: String = docs.iter().map(|d| d.text.as_str()).collect();
         assert_eq!(crc32(all.as_bytes()), 632_367_840);
-        assert_eq!(
-            load_wikitext_docs(&repo_data_dir(), Some(3))
-                .unwrap()
-                .len(),
-            3
-        );
+        assert_eq!(load_wikitext_docs(&repo_data_dir(), Some(3)).unwrap().len(), 3);
         let text = wikitext2_text(&repo_data_dir()).unwrap();
         assert_eq!(text.chars().count(), 1_294_336);
         assert_eq!(crc32(text.as_bytes()), 2_771_779_519);

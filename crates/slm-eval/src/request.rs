@@ -33,11 +33,7 @@ impl TokenRequest {
     /// lm-eval's left truncation: keep the last `max_length + 1` tokens of `context ++
     /// continuation` (the model input is all but the last). Errors like lm-eval's assertions:
     /// an empty context or continuation, or a continuation longer than `max_length`.
-    pub fn truncated(
-        context: &[u32],
-        continuation: Vec<u32>,
-        max_length: usize,
-    ) -> Result<TokenRequest, String> {
+    pub fn truncated(context: &[u32], continuation: Vec<u32>, max_length: usize) -> Result<TokenRequest, String> {
         if continuation.is_empty() {
             return Err("continuation encodes to no tokens".into());
         }
@@ -51,10 +47,7 @@ impl TokenRequest {
             return Err("context encodes to no tokens".into());
         }
         let drop = (context.len() + continuation.len()).saturating_sub(max_length + 1);
-        Ok(TokenRequest {
-            context: context[drop..].to_vec(),
-            continuation,
-        })
+        Ok(TokenRequest { context: context[drop..].to_vec(), continuation })
     }
 
     /// The tokens the model reads: `context ++ continuation[..len-1]`.
@@ -119,8 +112,7 @@ pub fn build_token_requests(
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
-                    let (context, continuation) =
-                        move_trailing_whitespace(&r.context, &r.continuation);
+                    let (context, continuation) = move_trailing_whitespace(&r.context, &r.continuation);
                     let whole = encoder.encode(&format!("{context}{continuation}"))?;
                     let ctx = match &last_ctx {
                         Some((c, toks)) if *c == context => toks.clone(),
@@ -131,19 +123,14 @@ pub fn build_token_requests(
                         }
                     };
                     let cont = whole.get(ctx.len()..).unwrap_or_default().to_vec();
-                    TokenRequest::truncated(&ctx, cont, max_length).map_err(|problem| {
-                        EvalError::BadRequest {
-                            doc_id: doc.doc_id,
-                            request: i,
-                            problem,
-                        }
+                    TokenRequest::truncated(&ctx, cont, max_length).map_err(|problem| EvalError::BadRequest {
+                        doc_id: doc.doc_id,
+                        request: i,
+                        problem,
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(DocRequests {
-                doc_id: doc.doc_id,
-                requests,
-            })
+            Ok(DocRequests { doc_id: doc.doc_id, requests })
         })
         .collect()
 }
@@ -159,10 +146,7 @@ pub(crate) mod tests {
     pub(crate) struct ToyEncoder;
 
     pub(crate) fn toy_id(piece: &str) -> u32 {
-        piece
-            .bytes()
-            .fold(17u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
-            % 50_000
+        piece.bytes().fold(17u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 50_000
     }
 
     impl TextEncoder for ToyEncoder {
@@ -188,18 +172,9 @@ pub(crate) mod tests {
 
     #[test]
     fn trailing_whitespace_moves_to_the_continuation() {
-        assert_eq!(
-            move_trailing_whitespace("Fog is ", " a marsh"),
-            ("Fog is", "  a marsh".to_string())
-        );
-        assert_eq!(
-            move_trailing_whitespace("Answer:", " yes"),
-            ("Answer:", " yes".to_string())
-        );
-        assert_eq!(
-            move_trailing_whitespace("a \n\u{a0}", "b"),
-            ("a", " \n\u{a0}b".to_string())
-        );
+        assert_eq!(move_trailing_whitespace("Fog is ", " a marsh"), ("Fog is", "  a marsh".to_string()));
+        assert_eq!(move_trailing_whitespace("Answer:", " yes"), ("Answer:", " yes".to_string()));
+        assert_eq!(move_trailing_whitespace("a \n\u{a0}", "b"), ("a", " \n\u{a0}b".to_string()));
         // The toy tokenizer attaches a space to the following word, so "x ", " y" encoded apart
         // would give [x, " ", " y"]; lm-eval's split gives ctx [x], continuation [" ", " y"]
         // (the whole is "x  y" → [x, " ", " y"]).
@@ -239,25 +214,12 @@ pub(crate) mod tests {
         assert!(cont.is_empty());
         let docs = vec![Doc {
             doc_id: 7,
-            requests: vec![Request {
-                context: "xa".into(),
-                continuation: "b".into(),
-            }],
+            requests: vec![Request { context: "xa".into(), continuation: "b".into() }],
             choices: vec!["b".into()],
             gold: 0,
         }];
         let e = build_token_requests(&MergingEncoder, &docs, 10).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                EvalError::BadRequest {
-                    doc_id: 7,
-                    request: 0,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(matches!(e, EvalError::BadRequest { doc_id: 7, request: 0, .. }), "{e}");
         // "xa" + "bc": whole [x, ab, c], ctx [x, a] → continuation [c] only.
         let (ctx, cont) = encode_pair(&MergingEncoder, "xa", "bc").unwrap();
         assert_eq!((ctx.len(), cont), (2, vec!['c' as u32]));
@@ -285,14 +247,8 @@ pub(crate) mod tests {
         let docs = vec![Doc {
             doc_id: 0,
             requests: vec![
-                Request {
-                    context: "Q: a b\nA:".into(),
-                    continuation: " yes".into(),
-                },
-                Request {
-                    context: "Q: a b\nA:".into(),
-                    continuation: " no way".into(),
-                },
+                Request { context: "Q: a b\nA:".into(), continuation: " yes".into() },
+                Request { context: "Q: a b\nA:".into(), continuation: " no way".into() },
             ],
             choices: vec!["yes".into(), "no way".into()],
             gold: 0,
@@ -301,10 +257,7 @@ pub(crate) mod tests {
         let ctx = ToyEncoder.encode("Q: a b\nA:").unwrap();
         assert_eq!(reqs[0].requests[0].context, ctx);
         assert_eq!(reqs[0].requests[1].context, ctx);
-        assert_eq!(
-            reqs[0].requests[1].continuation,
-            vec![toy_id(" no"), toy_id(" way")]
-        );
+        assert_eq!(reqs[0].requests[1].continuation, vec![toy_id(" no"), toy_id(" way")]);
         // Truncation to 3: context keeps its last 2 tokens for the 2-token continuation.
         let reqs = build_token_requests(&ToyEncoder, &docs, 3).unwrap();
         assert_eq!(reqs[0].requests[1].context, ctx[ctx.len() - 2..].to_vec());

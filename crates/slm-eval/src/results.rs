@@ -50,8 +50,7 @@ impl Json {
     pub fn to_python_line(&self) -> String {
         let mut out = Vec::new();
         let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
-        self.serialize(&mut ser)
-            .expect("serialising an in-memory JSON tree cannot fail");
+        self.serialize(&mut ser).expect("serialising an in-memory JSON tree cannot fail");
         String::from_utf8(out).expect("serde_json writes UTF-8")
     }
 }
@@ -87,11 +86,7 @@ impl Serialize for Json {
 struct PythonFormatter;
 
 impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -99,11 +94,7 @@ impl serde_json::ser::Formatter for PythonFormatter {
         }
     }
 
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -137,12 +128,7 @@ impl TaskReport {
 
 /// The "avg-7" of a set of reports (see [`crate::avg7`]).
 pub fn reports_avg7(reports: &[TaskReport]) -> Option<f64> {
-    avg7(|name, m| {
-        reports
-            .iter()
-            .find(|r| r.task.name() == name)
-            .and_then(|r| r.metric(m))
-    })
+    avg7(|name, m| reports.iter().find(|r| r.task.name() == name).and_then(|r| r.metric(m)))
 }
 
 /// Run-level facts for the `config` block and the trailing keys of the results JSON.
@@ -221,13 +207,7 @@ fn task_config(task: &Task, data_dir: &str) -> Json {
     }
     let data_file = format!("{}/{}", data_dir.trim_end_matches('/'), spec.file);
     c.push(("dataset_path".into(), Json::str("json")));
-    c.push((
-        "dataset_kwargs".into(),
-        Json::obj([(
-            "data_files",
-            Json::obj([(spec.split, Json::str(data_file))]),
-        )]),
-    ));
+    c.push(("dataset_kwargs".into(), Json::obj([("data_files", Json::obj([(spec.split, Json::str(data_file))]))])));
     c.push((format!("{}_split", spec.split), Json::str(spec.split)));
     if let Some(p) = spec.config_process_docs {
         c.push(("process_docs".into(), Json::str(p)));
@@ -248,12 +228,7 @@ fn task_config(task: &Task, data_dir: &str) -> Json {
     c.push(("num_fewshot".into(), Json::Int(0)));
     c.push((
         "metric_list".into(),
-        Json::Arr(
-            spec.metrics
-                .iter()
-                .map(|m| Json::obj([("metric", Json::str(m.name()))]))
-                .collect(),
-        ),
+        Json::Arr(spec.metrics.iter().map(|m| Json::obj([("metric", Json::str(m.name()))])).collect()),
     ));
     let output_type = match task.kind() {
         TaskKind::MultipleChoice => "multiple_choice",
@@ -263,10 +238,7 @@ fn task_config(task: &Task, data_dir: &str) -> Json {
     c.push(("output_type".into(), Json::str(output_type)));
     c.push(("repeats".into(), Json::Int(1)));
     c.push(("should_decontaminate".into(), Json::Bool(false)));
-    c.push((
-        "metadata".into(),
-        Json::obj([("version", Json::Num(spec.version))]),
-    ));
+    c.push(("metadata".into(), Json::obj([("version", Json::Num(spec.version))])));
     Json::Obj(c)
 }
 
@@ -284,14 +256,8 @@ fn token_pair(t: &Option<(String, u32)>) -> Json {
 pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> Json {
     let mut sorted: Vec<&TaskReport> = reports.iter().collect();
     sorted.sort_by_key(|r| r.task.name());
-    let per_sorted = |f: &dyn Fn(&TaskReport) -> Json| {
-        Json::Obj(
-            sorted
-                .iter()
-                .map(|r| (r.task.name().to_string(), f(r)))
-                .collect(),
-        )
-    };
+    let per_sorted =
+        |f: &dyn Fn(&TaskReport) -> Json| Json::Obj(sorted.iter().map(|r| (r.task.name().to_string(), f(r))).collect());
 
     let results = Json::Obj(
         reports
@@ -304,10 +270,7 @@ pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> J
                 ];
                 for m in &r.metrics {
                     e.push((format!("{},none", m.metric.name()), Json::Num(m.value)));
-                    e.push((
-                        format!("{}_stderr,none", m.metric.name()),
-                        m.stderr.map_or(Json::str("N/A"), Json::Num),
-                    ));
+                    e.push((format!("{}_stderr,none", m.metric.name()), m.stderr.map_or(Json::str("N/A"), Json::Num)));
                 }
                 (r.task.name().to_string(), Json::Obj(e))
             })
@@ -317,24 +280,14 @@ pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> J
     let mut top: Vec<(String, Json)> = vec![
         ("results".into(), results),
         ("group_subtasks".into(), Json::Obj(vec![])),
-        (
-            "configs".into(),
-            per_sorted(&|r| task_config(&r.task, data_dir)),
-        ),
-        (
-            "versions".into(),
-            per_sorted(&|r| Json::Num(r.task.spec().version)),
-        ),
+        ("configs".into(), per_sorted(&|r| task_config(&r.task, data_dir))),
+        ("versions".into(), per_sorted(&|r| Json::Num(r.task.spec().version))),
         ("n-shot".into(), per_sorted(&|_| Json::Int(0))),
         (
             "higher_is_better".into(),
             per_sorted(&|r| {
                 Json::Obj(
-                    r.task
-                        .metrics()
-                        .iter()
-                        .map(|m| (m.name().to_string(), Json::Bool(m.higher_is_better())))
-                        .collect(),
+                    r.task.metrics().iter().map(|m| (m.name().to_string(), Json::Bool(m.higher_is_better()))).collect(),
                 )
             }),
         ),
@@ -358,38 +311,15 @@ pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> J
     ];
     if let Some(value) = reports_avg7(reports) {
         let components = AVG7.iter().map(|&(name, m)| {
-            let v = reports
-                .iter()
-                .find(|r| r.task.name() == name)
-                .and_then(|r| r.metric(m))
-                .unwrap_or(f64::NAN);
-            (
-                name,
-                Json::obj([("metric", Json::str(m.name())), ("value", Json::Num(v))]),
-            )
+            let v = reports.iter().find(|r| r.task.name() == name).and_then(|r| r.metric(m)).unwrap_or(f64::NAN);
+            (name, Json::obj([("metric", Json::str(m.name())), ("value", Json::Num(v))]))
         });
-        top.push((
-            "avg-7".into(),
-            Json::obj([
-                ("value", Json::Num(value)),
-                ("components", Json::obj(components)),
-            ]),
-        ));
+        top.push(("avg-7".into(), Json::obj([("value", Json::Num(value)), ("components", Json::obj(components))])));
     }
     let config = Json::obj([
         ("model", Json::str(info.model.clone())),
-        (
-            "model_args",
-            Json::obj(
-                info.model_args
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Json::str(v.clone()))),
-            ),
-        ),
-        (
-            "model_num_parameters",
-            Json::Int(info.model_num_parameters as i64),
-        ),
+        ("model_args", Json::obj(info.model_args.iter().map(|(k, v)| (k.clone(), Json::str(v.clone()))))),
+        ("model_num_parameters", Json::Int(info.model_num_parameters as i64)),
         ("model_dtype", Json::str(info.model_dtype.clone())),
         ("model_revision", Json::str("main")),
         ("model_sha", Json::str("")),
@@ -397,10 +327,7 @@ pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> J
         ("batch_sizes", Json::Arr(vec![])),
         ("device", Json::str(info.device.clone())),
         ("use_cache", Json::Null),
-        (
-            "limit",
-            info.limit.map_or(Json::Null, |l| Json::Num(l as f64)),
-        ),
+        ("limit", info.limit.map_or(Json::Null, |l| Json::Num(l as f64))),
         ("bootstrap_iters", Json::Int(100_000)),
         ("gen_kwargs", Json::Obj(vec![])),
         ("random_seed", Json::Int(0)),
@@ -424,19 +351,12 @@ pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> J
         ("tokenizer_pad_token", token_pair(&info.pad_token)),
         ("tokenizer_eos_token", token_pair(&info.eos_token)),
         ("tokenizer_bos_token", token_pair(&info.bos_token)),
-        (
-            "eot_token_id",
-            info.eot_token_id
-                .map_or(Json::Null, |t| Json::Int(t as i64)),
-        ),
+        ("eot_token_id", info.eot_token_id.map_or(Json::Null, |t| Json::Int(t as i64))),
         ("max_length", Json::Int(info.max_length as i64)),
         ("task_hashes", Json::Obj(vec![])),
         ("model_source", Json::str("slm")),
         ("model_name", Json::str(info.model_name.clone())),
-        (
-            "model_name_sanitized",
-            Json::str(sanitize_model_name(&info.model_name)),
-        ),
+        ("model_name_sanitized", Json::str(sanitize_model_name(&info.model_name))),
         ("system_instruction", Json::Null),
         ("system_instruction_sha", Json::Null),
         ("fewshot_as_multiturn", Json::Null),
@@ -444,10 +364,7 @@ pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> J
         ("chat_template_sha", Json::Null),
         ("start_time", Json::Num(info.start_time)),
         ("end_time", Json::Num(info.end_time)),
-        (
-            "total_evaluation_time_seconds",
-            Json::str((info.end_time - info.start_time).to_string()),
-        ),
+        ("total_evaluation_time_seconds", Json::str((info.end_time - info.start_time).to_string())),
     ];
     top.extend(trailing.into_iter().map(|(k, v)| (k.to_string(), v)));
     Json::Obj(top)
@@ -478,20 +395,8 @@ pub fn sample_record(doc: &Doc, result: &DocResult) -> Json {
                     .collect(),
             ),
         ),
-        (
-            "loglikelihood",
-            Json::Arr(
-                result
-                    .loglikelihoods
-                    .iter()
-                    .map(|&l| Json::Num(l))
-                    .collect(),
-            ),
-        ),
-        (
-            "is_greedy",
-            Json::Arr(result.is_greedy.iter().map(|&g| Json::Bool(g)).collect()),
-        ),
+        ("loglikelihood", Json::Arr(result.loglikelihoods.iter().map(|&l| Json::Num(l)).collect())),
+        ("is_greedy", Json::Arr(result.is_greedy.iter().map(|&g| Json::Bool(g)).collect())),
         ("metrics", Json::Obj(metrics)),
     ])
 }
@@ -503,29 +408,16 @@ mod tests {
     use crate::task::tests::{raw_numbers, repo_data_dir};
 
     fn golden(name: &str) -> String {
-        std::fs::read_to_string(format!(
-            "{}/../../golden/lm-eval-first25/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap()
+        std::fs::read_to_string(format!("{}/../../golden/lm-eval-first25/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
     }
 
     /// Scoring the golden log-likelihoods and writing sample records reproduces the golden lines
     /// byte for byte; aggregating them reproduces lm-eval's results entries.
     #[test]
     fn sample_records_and_results_match_golden() {
-        let results_golden: serde_json::Value =
-            serde_json::from_str(&golden("results.json")).unwrap();
+        let results_golden: serde_json::Value = serde_json::from_str(&golden("results.json")).unwrap();
         let mut reports = Vec::new();
-        for name in [
-            "piqa",
-            "boolq",
-            "hellaswag",
-            "winogrande",
-            "arc_easy",
-            "arc_challenge",
-            "openbookqa",
-        ] {
+        for name in ["piqa", "boolq", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] {
             let task = Task::from_name(name).unwrap();
             let docs = task.load_docs(&repo_data_dir(), Some(25)).unwrap();
             let lines = golden(&format!("{name}.jsonl"));
@@ -535,18 +427,10 @@ mod tests {
                 let rr: Vec<RequestResult> = raw_numbers(line, "loglikelihood")
                     .into_iter()
                     .zip(g["is_greedy"].as_array().unwrap())
-                    .map(|(l, gr)| RequestResult {
-                        loglikelihood: l,
-                        is_greedy: gr.as_bool().unwrap(),
-                    })
+                    .map(|(l, gr)| RequestResult { loglikelihood: l, is_greedy: gr.as_bool().unwrap() })
                     .collect();
                 let r = score_doc(&task, doc, &rr).unwrap();
-                assert_eq!(
-                    sample_record(doc, &r).to_python_line(),
-                    line,
-                    "{name} doc {}",
-                    doc.doc_id
-                );
+                assert_eq!(sample_record(doc, &r).to_python_line(), line, "{name} doc {}", doc.doc_id);
                 doc_results.push(r);
             }
             let report = TaskReport {
@@ -556,8 +440,7 @@ mod tests {
                 metrics: aggregate(&task, &doc_results),
             };
             let ours: serde_json::Value = serde_json::from_str(
-                &results_json(std::slice::from_ref(&report), &RunInfo::default(), "d")
-                    .to_pretty_string(),
+                &results_json(std::slice::from_ref(&report), &RunInfo::default(), "d").to_pretty_string(),
             )
             .unwrap();
             let mut theirs = results_golden["results"][format!("{name}_local")].clone();
@@ -565,23 +448,14 @@ mod tests {
                 theirs[k] = serde_json::Value::String(name.into());
             }
             assert_eq!(ours["results"][name], theirs, "{name}");
-            assert_eq!(
-                ours["n-samples"][name],
-                results_golden["n-samples"][format!("{name}_local")]
-            );
-            assert_eq!(
-                ours["higher_is_better"][name],
-                results_golden["higher_is_better"][format!("{name}_local")]
-            );
+            assert_eq!(ours["n-samples"][name], results_golden["n-samples"][format!("{name}_local")]);
+            assert_eq!(ours["higher_is_better"][name], results_golden["higher_is_better"][format!("{name}_local")]);
             reports.push(report);
         }
 
         let info = RunInfo {
             model: "slm".into(),
-            model_args: vec![
-                ("pretrained".into(), "models/x".into()),
-                ("dtype".into(), "float32".into()),
-            ],
+            model_args: vec![("pretrained".into(), "models/x".into()), ("dtype".into(), "float32".into())],
             model_name: "models/x".into(),
             batch_size: 16,
             limit: Some(25),
@@ -613,39 +487,19 @@ mod tests {
             ]
         );
         // results in run order, versions sorted.
-        assert!(
-            text.find("\"piqa\": {\n      \"name\"").unwrap()
-                < text.find("\"boolq\": {\n      \"name\"").unwrap()
-        );
+        assert!(text.find("\"piqa\": {\n      \"name\"").unwrap() < text.find("\"boolq\": {\n      \"name\"").unwrap());
         let versions: Vec<&str> = match json.get("versions").unwrap() {
             Json::Obj(p) => p.iter().map(|(k, _)| k.as_str()).collect(),
             _ => unreachable!(),
         };
-        assert_eq!(
-            versions,
-            [
-                "arc_challenge",
-                "arc_easy",
-                "boolq",
-                "hellaswag",
-                "openbookqa",
-                "piqa",
-                "winogrande"
-            ]
-        );
+        assert_eq!(versions, ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]);
         assert_eq!(v["versions"]["boolq"], 2.0);
         assert_eq!(v["config"]["limit"], 25.0);
         assert_eq!(v["config"]["batch_size"], "16");
         assert_eq!(v["model_name_sanitized"], "models__x");
         assert_eq!(v["total_evaluation_time_seconds"], "2.5");
-        assert_eq!(
-            v["configs"]["boolq"]["doc_to_choice"],
-            serde_json::json!(["no", "yes"])
-        );
-        assert_eq!(
-            v["configs"]["boolq"]["dataset_kwargs"]["data_files"]["validation"],
-            "data/boolq.validation.jsonl"
-        );
+        assert_eq!(v["configs"]["boolq"]["doc_to_choice"], serde_json::json!(["no", "yes"]));
+        assert_eq!(v["configs"]["boolq"]["dataset_kwargs"]["data_files"]["validation"], "data/boolq.validation.jsonl");
         assert_eq!(
             v["configs"]["hellaswag"]["process_docs"],
             results_golden["configs"]["hellaswag_local"]["process_docs"]
@@ -668,21 +522,9 @@ mod tests {
             n_original: 62,
             n_effective: 62,
             metrics: vec![
-                MetricValue {
-                    metric: Metric::WordPerplexity,
-                    value: 20.5,
-                    stderr: None,
-                },
-                MetricValue {
-                    metric: Metric::BytePerplexity,
-                    value: 1.75,
-                    stderr: None,
-                },
-                MetricValue {
-                    metric: Metric::BitsPerByte,
-                    value: f64::NAN,
-                    stderr: None,
-                },
+                MetricValue { metric: Metric::WordPerplexity, value: 20.5, stderr: None },
+                MetricValue { metric: Metric::BytePerplexity, value: 1.75, stderr: None },
+                MetricValue { metric: Metric::BitsPerByte, value: f64::NAN, stderr: None },
             ],
         };
         let json = results_json(&[report], &RunInfo::default(), "d");
@@ -693,16 +535,10 @@ mod tests {
         assert!(text.contains("\"bits_per_byte,none\": null"));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["higher_is_better"]["wikitext"]["word_perplexity"], false);
+        assert_eq!(v["configs"]["wikitext"]["output_type"], "loglikelihood_rolling");
         assert_eq!(
-            v["configs"]["wikitext"]["output_type"],
-            "loglikelihood_rolling"
-        );
-        assert_eq!(
-            Json::obj([
-                ("a", Json::Arr(vec![Json::Int(1), Json::Num(-0.5)])),
-                ("b", Json::str("é\n"))
-            ])
-            .to_python_line(),
+            Json::obj([("a", Json::Arr(vec![Json::Int(1), Json::Num(-0.5)])), ("b", Json::str("é\n"))])
+                .to_python_line(),
             "{\"a\": [1, -0.5], \"b\": \"é\\n\"}"
         );
     }
@@ -712,17 +548,8 @@ mod tests {
         assert_eq!(sanitize_model_name("a/b:c<<d"), "a__b__c__d");
         assert_eq!(sanitize_model_name("plain"), "plain");
         // 2026-11-29T01:53:00.25 UTC
-        assert_eq!(
-            results_file_name(1_795_917_180.25),
-            "results_2026-11-29T01-53-00.250000.json"
-        );
-        assert_eq!(
-            results_file_name(0.0),
-            "results_1970-01-01T00-00-00.000000.json"
-        );
-        assert_eq!(
-            results_file_name(951_782_400.0),
-            "results_2000-02-29T00-00-00.000000.json"
-        );
+        assert_eq!(results_file_name(1_795_917_180.25), "results_2026-11-29T01-53-00.250000.json");
+        assert_eq!(results_file_name(0.0), "results_1970-01-01T00-00-00.000000.json");
+        assert_eq!(results_file_name(951_782_400.0), "results_2000-02-29T00-00-00.000000.json");
     }
 }

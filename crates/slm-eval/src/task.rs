@@ -79,11 +79,7 @@ pub enum Gold {
     Int(&'static str),
     /// `labels.index(key)`: position of the key field's value in a list field
     /// (`choices.label.index(answerKey)`), optionally after `lstrip()` of the key.
-    IndexOf {
-        key: &'static str,
-        labels: &'static str,
-        lstrip_key: bool,
-    },
+    IndexOf { key: &'static str, labels: &'static str, lstrip_key: bool },
 }
 
 /// How a record becomes contexts, continuations and a gold index.
@@ -129,11 +125,7 @@ pub struct TaskSpec {
 }
 
 const ARC_TEXT: &str = "Question: {{question}}\nAnswer:";
-const ARC_GOLD: Gold = Gold::IndexOf {
-    key: "answerKey",
-    labels: "choices.label",
-    lstrip_key: false,
-};
+const ARC_GOLD: Gold = Gold::IndexOf { key: "answerKey", labels: "choices.label", lstrip_key: false };
 const ACC: &[Metric] = &[Metric::Acc];
 const ACC_BOTH: &[Metric] = &[Metric::Acc, Metric::AccNorm];
 
@@ -362,10 +354,7 @@ impl Task {
             .iter()
             .find(|s| s.name == name)
             .map(|spec| Task { spec })
-            .ok_or_else(|| EvalError::UnknownTask {
-                name: name.to_string(),
-                known: Task::NAMES.join(", "),
-            })
+            .ok_or_else(|| EvalError::UnknownTask { name: name.to_string(), known: Task::NAMES.join(", ") })
     }
 
     /// All tasks.
@@ -407,17 +396,12 @@ impl Task {
             if limit.is_some_and(|n| docs.len() >= n) {
                 return Ok(false);
             }
-            let doc =
-                interpret(&self.spec.format, docs.len(), record).map_err(|e| e.at(&path, line))?;
+            let doc = interpret(&self.spec.format, docs.len(), record).map_err(|e| e.at(&path, line))?;
             docs.push(doc);
             Ok(true)
         })?;
         if docs.is_empty() {
-            return Err(EvalError::nothing(
-                self.spec.name,
-                &path,
-                no_records_problem(limit, "documents"),
-            ));
+            return Err(EvalError::nothing(self.spec.name, &path, no_records_problem(limit, "documents")));
         }
         Ok(docs)
     }
@@ -467,27 +451,16 @@ pub(crate) fn for_each_record(
 ) -> Result<(), EvalError> {
     let file = std::fs::File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            EvalError::MissingDataFile {
-                task: task.to_string(),
-                path: path.to_path_buf(),
-            }
+            EvalError::MissingDataFile { task: task.to_string(), path: path.to_path_buf() }
         } else {
-            EvalError::Io {
-                path: path.to_path_buf(),
-                error: e,
-            }
+            EvalError::Io { path: path.to_path_buf(), error: e }
         }
     })?;
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line_no = i + 1;
         let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => {
-                EvalError::malformed(path, line_no, "line is not valid UTF-8")
-            }
-            _ => EvalError::Io {
-                path: path.to_path_buf(),
-                error: e,
-            },
+            std::io::ErrorKind::InvalidData => EvalError::malformed(path, line_no, "line is not valid UTF-8"),
+            _ => EvalError::Io { path: path.to_path_buf(), error: e },
         })?;
         if line.trim().is_empty() {
             continue;
@@ -515,20 +488,12 @@ pub(crate) struct FieldError {
 
 impl FieldError {
     pub(crate) fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            problem: problem.into(),
-        }
+        FieldError { field: field.into(), problem: problem.into() }
     }
 
     /// The error for this field of the record on `line` (1-based) of `path`.
     pub(crate) fn at(self, path: &Path, line: usize) -> EvalError {
-        EvalError::BadField {
-            path: path.to_path_buf(),
-            line,
-            field: self.field,
-            problem: self.problem,
-        }
+        EvalError::BadField { path: path.to_path_buf(), line, field: self.field, problem: self.problem }
     }
 }
 
@@ -574,9 +539,7 @@ fn field<'a>(record: &'a Value, path: &str) -> Result<&'a Value, FieldError> {
             let problem = format!("missing: {parent} is {}, not an object", describe(v));
             return Err(FieldError::new(path, problem));
         }
-        v = v
-            .get(part)
-            .ok_or_else(|| FieldError::new(path, "missing from the record"))?;
+        v = v.get(part).ok_or_else(|| FieldError::new(path, "missing from the record"))?;
         walked += part.len() + 1;
     }
     Ok(v)
@@ -584,27 +547,20 @@ fn field<'a>(record: &'a Value, path: &str) -> Result<&'a Value, FieldError> {
 
 fn str_field<'a>(record: &'a Value, path: &str) -> Result<&'a str, FieldError> {
     let v = field(record, path)?;
-    v.as_str()
-        .ok_or_else(|| FieldError::new(path, format!("expected a string, got {}", describe(v))))
+    v.as_str().ok_or_else(|| FieldError::new(path, format!("expected a string, got {}", describe(v))))
 }
 
 fn str_list_field(record: &Value, path: &str) -> Result<Vec<String>, FieldError> {
     let v = field(record, path)?;
-    let items = v.as_array().ok_or_else(|| {
-        FieldError::new(
-            path,
-            format!("expected a list of strings, got {}", describe(v)),
-        )
-    })?;
+    let items = v
+        .as_array()
+        .ok_or_else(|| FieldError::new(path, format!("expected a list of strings, got {}", describe(v))))?;
     items
         .iter()
         .enumerate()
         .map(|(i, v)| {
             v.as_str().map(str::to_string).ok_or_else(|| {
-                FieldError::new(
-                    format!("{path}[{i}]"),
-                    format!("expected a string, got {}", describe(v)),
-                )
+                FieldError::new(format!("{path}[{i}]"), format!("expected a string, got {}", describe(v)))
             })
         })
         .collect()
@@ -614,10 +570,7 @@ fn str_list_field(record: &Value, path: &str) -> Result<Vec<String>, FieldError>
 fn choice_list(record: &Value, path: &str) -> Result<Vec<String>, FieldError> {
     let choices = str_list_field(record, path)?;
     if choices.is_empty() {
-        return Err(FieldError::new(
-            path,
-            "the choice list is empty (a document needs at least one choice)",
-        ));
+        return Err(FieldError::new(path, "the choice list is empty (a document needs at least one choice)"));
     }
     Ok(choices)
 }
@@ -641,21 +594,12 @@ fn index_field(record: &Value, path: &str, n: usize) -> Result<usize, FieldError
         _ => None,
     };
     let expected = expected_indices(n);
-    let i = i.ok_or_else(|| {
-        FieldError::new(
-            path,
-            format!(
-                "expected an integer label ({expected}), got {}",
-                describe(v)
-            ),
-        )
-    })?;
-    usize::try_from(i).ok().filter(|&i| i < n).ok_or_else(|| {
-        FieldError::new(
-            path,
-            format!("{} is not a valid label ({expected})", show(v)),
-        )
-    })
+    let i =
+        i.ok_or_else(|| FieldError::new(path, format!("expected an integer label ({expected}), got {}", describe(v))))?;
+    usize::try_from(i)
+        .ok()
+        .filter(|&i| i < n)
+        .ok_or_else(|| FieldError::new(path, format!("{} is not a valid label ({expected})", show(v))))
 }
 
 /// Fills `{{field}}` placeholders; a template without placeholders is a bare field name
@@ -669,12 +613,9 @@ fn fill_template(template: &str, record: &Value) -> Result<String, FieldError> {
     while let Some(open) = rest.find("{{") {
         out.push_str(&rest[..open]);
         let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or_else(|| {
-            FieldError::new(
-                template,
-                "the task's template has an unclosed `{{` placeholder",
-            )
-        })?;
+        let close = after
+            .find("}}")
+            .ok_or_else(|| FieldError::new(template, "the task's template has an unclosed `{{` placeholder"))?;
         out.push_str(str_field(record, after[..close].trim())?);
         rest = &after[close + 2..];
     }
@@ -684,52 +625,32 @@ fn fill_template(template: &str, record: &Value) -> Result<String, FieldError> {
 
 /// The interpreter: one record → one [`Doc`]. Errors name the bad or missing field; a gold label that is not
 /// one of the choices is an error, as are an empty or non-string choice list.
-pub(crate) fn interpret(
-    format: &DocFormat,
-    doc_id: usize,
-    record: &Value,
-) -> Result<Doc, FieldError> {
+pub(crate) fn interpret(format: &DocFormat, doc_id: usize, record: &Value) -> Result<Doc, FieldError> {
     const DELIM: &str = " ";
     let choice_requests = |context: String, choices: Vec<String>, gold: usize| Doc {
         doc_id,
         requests: choices
             .iter()
-            .map(|c| Request {
-                context: context.clone(),
-                continuation: format!("{DELIM}{c}"),
-            })
+            .map(|c| Request { context: context.clone(), continuation: format!("{DELIM}{c}") })
             .collect(),
         choices,
         gold,
     };
     match format {
-        DocFormat::Template {
-            text,
-            choices,
-            gold,
-        } => {
+        DocFormat::Template { text, choices, gold } => {
             let context = fill_template(text, record)?;
             let choices: Vec<String> = match choices {
                 Choices::Fixed(list) => list.iter().map(|s| s.to_string()).collect(),
-                Choices::Fields(names) => names
-                    .iter()
-                    .map(|n| str_field(record, n).map(str::to_string))
-                    .collect::<Result<_, _>>()?,
+                Choices::Fields(names) => {
+                    names.iter().map(|n| str_field(record, n).map(str::to_string)).collect::<Result<_, _>>()?
+                }
                 Choices::List(path) => choice_list(record, path)?,
             };
             let gold = match gold {
                 Gold::Int(path) => index_field(record, path, choices.len())?,
-                Gold::IndexOf {
-                    key,
-                    labels,
-                    lstrip_key,
-                } => {
+                Gold::IndexOf { key, labels, lstrip_key } => {
                     let raw_key = str_field(record, key)?;
-                    let k = if *lstrip_key {
-                        raw_key.trim_start_matches(crate::text::py_isspace)
-                    } else {
-                        raw_key
-                    };
+                    let k = if *lstrip_key { raw_key.trim_start_matches(crate::text::py_isspace) } else { raw_key };
                     let label_list = str_list_field(record, labels)?;
                     if label_list.len() != choices.len() {
                         let problem = format!(
@@ -740,15 +661,10 @@ pub(crate) fn interpret(
                         return Err(FieldError::new(*labels, problem));
                     }
                     label_list.iter().position(|l| l == k).ok_or_else(|| {
-                        let valid: Vec<String> = label_list
-                            .iter()
-                            .map(|l| show(&Value::from(l.as_str())))
-                            .collect();
+                        let valid: Vec<String> = label_list.iter().map(|l| show(&Value::from(l.as_str()))).collect();
                         let raw = show(&Value::from(raw_key));
-                        let problem = format!(
-                            "{raw} is not a valid label (expected one of `{labels}`: {})",
-                            valid.join(", ")
-                        );
+                        let problem =
+                            format!("{raw} is not a valid label (expected one of `{labels}`: {})", valid.join(", "));
                         FieldError::new(*key, problem)
                     })?
                 }
@@ -756,25 +672,18 @@ pub(crate) fn interpret(
             Ok(choice_requests(context, choices, gold))
         }
         DocFormat::HellaSwag => {
-            let ctx = format!(
-                "{} {}",
-                str_field(record, "ctx_a")?,
-                py_capitalize(str_field(record, "ctx_b")?)
-            );
-            let query =
-                hellaswag_preprocess(&format!("{}: {ctx}", str_field(record, "activity_label")?));
-            let choices: Vec<String> = choice_list(record, "endings")?
-                .iter()
-                .map(|e| hellaswag_preprocess(e))
-                .collect();
+            let ctx = format!("{} {}", str_field(record, "ctx_a")?, py_capitalize(str_field(record, "ctx_b")?));
+            let query = hellaswag_preprocess(&format!("{}: {ctx}", str_field(record, "activity_label")?));
+            let choices: Vec<String> =
+                choice_list(record, "endings")?.iter().map(|e| hellaswag_preprocess(e)).collect();
             let gold = index_field(record, "label", choices.len())?;
             Ok(choice_requests(query, choices, gold))
         }
         DocFormat::WinoGrande => {
             let sentence = str_field(record, "sentence")?;
-            let i = sentence.find('_').ok_or_else(|| {
-                FieldError::new("sentence", "has no \"_\" blank for the options to fill")
-            })?;
+            let i = sentence
+                .find('_')
+                .ok_or_else(|| FieldError::new("sentence", "has no \"_\" blank for the options to fill"))?;
             let continuation = format!("{DELIM}{}", py_strip(&sentence[i + 1..]));
             let choices: Vec<String> = ["option1", "option2"]
                 .iter()
@@ -784,10 +693,8 @@ pub(crate) fn interpret(
                 "1" => 0,
                 "2" => 1,
                 other => {
-                    let problem = format!(
-                        "{} is not a valid label (expected \"1\" or \"2\")",
-                        show(&Value::from(other))
-                    );
+                    let problem =
+                        format!("{} is not a valid label (expected \"1\" or \"2\")", show(&Value::from(other)));
                     return Err(FieldError::new("answer", problem));
                 }
             };
@@ -795,19 +702,13 @@ pub(crate) fn interpret(
                 doc_id,
                 requests: choices
                     .iter()
-                    .map(|c| Request {
-                        context: c.clone(),
-                        continuation: continuation.clone(),
-                    })
+                    .map(|c| Request { context: c.clone(), continuation: continuation.clone() })
                     .collect(),
                 choices,
                 gold,
             })
         }
-        DocFormat::Perplexity => Err(FieldError::new(
-            "text",
-            "a perplexity record is not a multiple-choice document",
-        )),
+        DocFormat::Perplexity => Err(FieldError::new("text", "a perplexity record is not a multiple-choice document")),
     }
 }
 
@@ -825,25 +726,17 @@ pub(crate) mod tests {
     /// one ULP off, and the golden values are compared bit for bit.
     pub(crate) fn raw_numbers(text: &str, key: &str) -> Vec<f64> {
         let pat = format!("\"{key}\": ");
-        let start = text
-            .find(&pat)
-            .unwrap_or_else(|| panic!("no {pat} in golden text"))
-            + pat.len();
+        let start = text.find(&pat).unwrap_or_else(|| panic!("no {pat} in golden text")) + pat.len();
         let rest = &text[start..];
         let body = match rest.strip_prefix('[') {
             Some(list) => &list[..list.find(']').unwrap()],
             None => &rest[..rest.find([',', '}', '\n']).unwrap_or(rest.len())],
         };
-        body.split(',')
-            .map(|x| x.trim().parse::<f64>().unwrap())
-            .collect()
+        body.split(',').map(|x| x.trim().parse::<f64>().unwrap()).collect()
     }
 
     pub(crate) fn golden_dir() -> PathBuf {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../golden/lm-eval-first25"
-        ))
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../golden/lm-eval-first25"))
     }
 
     fn spec(name: &str) -> &'static DocFormat {
@@ -864,13 +757,7 @@ pub(crate) mod tests {
         // Only the first '_' counts.
         let r = json!({"sentence": "_ saw _.", "option1": "A", "option2": "B", "answer": "1"});
         let d = interpret(spec("winogrande"), 0, &r).unwrap();
-        assert_eq!(
-            (
-                d.requests[0].context.as_str(),
-                d.requests[0].continuation.as_str()
-            ),
-            ("A", " saw _.")
-        );
+        assert_eq!((d.requests[0].context.as_str(), d.requests[0].continuation.as_str()), ("A", " saw _."));
         assert_eq!(d.gold, 0);
     }
 
@@ -879,10 +766,7 @@ pub(crate) mod tests {
         let r = json!({"activity_label": "Roof shingle removal", "ctx_a": "A man is on a roof.",
             "ctx_b": "he IS", "endings": [" starts [step] pulling. ", "b", "c", "d"], "label": "3"});
         let d = interpret(spec("hellaswag"), 0, &r).unwrap();
-        assert_eq!(
-            d.requests[0].context,
-            "Roof shingle removal: A man is on a roof. He is"
-        );
+        assert_eq!(d.requests[0].context, "Roof shingle removal: A man is on a roof. He is");
         assert_eq!(d.choices[0], "starts pulling.");
         assert_eq!(d.requests[0].continuation, " starts pulling.");
         assert_eq!(d.gold, 3);
@@ -899,7 +783,8 @@ pub(crate) mod tests {
         let d = interpret(spec("openbookqa"), 0, &r).unwrap();
         assert_eq!(d.requests[0].context, "Fog is ");
         assert_eq!(d.gold, 1);
-        let r = json!({"question": "q", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}, "answerKey": "3"});
+        let r =
+            json!({"question": "q", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}, "answerKey": "3"});
         assert_eq!(interpret(spec("arc_easy"), 0, &r).unwrap().gold, 2);
         let r = json!({"goal": "g", "sol1": " a ", "sol2": "b", "label": 0});
         let d = interpret(spec("piqa"), 0, &r).unwrap();
@@ -909,13 +794,9 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_records_name_the_field() {
-        let r =
-            json!({"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "B"});
+        let r = json!({"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "B"});
         let e = interpret(spec("arc_easy"), 0, &r).unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "field `answerKey`: \"B\" is not a valid label (expected one of `choices.label`: \"A\")"
-        );
+        assert_eq!(e, "field `answerKey`: \"B\" is not a valid label (expected one of `choices.label`: \"A\")");
         let r = json!({"goal": "g", "sol1": "a", "label": 0});
         let e = interpret(spec("piqa"), 0, &r).unwrap_err();
         assert_eq!(e, FieldError::new("sol2", "missing from the record"));
@@ -932,10 +813,7 @@ pub(crate) mod tests {
         let r = json!({"goal": "g", "sol1": "a", "sol2": "b", "label": " 1 "});
         assert_eq!(interpret(spec("piqa"), 0, &r).unwrap().gold, 1);
         let r = json!({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"});
-        assert_eq!(
-            interpret(spec("winogrande"), 0, &r).unwrap_err().field,
-            "sentence"
-        );
+        assert_eq!(interpret(spec("winogrande"), 0, &r).unwrap_err().field, "sentence");
         // A dotted path through something that is not an object.
         let r = json!({"question": "q", "choices": ["a", "b"], "answerKey": "A"});
         assert_eq!(
@@ -943,9 +821,7 @@ pub(crate) mod tests {
             "field `choices.text`: missing: `choices` is a list of 2 items, not an object"
         );
         assert_eq!(
-            interpret(spec("boolq"), 0, &json!(3))
-                .unwrap_err()
-                .to_string(),
+            interpret(spec("boolq"), 0, &json!(3)).unwrap_err().to_string(),
             "field `passage`: missing: the record is the number 3, not an object"
         );
     }
@@ -970,33 +846,17 @@ pub(crate) mod tests {
         let e = task.load_docs(&dir, None).unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, EvalError::BadField { line: 4, .. }), "{msg}");
-        assert!(
-            msg.contains("piqa.validation.jsonl: line 4: field `sol2`"),
-            "{msg}"
-        );
+        assert!(msg.contains("piqa.validation.jsonl: line 4: field `sol2`"), "{msg}");
         // The limit stops before the bad record.
         assert_eq!(task.load_docs(&dir, Some(2)).unwrap().len(), 2);
-        std::fs::write(
-            dir.join("piqa.validation.jsonl"),
-            format!("{good}\n{{not json\n"),
-        )
-        .unwrap();
+        std::fs::write(dir.join("piqa.validation.jsonl"), format!("{good}\n{{not json\n")).unwrap();
         let msg = task.load_docs(&dir, None).unwrap_err().to_string();
-        assert!(
-            msg.contains(": line 2: malformed record: invalid JSON"),
-            "{msg}"
-        );
+        assert!(msg.contains(": line 2: malformed record: invalid JSON"), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();
 
         let e = Task::from_name("mmlu").unwrap_err().to_string();
-        assert!(
-            e.contains("unknown task `mmlu`") && e.contains("hellaswag"),
-            "{e}"
-        );
-        assert!(Task::from_name("wikitext")
-            .unwrap()
-            .load_docs(&dir, None)
-            .is_err());
+        assert!(e.contains("unknown task `mmlu`") && e.contains("hellaswag"), "{e}");
+        assert!(Task::from_name("wikitext").unwrap().load_docs(&dir, None).is_err());
     }
 
     /// Golden per-doc requests from lm-eval 0.4.13 on the first 25 documents of each task.
@@ -1016,36 +876,17 @@ pub(crate) mod tests {
             assert_eq!(task.metrics(), metrics);
             let docs = task.load_docs(&data, Some(25)).unwrap();
             assert_eq!(docs.len(), 25);
-            let golden =
-                std::fs::read_to_string(golden_dir().join(format!("{task_name}.jsonl"))).unwrap();
-            let golden: Vec<Value> = golden
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
+            let golden = std::fs::read_to_string(golden_dir().join(format!("{task_name}.jsonl"))).unwrap();
+            let golden: Vec<Value> = golden.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
             assert_eq!(golden.len(), 25);
             for (doc, g) in docs.iter().zip(&golden) {
                 assert_eq!(doc.doc_id as u64, g["doc_id"].as_u64().unwrap());
-                assert_eq!(
-                    doc.gold as u64,
-                    g["gold"].as_u64().unwrap(),
-                    "{task_name} doc {}",
-                    doc.doc_id
-                );
+                assert_eq!(doc.gold as u64, g["gold"].as_u64().unwrap(), "{task_name} doc {}", doc.doc_id);
                 let reqs = g["requests"].as_array().unwrap();
                 assert_eq!(doc.requests.len(), reqs.len());
                 for (r, gr) in doc.requests.iter().zip(reqs) {
-                    assert_eq!(
-                        r.context,
-                        gr["context"].as_str().unwrap(),
-                        "{task_name} doc {}",
-                        doc.doc_id
-                    );
-                    assert_eq!(
-                        r.continuation,
-                        gr["continuation"].as_str().unwrap(),
-                        "{task_name} doc {}",
-                        doc.doc_id
-                    );
+                    assert_eq!(r.context, gr["context"].as_str().unwrap(), "{task_name} doc {}", doc.doc_id);
+                    assert_eq!(r.continuation, gr["continuation"].as_str().unwrap(), "{task_name} doc {}", doc.doc_id);
                 }
             }
         }
@@ -1067,12 +908,6 @@ pub(crate) mod tests {
             assert_eq!(task.load_docs(&data, None).unwrap().len(), n, "{name}");
             assert_eq!(task.count_docs(&data).unwrap(), n, "{name}");
         }
-        assert_eq!(
-            Task::from_name("wikitext")
-                .unwrap()
-                .count_docs(&data)
-                .unwrap(),
-            62
-        );
+        assert_eq!(Task::from_name("wikitext").unwrap().count_docs(&data).unwrap(), 62);
     }
 }

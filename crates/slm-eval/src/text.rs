@@ -136,14 +136,7 @@ pub fn wikitext_detokenize(page: &str) -> String {
     for (from, to) in [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")] {
         s = s.replace(from, to);
     }
-    for (from, to) in [
-        (" : ", ": "),
-        (" ; ", "; "),
-        (" . ", ". "),
-        (" ! ", "! "),
-        (" ? ", "? "),
-        (" , ", ", "),
-    ] {
+    for (from, to) in [(" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", ")] {
         s = s.replace(from, to);
     }
     for (open, close) in [('(', ')'), ('[', ']'), ('{', '}'), ('"', '"'), ('\'', '\'')] {
@@ -223,18 +216,13 @@ mod tests {
     #[test]
     fn detokenizer_steps() {
         assert_eq!(
-            wikitext_detokenize(
-                " = = Career = = \n The 1 @,@ 000 @-@ odd men 's ( mostly ) \" old \" ones . \n"
-            ),
+            wikitext_detokenize(" = = Career = = \n The 1 @,@ 000 @-@ odd men 's ( mostly ) \" old \" ones . \n"),
             " == Career ==\nThe 1,000-odd men's (mostly) \"old\" ones.\n"
         );
         // Apostrophes pair up left to right across words.
         assert_eq!(wikitext_detokenize("a ' b ' c ' d"), "a 'b' c ' d");
         assert_eq!(wikitext_detokenize("x /' 5/ y"), "x /'[0-9]/ y");
-        assert_eq!(
-            wikitext_detokenize("the players ' team"),
-            "the players' team"
-        );
+        assert_eq!(wikitext_detokenize("the players ' team"), "the players' team");
         assert_eq!(wikitext_detokenize("5 ° C"), "5°C");
     }
 

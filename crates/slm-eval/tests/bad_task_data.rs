@@ -22,17 +22,12 @@ fn error_of(task: &str, content: &str, load: impl FnOnce(&Path) -> Result<(), Ev
     let msg = load(dir.path()).expect_err("bad data must be refused").to_string();
     assert_eq!(std::fs::read(&path).unwrap(), before, "{task}: the input file changed");
     let shown = path.display().to_string();
-    assert!(
-        msg.contains(&shown),
-        "{task}: the message does not name the file: {msg}"
-    );
+    assert!(msg.contains(&shown), "{task}: the message does not name the file: {msg}");
     msg.replace(&shown, "FILE")
 }
 
 fn docs_error(task: &str, content: &str, limit: Option<usize>) -> String {
-    error_of(task, content, |dir| {
-        Task::from_name(task).unwrap().load_docs(dir, limit).map(drop)
-    })
+    error_of(task, content, |dir| Task::from_name(task).unwrap().load_docs(dir, limit).map(drop))
 }
 
 const BOOLQ_GOOD: &str = r#"{"question": "q", "passage": "p", "idx": 0, "label": 1}"#;
@@ -45,10 +40,7 @@ fn boolq_with_line7(bad: &str) -> String {
 #[test]
 fn boolq_label_out_of_range_names_file_line_and_field() {
     let cases = [
-        (
-            r#"{"question": "q", "passage": "p", "label": 5}"#,
-            "field `label`: 5 is not a valid label (expected 0 or 1)",
-        ),
+        (r#"{"question": "q", "passage": "p", "label": 5}"#, "field `label`: 5 is not a valid label (expected 0 or 1)"),
         (
             r#"{"question": "q", "passage": "p", "label": -1}"#,
             "field `label`: -1 is not a valid label (expected 0 or 1)",
@@ -69,36 +61,16 @@ fn boolq_label_out_of_range_names_file_line_and_field() {
             r#"{"question": "q", "passage": "p", "label": null}"#,
             "field `label`: expected an integer label (expected 0 or 1), got null",
         ),
-        (
-            r#"{"question": "q", "passage": "p"}"#,
-            "field `label`: missing from the record",
-        ),
-        (
-            r#"{"question": "q", "passage": 3, "label": 0}"#,
-            "field `passage`: expected a string, got the number 3",
-        ),
-        (
-            r#"{"passage": "p", "label": 0}"#,
-            "field `question`: missing from the record",
-        ),
+        (r#"{"question": "q", "passage": "p"}"#, "field `label`: missing from the record"),
+        (r#"{"question": "q", "passage": 3, "label": 0}"#, "field `passage`: expected a string, got the number 3"),
+        (r#"{"passage": "p", "label": 0}"#, "field `question`: missing from the record"),
     ];
     for (bad, want) in cases {
-        assert_eq!(
-            docs_error("boolq", &boolq_with_line7(bad), None),
-            format!("FILE: line 7: {want}"),
-            "{bad}"
-        );
+        assert_eq!(docs_error("boolq", &boolq_with_line7(bad), None), format!("FILE: line 7: {want}"), "{bad}");
     }
     // The limit stops before the bad record.
     let (dir, _path) = data_dir("boolq", &boolq_with_line7(cases[0].0));
-    assert_eq!(
-        Task::from_name("boolq")
-            .unwrap()
-            .load_docs(dir.path(), Some(5))
-            .unwrap()
-            .len(),
-        5
-    );
+    assert_eq!(Task::from_name("boolq").unwrap().load_docs(dir.path(), Some(5)).unwrap().len(), 5);
 }
 
 #[test]
@@ -109,10 +81,7 @@ fn piqa_bad_records() {
             r#"{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}"#,
             "field `label`: 2 is not a valid label (expected 0 or 1)",
         ),
-        (
-            r#"{"goal": "g", "sol1": "a", "label": 1}"#,
-            "field `sol2`: missing from the record",
-        ),
+        (r#"{"goal": "g", "sol1": "a", "label": 1}"#, "field `sol2`: missing from the record"),
         (
             r#"{"goal": "g", "sol1": ["a", "b"], "sol2": "b", "label": 1}"#,
             "field `sol1`: expected a string, got a list of 2 items",
@@ -135,26 +104,11 @@ fn hellaswag_bad_records() {
     };
     let good = rec(r#"["a", "b", "c", "d"]"#, r#""0""#);
     let cases = [
-        (
-            rec(r#"["a", "b", "c", "d"]"#, r#""9""#),
-            "field `label`: \"9\" is not a valid label (expected 0 to 3)",
-        ),
-        (
-            rec(r#"["a", "b", "c", "d"]"#, "4"),
-            "field `label`: 4 is not a valid label (expected 0 to 3)",
-        ),
-        (
-            rec("[]", "0"),
-            "field `endings`: the choice list is empty (a document needs at least one choice)",
-        ),
-        (
-            rec(r#"["a", 3, "c", "d"]"#, "0"),
-            "field `endings[1]`: expected a string, got the number 3",
-        ),
-        (
-            rec(r#""abcd""#, "0"),
-            "field `endings`: expected a list of strings, got the string \"abcd\"",
-        ),
+        (rec(r#"["a", "b", "c", "d"]"#, r#""9""#), "field `label`: \"9\" is not a valid label (expected 0 to 3)"),
+        (rec(r#"["a", "b", "c", "d"]"#, "4"), "field `label`: 4 is not a valid label (expected 0 to 3)"),
+        (rec("[]", "0"), "field `endings`: the choice list is empty (a document needs at least one choice)"),
+        (rec(r#"["a", 3, "c", "d"]"#, "0"), "field `endings[1]`: expected a string, got the number 3"),
+        (rec(r#""abcd""#, "0"), "field `endings`: expected a list of strings, got the string \"abcd\""),
         (
             r#"{"activity_label": "A", "ctx_a": "x.", "endings": ["a"], "label": 0}"#.to_string(),
             "field `ctx_b`: missing from the record",
@@ -172,22 +126,10 @@ fn winogrande_bad_records() {
         format!(r#"{{"sentence": "{sentence}", "option1": "A", "option2": "B", "answer": {answer}}}"#)
     };
     let cases = [
-        (
-            rec("_ ran.", r#""3""#),
-            "field `answer`: \"3\" is not a valid label (expected \"1\" or \"2\")",
-        ),
-        (
-            rec("_ ran.", r#""0""#),
-            "field `answer`: \"0\" is not a valid label (expected \"1\" or \"2\")",
-        ),
-        (
-            rec("_ ran.", "1"),
-            "field `answer`: expected a string, got the number 1",
-        ),
-        (
-            rec("nobody ran.", r#""1""#),
-            "field `sentence`: has no \"_\" blank for the options to fill",
-        ),
+        (rec("_ ran.", r#""3""#), "field `answer`: \"3\" is not a valid label (expected \"1\" or \"2\")"),
+        (rec("_ ran.", r#""0""#), "field `answer`: \"0\" is not a valid label (expected \"1\" or \"2\")"),
+        (rec("_ ran.", "1"), "field `answer`: expected a string, got the number 1"),
+        (rec("nobody ran.", r#""1""#), "field `sentence`: has no \"_\" blank for the options to fill"),
         (
             r#"{"sentence": "_ ran.", "option1": "A", "answer": "1"}"#.to_string(),
             "field `option2`: missing from the record",
@@ -244,45 +186,20 @@ fn arc_and_openbookqa_bad_records() {
 #[test]
 fn records_that_are_not_objects_name_the_line() {
     let msg = docs_error("boolq", &format!("{BOOLQ_GOOD}\n[1, 2]\n"), None);
-    assert_eq!(
-        msg,
-        "FILE: line 2: malformed record: expected a JSON object, got a list of 2 items"
-    );
+    assert_eq!(msg, "FILE: line 2: malformed record: expected a JSON object, got a list of 2 items");
     let msg = docs_error("boolq", &format!("{BOOLQ_GOOD}\n\"text\"\n"), None);
-    assert_eq!(
-        msg,
-        "FILE: line 2: malformed record: expected a JSON object, got the string \"text\""
-    );
+    assert_eq!(msg, "FILE: line 2: malformed record: expected a JSON object, got the string \"text\"");
     let msg = docs_error("boolq", &format!("{BOOLQ_GOOD}\n{{\"label\": \n"), None);
-    assert!(
-        msg.starts_with("FILE: line 2: malformed record: invalid JSON: "),
-        "{msg}"
-    );
+    assert!(msg.starts_with("FILE: line 2: malformed record: invalid JSON: "), "{msg}");
 }
 
 #[test]
 fn empty_file_and_limit_zero_are_errors() {
     let no_records = "the file holds no records (it is empty or has only blank lines)";
-    for task in [
-        "boolq",
-        "piqa",
-        "hellaswag",
-        "winogrande",
-        "arc_easy",
-        "arc_challenge",
-        "openbookqa",
-    ] {
+    for task in ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] {
         for content in ["", "\n\n   \n"] {
-            assert_eq!(
-                docs_error(task, content, None),
-                format!("FILE: task `{task}`: {no_records}"),
-                "{task}"
-            );
-            assert_eq!(
-                docs_error(task, content, Some(10)),
-                format!("FILE: task `{task}`: {no_records}"),
-                "{task}"
-            );
+            assert_eq!(docs_error(task, content, None), format!("FILE: task `{task}`: {no_records}"), "{task}");
+            assert_eq!(docs_error(task, content, Some(10)), format!("FILE: task `{task}`: {no_records}"), "{task}");
         }
     }
     assert_eq!(
@@ -305,19 +222,14 @@ fn wikitext_error(content: &str, limit: Option<usize>) -> String {
 }
 
 fn wikitext2_error(content: &str, limit: Option<usize>) -> String {
-    error_of("wikitext2-128", content, |dir| {
-        wikitext2_windows(&Words, dir, 128, limit).map(drop)
-    })
+    error_of("wikitext2-128", content, |dir| wikitext2_windows(&Words, dir, 128, limit).map(drop))
 }
 
 #[test]
 fn wikitext_without_text_is_an_error_not_perplexity_one() {
     let no_records = "the file holds no records (it is empty or has only blank lines)";
     assert_eq!(wikitext_error("", None), format!("FILE: task `wikitext`: {no_records}"));
-    assert_eq!(
-        wikitext2_error("", None),
-        format!("FILE: task `wikitext`: {no_records}")
-    );
+    assert_eq!(wikitext2_error("", None), format!("FILE: task `wikitext`: {no_records}"));
     let blank = "{\"text\": \"\"}\n{\"text\": \" \\n\"}\n{\"text\": \"\"}\n";
     let want = "FILE: task `wikitext`: all 3 rows have a blank `text` field: there is no text to score";
     assert_eq!(wikitext_error(blank, None), want);
@@ -360,13 +272,8 @@ fn wikitext_bad_rows_name_file_line_and_field() {
         "FILE: line 2: field `text`: expected a string, got a list of 1 item"
     );
     // count_docs (lm-eval's n-samples.original) refuses the same files.
-    let msg = error_of("wikitext", "", |dir| {
-        Task::from_name("wikitext").unwrap().count_docs(dir).map(drop)
-    });
-    assert!(
-        msg.starts_with("FILE: task `wikitext`: the file holds no records"),
-        "{msg}"
-    );
+    let msg = error_of("wikitext", "", |dir| Task::from_name("wikitext").unwrap().count_docs(dir).map(drop));
+    assert!(msg.starts_with("FILE: task `wikitext`: the file holds no records"), "{msg}");
 }
 
 /// The same refusals through `evaluate`, before any scoring: no empty table, no perplexity of 1.0.
@@ -392,30 +299,17 @@ fn evaluate_refuses_nothing_to_evaluate() {
         "FILE: task `boolq`: a limit of 0 leaves no documents to evaluate (the limit must be at least 1)"
     );
     assert_eq!(
-        run(
-            "boolq",
-            &boolq_with_line7(r#"{"question": "q", "passage": "p", "label": 5}"#),
-            None
-        ),
+        run("boolq", &boolq_with_line7(r#"{"question": "q", "passage": "p", "label": 5}"#), None),
         "FILE: line 7: field `label`: 5 is not a valid label (expected 0 or 1)"
     );
-    assert_eq!(
-        run("wikitext", "", None),
-        format!("FILE: task `wikitext`: {no_records}")
-    );
-    assert_eq!(
-        run("wikitext2-128", "", None),
-        format!("FILE: task `wikitext`: {no_records}")
-    );
+    assert_eq!(run("wikitext", "", None), format!("FILE: task `wikitext`: {no_records}"));
+    assert_eq!(run("wikitext2-128", "", None), format!("FILE: task `wikitext`: {no_records}"));
     let good = "{\"text\": \" = A = \\n\"}\n{\"text\": \" a b c \\n\"}\n";
     assert_eq!(
         run("wikitext", good, Some(0)),
         "FILE: task `wikitext`: a limit of 0 leaves no pages to evaluate (the limit must be at least 1)"
     );
     let msg = run("wikitext2-128", good, None);
-    assert!(
-        msg.starts_with("FILE: task `wikitext2-128`: the text tokenises to "),
-        "{msg}"
-    );
+    assert!(msg.starts_with("FILE: task `wikitext2-128`: the text tokenises to "), "{msg}");
     assert!(msg.ends_with(" tokens, fewer than one 128-token window needs"), "{msg}");
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use slm_eval::{build_token_requests, score_docs, Engine, Task, TokenRequest};
-use slm_model::testing::{default_model_path, data_dir, golden_dir};
+use slm_model::testing::{data_dir, default_model_path, golden_dir};
 use slm_model::Model;
 
 fn golden(task: &str) -> Vec<Value> {

@@ -22,11 +22,14 @@ fn main() {
     let model = Model::load(std::path::Path::new(&path), &Device::Cpu).unwrap();
     let lora = Lora::new(&model.spec, LoraConfig::default(), 1, &Device::Cpu).unwrap();
     let hook = lora.train_hook(1);
-    let seqs: Vec<Vec<u32>> = (0..4).map(|s| (0..256).map(|i| ((i * 7919 + s * 13) % 40000) as u32).collect()).collect();
+    let seqs: Vec<Vec<u32>> =
+        (0..4).map(|s| (0..256).map(|i| ((i * 7919 + s * 13) % 40000) as u32).collect()).collect();
     let batch = Batch::new(&model.spec, &seqs, &model.device).unwrap();
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 256, 576), &Device::Cpu).unwrap()).unwrap();
     let (w, l, eps) = (&model.weights.layers[3], &model.spec.layers[3], model.spec.rms_norm_eps);
-    time("attention block", || attention_block_adapted(x.as_tensor(), w, l, &batch, eps, Mode::Differentiable, 3, &hook).unwrap());
+    time("attention block", || {
+        attention_block_adapted(x.as_tensor(), w, l, &batch, eps, Mode::Differentiable, 3, &hook).unwrap()
+    });
     time("mlp activations", || mlp_activations_adapted(x.as_tensor(), w, eps, Mode::Differentiable, 3, &hook).unwrap());
     time("frozen down_proj", || {
         let a = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 256, 1536), &Device::Cpu).unwrap()).unwrap();

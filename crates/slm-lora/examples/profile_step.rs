@@ -10,7 +10,10 @@ fn main() -> anyhow_free::Result {
     let model = Model::load(std::path::Path::new(&path), &Device::Cpu)?;
     let lora = Lora::new(&model.spec, LoraConfig::default(), 1, &Device::Cpu)?;
     let ex: Vec<Example> = (0..4)
-        .map(|s| Example { ids: (0..256).map(|i| ((i * 7919 + s * 13) % 40000) as u32).collect(), target: (0..256).map(|p| p > 0).collect() })
+        .map(|s| Example {
+            ids: (0..256).map(|i| ((i * 7919 + s * 13) % 40000) as u32).collect(),
+            target: (0..256).map(|p| p > 0).collect(),
+        })
         .collect();
     for _ in 0..3 {
         let seqs: Vec<Vec<u32>> = ex.iter().map(|e| e.ids.clone()).collect();
@@ -29,7 +32,9 @@ fn main() -> anyhow_free::Result {
         let t = Instant::now();
         let _g = loss.backward()?;
         let bwd = t.elapsed().as_secs_f64();
-        println!("inference fwd {inf:.2}s  differentiable fwd {diff:.2}s  train fwd+loss {fwd:.2}s  backward {bwd:.2}s");
+        println!(
+            "inference fwd {inf:.2}s  differentiable fwd {diff:.2}s  train fwd+loss {fwd:.2}s  backward {bwd:.2}s"
+        );
     }
     Ok(())
 }

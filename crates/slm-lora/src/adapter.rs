@@ -138,7 +138,8 @@ impl Lora {
                 let m = peft_module(i, PROJECTIONS[k]);
                 for (suffix, var) in [("lora_A", &p.a), ("lora_B", &p.b)] {
                     let key = format!("{m}.{suffix}.weight");
-                    let t = named.get(&key).ok_or_else(|| LoraError::file(source, format!("missing tensor `{key}`")))?;
+                    let t =
+                        named.get(&key).ok_or_else(|| LoraError::file(source, format!("missing tensor `{key}`")))?;
                     if t.dims() != var.dims() {
                         return Err(LoraError::file(
                             source,
@@ -195,14 +196,21 @@ impl Lora {
     /// Reads adapter files written by [`Lora::save`] (or PEFT, for these seven targets) for a model of `spec`.
     pub fn load(dir: &Path, spec: &ModelSpec, device: &Device) -> Result<Self> {
         let cfg_path = dir.join(ADAPTER_CONFIG);
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| LoraError::Io { path: cfg_path.clone(), error: e })?;
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| LoraError::Io { path: cfg_path.clone(), error: e })?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| LoraError::file(&cfg_path, format!("not valid JSON: {e}")))?;
         if v.get("peft_type").and_then(|t| t.as_str()) != Some("LORA") {
             return Err(LoraError::file(&cfg_path, "not a LoRA adapter config (`peft_type` is not \"LORA\")"));
         }
-        let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| LoraError::file(&cfg_path, format!("missing number `{k}`")));
-        let config = LoraConfig { rank: num("r")? as usize, alpha: num("lora_alpha")?, dropout: num("lora_dropout").unwrap_or(0.0) };
+        let num = |k: &str| {
+            v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| LoraError::file(&cfg_path, format!("missing number `{k}`")))
+        };
+        let config = LoraConfig {
+            rank: num("r")? as usize,
+            alpha: num("lora_alpha")?,
+            dropout: num("lora_dropout").unwrap_or(0.0),
+        };
         config.validate().map_err(|e| LoraError::file(&cfg_path, e.to_string()))?;
         let lora = Lora::new(spec, config, 0, device)?;
         let st = dir.join(ADAPTER_WEIGHTS);

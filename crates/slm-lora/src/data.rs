@@ -165,18 +165,31 @@ pub fn text_windows(texts: &[String], tok: &Tokenizer, len: usize) -> Result<Vec
 }
 
 /// Examples from a data file: Alpaca records or text windows, all of at least two tokens.
-pub fn load_examples(path: &Path, format: Format, tok: &Tokenizer, eos: Option<u32>, cutoff: usize) -> Result<Vec<Example>> {
+pub fn load_examples(
+    path: &Path,
+    format: Format,
+    tok: &Tokenizer,
+    eos: Option<u32>,
+    cutoff: usize,
+) -> Result<Vec<Example>> {
     if cutoff < 2 {
         return Err(LoraError::InvalidArgument(format!("cutoff must be at least 2 tokens, got {cutoff}")));
     }
     let examples = match read_records(path, format)? {
-        Records::Alpaca(rs) => {
-            rs.iter().map(|r| alpaca_example(r, tok, eos, cutoff)).filter(|e| !matches!(e, Ok(e) if e.num_targets() == 0)).collect::<Result<Vec<_>>>()?
-        }
+        Records::Alpaca(rs) => rs
+            .iter()
+            .map(|r| alpaca_example(r, tok, eos, cutoff))
+            .filter(|e| !matches!(e, Ok(e) if e.num_targets() == 0))
+            .collect::<Result<Vec<_>>>()?,
         Records::Text(ts) => text_windows(&ts, tok, cutoff)?,
     };
     if examples.is_empty() {
-        return Err(LoraError::file(path, format!("no training example: every record is empty, or the text is shorter than one window of {cutoff} tokens")));
+        return Err(LoraError::file(
+            path,
+            format!(
+                "no training example: every record is empty, or the text is shorter than one window of {cutoff} tokens"
+            ),
+        ));
     }
     Ok(examples)
 }

@@ -7,8 +7,8 @@
 //! `[N, vocab]` temporaries per elementary op.
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
-use slm_model::fused::f32_slice;
 use rayon::prelude::*;
+use slm_model::fused::f32_slice;
 
 /// `x @ w^T` as a plain matmul (no autograd op recorded for `w`).
 fn plain_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -139,14 +139,18 @@ impl CustomOp1 for Kl {
         let (n, v) = l.shape().dims2()?;
         let losses = (0..n)
             .into_par_iter()
-            .map_init(|| vec![0f32; v], |q, r| {
-                let lse = softmax_row(&x[r * v..(r + 1) * v], self.t, q);
-                let p = &self.teacher[r * v..(r + 1) * v];
-                // KL = Σ p log p − Σ p log q, with log q = z/t − lse and Σ p = 1.
-                let cross: f64 = p.iter().zip(&x[r * v..(r + 1) * v]).map(|(&pj, &z)| pj as f64 * (z / self.t) as f64).sum();
-                let kl = self.neg_entropy[r] - cross + lse as f64;
-                (kl as f32) * self.t * self.t
-            })
+            .map_init(
+                || vec![0f32; v],
+                |q, r| {
+                    let lse = softmax_row(&x[r * v..(r + 1) * v], self.t, q);
+                    let p = &self.teacher[r * v..(r + 1) * v];
+                    // KL = Σ p log p − Σ p log q, with log q = z/t − lse and Σ p = 1.
+                    let cross: f64 =
+                        p.iter().zip(&x[r * v..(r + 1) * v]).map(|(&pj, &z)| pj as f64 * (z / self.t) as f64).sum();
+                    let kl = self.neg_entropy[r] - cross + lse as f64;
+                    (kl as f32) * self.t * self.t
+                },
+            )
             .collect();
         Ok((CpuStorage::F32(losses), Shape::from(n)))
     }

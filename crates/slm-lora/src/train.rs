@@ -68,7 +68,8 @@ impl Default for TrainConfig {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(LoraError::InvalidArgument(m));
-        if self.micro_batch_size == 0 || self.batch_size == 0 || self.batch_size % self.micro_batch_size != 0 {
+        if self.micro_batch_size == 0 || self.batch_size == 0 || !self.batch_size.is_multiple_of(self.micro_batch_size)
+        {
             return bad(format!(
                 "batch size {} must be a positive multiple of the micro-batch size {}",
                 self.batch_size, self.micro_batch_size
@@ -117,7 +118,11 @@ pub struct Distill<'a> {
 }
 
 /// Shuffles `examples` with `seed` and holds out the first `val_size` for validation (HF `train_test_split`).
-pub fn split_validation(mut examples: Vec<Example>, val_size: usize, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
+pub fn split_validation(
+    mut examples: Vec<Example>,
+    val_size: usize,
+    seed: u64,
+) -> Result<(Vec<Example>, Vec<Example>)> {
     if val_size >= examples.len() {
         return Err(LoraError::InvalidArgument(format!(
             "validation split of {val_size} leaves no training data ({} examples)",
@@ -209,7 +214,13 @@ fn micro_batch_losses(
 }
 
 /// Mean validation loss per scored token: (objective, LM cross-entropy).
-pub fn evaluate(model: &Model, lora: &Lora, val: &[Example], distill: Option<&Distill>, chunk: usize) -> Result<(f64, f64)> {
+pub fn evaluate(
+    model: &Model,
+    lora: &Lora,
+    val: &[Example],
+    distill: Option<&Distill>,
+    chunk: usize,
+) -> Result<(f64, f64)> {
     let merged = lora.merge(model)?;
     let hook = slm_model::NoAdapter;
     let (mut obj, mut ce, mut n) = (0f64, 0f64, 0usize);
@@ -236,7 +247,11 @@ struct AdamW {
 impl AdamW {
     fn new(vars: &[&Var]) -> Result<Self> {
         let z = |v: &&Var| v.as_tensor().zeros_like();
-        Ok(AdamW { m: vars.iter().map(z).collect::<candle_core::Result<_>>()?, v: vars.iter().map(z).collect::<candle_core::Result<_>>()?, t: 0 })
+        Ok(AdamW {
+            m: vars.iter().map(z).collect::<candle_core::Result<_>>()?,
+            v: vars.iter().map(z).collect::<candle_core::Result<_>>()?,
+            t: 0,
+        })
     }
 
     /// PyTorch's AdamW: decoupled decay `p ← p(1 − lr·wd)`, then the bias-corrected Adam step.
@@ -287,7 +302,8 @@ pub fn train(
     let total = cfg.total_steps(train.len());
     let hook = lora.train_hook(cfg.seed.wrapping_add(1));
     let mut history = Vec::new();
-    let (mut best, mut best_step, mut best_loss): (Option<HashMap<String, Tensor>>, Option<usize>, Option<f64>) = (None, None, None);
+    let (mut best, mut best_step, mut best_loss): (Option<HashMap<String, Tensor>>, Option<usize>, Option<f64>) =
+        (None, None, None);
     let (mut tokens, mut seconds, mut step) = (0usize, 0f64, 0usize);
     'epochs: for epoch in 0..cfg.epochs {
         let mut order: Vec<usize> = (0..train.len()).collect();
@@ -311,7 +327,9 @@ pub fn train(
                     .iter()
                     .map(|v| {
                         grads.get(v.as_tensor()).cloned().ok_or_else(|| {
-                            LoraError::InvalidArgument("a LoRA tensor received no gradient (a detaching op on its path?)".into())
+                            LoraError::InvalidArgument(
+                                "a LoRA tensor received no gradient (a detaching op on its path?)".into(),
+                            )
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -321,7 +339,8 @@ pub fn train(
                 });
             }
             let mut gs = acc.expect("a global batch holds at least one micro-batch");
-            let norm = gs.iter().map(|g| Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)).sum::<Result<f64>>()?.sqrt();
+            let norm =
+                gs.iter().map(|g| Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)).sum::<Result<f64>>()?.sqrt();
             if !(loss_sum.is_finite() && norm.is_finite()) {
                 return Err(LoraError::InvalidArgument(format!(
                     "training diverged at step {} (epoch {epoch}): loss {loss_sum}, gradient norm {norm}; lower --lr or check \

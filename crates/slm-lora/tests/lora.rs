@@ -8,12 +8,12 @@ use slm_model::testing::{default_model_path, max_abs_diff, tiny_model};
 use slm_model::{Mode, Model, PROJECTIONS};
 
 fn random_b(lora: &Lora, seed: u64) {
-    let mut k = seed;
-    for p in lora.layers.iter().flatten() {
-        k += 1;
+    for (k, p) in (seed + 1..).zip(lora.layers.iter().flatten()) {
         let t = Tensor::randn(0f32, 0.5, p.b.dims(), &Device::Cpu).unwrap();
         // Deterministic values regardless of candle's RNG: a seeded pattern.
-        let pattern: Vec<f32> = (0..t.elem_count()).map(|i| (((i as u64 * 7919 + k * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.4).collect();
+        let pattern: Vec<f32> = (0..t.elem_count())
+            .map(|i| (((i as u64 * 7919 + k * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.4)
+            .collect();
         p.b.set(&Tensor::from_vec(pattern, p.b.dims(), &Device::Cpu).unwrap()).unwrap();
     }
 }
@@ -161,7 +161,8 @@ fn same_seed_gives_bit_identical_adapters() {
     let data = text_examples(12, 20, 3);
     let (train, val) = slm_lora::train::split_validation(data, 2, 5).unwrap();
     let run = |seed: u64| {
-        let lora = Lora::new(&model.spec, LoraConfig { dropout: 0.1, ..LoraConfig::default() }, seed, &Device::Cpu).unwrap();
+        let lora =
+            Lora::new(&model.spec, LoraConfig { dropout: 0.1, ..LoraConfig::default() }, seed, &Device::Cpu).unwrap();
         slm_lora::train(&model, &lora, &train, &val, &TrainConfig { seed, ..cfg(6) }, None, &mut |_| {}).unwrap();
         snapshot(&lora)
     };
@@ -299,9 +300,14 @@ fn bad_input_is_a_clear_error() {
     let short = write("short.jsonl", "{\"text\": \"a few words\"}\n");
     let e = load_examples(&short, Format::Auto, tok, None, 64).unwrap_err().to_string();
     assert!(e.contains("short.jsonl") && e.contains("no training example"), "{e}");
-    let e = Lora::new(&model.spec, LoraConfig { rank: 0, ..LoraConfig::default() }, 1, &Device::Cpu).unwrap_err().to_string();
+    let e = Lora::new(&model.spec, LoraConfig { rank: 0, ..LoraConfig::default() }, 1, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("rank must be at least 1"), "{e}");
-    let e = TrainConfig { batch_size: 6, micro_batch_size: 4, ..TrainConfig::default() }.validate().unwrap_err().to_string();
+    let e = TrainConfig { batch_size: 6, micro_batch_size: 4, ..TrainConfig::default() }
+        .validate()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("multiple of the micro-batch size"), "{e}");
     let e = Lora::load(dir.path(), &model.spec, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("adapter_config.json"), "{e}");

@@ -22,15 +22,10 @@ pub fn read_jsonl_texts(path: &Path) -> Result<Vec<String>> {
         if line.trim().is_empty() {
             continue;
         }
-        let err = |m: String| ModelError::Calibration {
-            path: path.to_path_buf(),
-            message: format!("line {}: {m}", i + 1),
-        };
+        let err =
+            |m: String| ModelError::Calibration { path: path.to_path_buf(), message: format!("line {}: {m}", i + 1) };
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| err(format!("not valid JSON: {e}")))?;
-        let text = v
-            .get("text")
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| err("no string field `text`".into()))?;
+        let text = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| err("no string field `text`".into()))?;
         out.push(text.to_string());
     }
     Ok(out)
@@ -94,7 +89,13 @@ pub fn sample_windows(
 }
 
 /// Reads `path` and samples windows from it.
-pub fn calibration_windows(path: &Path, tokenizer: &Tokenizer, n: usize, len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
+pub fn calibration_windows(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    n: usize,
+    len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
     let texts = read_jsonl_texts(path)?;
     sample_windows(&texts, tokenizer, n, len, seed, path)
 }

@@ -20,20 +20,11 @@ pub enum ModelError {
     #[error("{path}: invalid safetensors: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: tensor `{name}` has shape {actual:?}, but the config implies {expected:?}")]
-    ShapeMismatch {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        actual: Vec<usize>,
-    },
+    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, actual: Vec<usize> },
     #[error("{path}: missing tensor `{name}`")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: unsupported dtype {dtype} for tensor `{name}` (supported: F32, F16, BF16)")]
-    UnsupportedDtype {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-    },
+    UnsupportedDtype { path: PathBuf, name: String, dtype: String },
     #[error("{path}: invalid GGUF: {message}")]
     Gguf { path: PathBuf, message: String },
     #[error("{path}: tokenizer: {message}")]
@@ -56,9 +47,6 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io {
-            path: path.into(),
-            error: source,
-        }
+        ModelError::Io { path: path.into(), error: source }
     }
 }

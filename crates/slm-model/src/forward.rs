@@ -85,10 +85,8 @@ impl Batch {
     /// Pads `sequences` on the right and builds the causal + padding mask and rotary tables for every head_dim in
     /// `spec`.
     pub fn new(spec: &ModelSpec, sequences: &[Vec<u32>], device: &Device) -> Result<Self> {
-        let layouts: Vec<(Vec<u32>, Vec<usize>, Vec<usize>)> = sequences
-            .iter()
-            .map(|s| (s.clone(), (0..s.len()).collect(), vec![0; s.len()]))
-            .collect();
+        let layouts: Vec<(Vec<u32>, Vec<usize>, Vec<usize>)> =
+            sequences.iter().map(|s| (s.clone(), (0..s.len()).collect(), vec![0; s.len()])).collect();
         Self::build(spec, layouts, false, device)
     }
 
@@ -169,13 +167,7 @@ impl Batch {
             };
             rotary.push((l.head_dim, cos, sin));
         }
-        Ok(Batch {
-            ids,
-            lengths,
-            seq_len: t,
-            mask,
-            rotary,
-        })
+        Ok(Batch { ids, lengths, seq_len: t, mask, rotary })
     }
 
     pub fn batch_size(&self) -> usize {
@@ -199,9 +191,7 @@ impl Batch {
 /// cos/sin tables (row-major `[T, head_dim/2]`) for HF's (non-interleaved, rotate-half) rotary embedding.
 pub(crate) fn rotary_tables(head_dim: usize, t: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|k| (1.0 / theta.powf(2.0 * k as f64 / head_dim as f64)) as f32)
-        .collect();
+    let inv_freq: Vec<f32> = (0..half).map(|k| (1.0 / theta.powf(2.0 * k as f64 / head_dim as f64)) as f32).collect();
     let mut cos = Vec::with_capacity(t * half);
     let mut sin = Vec::with_capacity(t * half);
     for p in 0..t {
@@ -322,14 +312,13 @@ pub fn attention_block_adapted<A: LayerAdapter + ?Sized>(
     let (nh, nkv, hd) = (l.num_attention_heads, l.num_key_value_heads, l.head_dim);
     let xn = rms_norm(x, &w.input_layernorm, eps, mode)?;
     let q = adapter.project(index, "q_proj", &xn, &w.q_proj)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-    let k = adapter.project(index, "k_proj", &xn, &w.k_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-    let v = adapter.project(index, "v_proj", &xn, &w.v_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let k =
+        adapter.project(index, "k_proj", &xn, &w.k_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let v =
+        adapter.project(index, "v_proj", &xn, &w.v_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let (cos, sin) = batch.rotary(hd, t)?;
     let (q, k) = match mode {
-        Mode::Inference => (
-            candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-            candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
-        ),
+        Mode::Inference => (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?),
         Mode::Differentiable => (rope_differentiable(&q, &cos, &sin)?, rope_differentiable(&k, &cos, &sin)?),
     };
     let mask = batch.mask.narrow(3, 0, t)?.narrow(4, 0, t)?;
@@ -341,7 +330,13 @@ pub fn attention_block_adapted<A: LayerAdapter + ?Sized>(
 /// head are adjacent, so q `[B, nh, T, hd]` is viewed as `[B, nkv, rep*T, hd]` and multiplied by that head's K
 /// directly. k, v: `[B, nkv, S, hd]`; `mask`: additive, broadcast to `[B, nkv, rep, T, S]`. Returns the context
 /// `[B, T, nh*hd]` (the input of o_proj). Shared by the batched forward pass and KV-cached generation.
-pub(crate) fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+pub(crate) fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    mode: Mode,
+) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let (_, nkv, s, _) = k.dims4()?;
     let rep = nh / nkv;
@@ -402,13 +397,7 @@ impl Model {
     }
 
     /// Runs layers `range` of this model on `x`.
-    pub fn run_layers(
-        &self,
-        x: Tensor,
-        range: std::ops::Range<usize>,
-        batch: &Batch,
-        mode: Mode,
-    ) -> Result<Tensor> {
+    pub fn run_layers(&self, x: Tensor, range: std::ops::Range<usize>, batch: &Batch, mode: Mode) -> Result<Tensor> {
         self.run_layers_adapted(x, range, batch, mode, &NoAdapter)
     }
 
@@ -437,10 +426,7 @@ impl Model {
     pub fn logits_at(&self, final_hidden: &Tensor, batch: &Batch, positions: &[Vec<usize>]) -> Result<Tensor> {
         let (b, t, h) = final_hidden.dims3()?;
         if positions.len() != b {
-            return Err(ModelError::InvalidArgument(format!(
-                "{} position lists for a batch of {b}",
-                positions.len()
-            )));
+            return Err(ModelError::InvalidArgument(format!("{} position lists for a batch of {b}", positions.len())));
         }
         let mut rows = Vec::new();
         for (s, ps) in positions.iter().enumerate() {
@@ -503,16 +489,9 @@ impl Model {
             }
         }
         let fin = self.final_norm(&x, mode)?;
-        let logits = if positions.iter().any(|p| !p.is_empty()) {
-            Some(self.logits_at(&fin, batch, positions)?)
-        } else {
-            None
-        };
-        Ok(ForwardOutput {
-            logits,
-            hidden,
-            final_hidden: hidden_states.then_some(fin),
-        })
+        let logits =
+            if positions.iter().any(|p| !p.is_empty()) { Some(self.logits_at(&fin, batch, positions)?) } else { None };
+        Ok(ForwardOutput { logits, hidden, final_hidden: hidden_states.then_some(fin) })
     }
 
     /// Logits at every real position of one sequence, `[len, vocab]`.
@@ -522,4 +501,3 @@ impl Model {
         out.logits.ok_or_else(|| ModelError::InvalidArgument("empty sequence".into()))
     }
 }
-

@@ -37,7 +37,13 @@ impl CustomOp2 for RmsNorm {
         "rms-norm-diff"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "rms-norm")?;
         let w = f32_slice(s2, l2, "rms-norm")?;
         let d = w.len();
@@ -52,7 +58,13 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (xv, wv, gv) = (vec_of(x)?, vec_of(w)?, vec_of(grad)?);
         let d = wv.len();
         let mut dx = vec![0f32; xv.len()];
@@ -79,10 +91,7 @@ impl CustomOp2 for RmsNorm {
         for p in &partial {
             dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-        ))
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }
 }
 
@@ -121,12 +130,14 @@ impl CustomOp1 for Softmax {
         let (y, g) = (vec_of(res)?, vec_of(grad)?);
         let d = arg.dim(candle_core::D::Minus1)?;
         let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(d).zip(y.par_chunks(d).zip(g.par_chunks(d))).with_min_len(min_rows(d)).for_each(|(dx, (y, g))| {
-            let dot = y.iter().zip(g).map(|(y, g)| y * g).sum::<f32>();
-            for i in 0..d {
-                dx[i] = y[i] * (g[i] - dot);
-            }
-        });
+        dx.par_chunks_mut(d).zip(y.par_chunks(d).zip(g.par_chunks(d))).with_min_len(min_rows(d)).for_each(
+            |(dx, (y, g))| {
+                let dot = y.iter().zip(g).map(|(y, g)| y * g).sum::<f32>();
+                for i in 0..d {
+                    dx[i] = y[i] * (g[i] - dot);
+                }
+            },
+        );
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -197,7 +208,13 @@ impl CustomOp2 for SwiGlu {
         "swiglu-diff"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (g, u) = (f32_slice(s1, l1, "swiglu")?, f32_slice(s2, l2, "swiglu")?);
         if g.len() != u.len() {
             candle_core::bail!("swiglu: gate and up differ in size");
@@ -211,7 +228,13 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (g, u, d) = (vec_of(gate)?, vec_of(up)?, vec_of(grad)?);
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
@@ -268,8 +291,20 @@ mod tests {
     fn fused_ops_match_the_composed_ops_and_their_gradients() {
         let dev = Device::Cpu;
         let r = |s: &[usize]| Tensor::randn(0f32, 1., s, &dev).unwrap();
-        check("rms_norm", &[r(&[2, 5, 16]), r(&[16])], |t| rms_norm(t[0], t[1], 1e-5).unwrap(), |t| candle_nn::ops::rms_norm_slow(t[0], t[1], 1e-5).unwrap());
-        let mask = Tensor::from_vec((0..2 * 3 * 7 * 7).map(|i| if (i % 7) > (i / 7) % 7 { f32::NEG_INFINITY } else { 0. }).collect::<Vec<f32>>(), (2, 3, 7, 7), &dev).unwrap();
+        check(
+            "rms_norm",
+            &[r(&[2, 5, 16]), r(&[16])],
+            |t| rms_norm(t[0], t[1], 1e-5).unwrap(),
+            |t| candle_nn::ops::rms_norm_slow(t[0], t[1], 1e-5).unwrap(),
+        );
+        let mask = Tensor::from_vec(
+            (0..2 * 3 * 7 * 7)
+                .map(|i| if (i % 7) > (i / 7) % 7 { f32::NEG_INFINITY } else { 0. })
+                .collect::<Vec<f32>>(),
+            (2, 3, 7, 7),
+            &dev,
+        )
+        .unwrap();
         check(
             "softmax",
             &[r(&[2, 3, 7, 7])],
@@ -277,7 +312,20 @@ mod tests {
             |t| candle_nn::ops::softmax(&t[0].broadcast_add(&mask).unwrap(), candle_core::D::Minus1).unwrap(),
         );
         let (cos, sin) = (r(&[9, 4]), r(&[9, 4]));
-        check("rope", &[r(&[2, 3, 6, 8])], |t| rope(t[0], &cos, &sin).unwrap(), |t| candle_nn::rotary_emb::rope_slow(t[0], &cos.narrow(0, 0, 6).unwrap(), &sin.narrow(0, 0, 6).unwrap()).unwrap());
-        check("swiglu", &[r(&[3, 5000]), r(&[3, 5000])], |t| swiglu(t[0], t[1]).unwrap(), |t| (t[0].silu().unwrap() * t[1]).unwrap());
+        check(
+            "rope",
+            &[r(&[2, 3, 6, 8])],
+            |t| rope(t[0], &cos, &sin).unwrap(),
+            |t| {
+                candle_nn::rotary_emb::rope_slow(t[0], &cos.narrow(0, 0, 6).unwrap(), &sin.narrow(0, 0, 6).unwrap())
+                    .unwrap()
+            },
+        );
+        check(
+            "swiglu",
+            &[r(&[3, 5000]), r(&[3, 5000])],
+            |t| swiglu(t[0], t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * t[1]).unwrap(),
+        );
     }
 }

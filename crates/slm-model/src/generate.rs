@@ -70,7 +70,6 @@ impl Model {
         };
         let start = Instant::now();
         let mut logits = self.step(&mut cache, prompt, 0)?;
-        let mut pos = prompt.len();
         for step in 0..=decode_steps {
             let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
             out.tokens.push(next);
@@ -83,8 +82,7 @@ impl Model {
             if step == decode_steps {
                 break;
             }
-            logits = self.step(&mut cache, &[next], pos)?;
-            pos += 1;
+            logits = self.step(&mut cache, &[next], prompt.len() + step)?;
         }
         out.decode_seconds = start.elapsed().as_secs_f64() - out.prefill_seconds;
         Ok(out)

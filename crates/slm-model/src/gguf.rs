@@ -14,10 +14,7 @@ use crate::spec::{LayerSpec, ModelSpec};
 use crate::weights::{LayerWeights, Weights};
 
 fn gguf_err(path: &Path, message: impl Into<String>) -> ModelError {
-    ModelError::Gguf {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    ModelError::Gguf { path: path.to_path_buf(), message: message.into() }
 }
 
 /// Reads the GGUF header (metadata and tensor directory) with our own bounds-checked reader
@@ -70,7 +67,9 @@ fn per_layer(c: &Content, key: &str, n: usize, path: &Path) -> Result<Option<Vec
                 return Err(gguf_err(path, format!("metadata `{key}` has {} entries for {n} layers", a.len())));
             }
             a.iter()
-                .map(|v| value_usize(v).ok_or_else(|| gguf_err(path, format!("metadata `{key}` is not an integer array"))))
+                .map(|v| {
+                    value_usize(v).ok_or_else(|| gguf_err(path, format!("metadata `{key}` is not an integer array")))
+                })
                 .collect::<Result<Vec<_>>>()
                 .map(Some)
         }
@@ -110,7 +109,9 @@ pub fn spec_from_gguf(c: &Content, path: &Path) -> Result<ModelSpec> {
     let ffn = per_layer(c, "llama.feed_forward_length", n_layers, path)?
         .ok_or_else(|| gguf_err(path, "missing metadata `llama.feed_forward_length`"))?;
     let key_length = match meta(c, "llama.attention.key_length") {
-        Some(v) => Some(value_usize(v).ok_or_else(|| gguf_err(path, "`llama.attention.key_length` is not an integer"))?),
+        Some(v) => {
+            Some(value_usize(v).ok_or_else(|| gguf_err(path, "`llama.attention.key_length` is not an integer"))?)
+        }
         None => None,
     };
     let vocab_size = match meta(c, "llama.vocab_size") {
@@ -208,7 +209,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Co
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let hf = hf_name(name).ok_or_else(|| gguf_err(path, format!("unexpected tensor `{name}` for a llama model")))?;
+        let hf =
+            hf_name(name).ok_or_else(|| gguf_err(path, format!("unexpected tensor `{name}` for a llama model")))?;
         // Check the shape against the metadata before reading (and allocating) the tensor.
         let dims = content.tensor_infos[name].shape.dims();
         match expected.get(&hf) {
@@ -222,7 +224,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Co
             None => {
                 return Err(gguf_err(
                     path,
-                    format!("tensor `{name}` belongs to no layer ({} layers): metadata and tensors disagree", spec.layers.len()),
+                    format!(
+                        "tensor `{name}` belongs to no layer ({} layers): metadata and tensors disagree",
+                        spec.layers.len()
+                    ),
                 ))
             }
         }
@@ -235,7 +240,13 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Co
         crate::files::check_finite(&t, name, path)?;
         if let Some(layer) = hf.strip_prefix("model.layers.").and_then(|r| r.split('.').next()?.parse::<usize>().ok()) {
             let l = spec.layers.get(layer).ok_or_else(|| {
-                gguf_err(path, format!("tensor `{name}` belongs to no layer ({} layers): metadata and tensors disagree", spec.layers.len()))
+                gguf_err(
+                    path,
+                    format!(
+                        "tensor `{name}` belongs to no layer ({} layers): metadata and tensors disagree",
+                        spec.layers.len()
+                    ),
+                )
             })?;
             if hf.ends_with("q_proj.weight") && t.rank() == 2 && t.dim(0)? % (2 * l.num_attention_heads) == 0 {
                 t = unpermute_qk(&t, l.num_attention_heads)?;

@@ -152,7 +152,7 @@ impl<'a> Reader<'a> {
                 let min = min_value_bytes(elem)
                     .ok_or_else(|| self.err(format!("metadata `{key}`: unknown array element type {elem}")))?;
                 let n = self.u64(&what)?;
-                let bytes = n.checked_mul(min).unwrap_or(u64::MAX);
+                let bytes = n.saturating_mul(min);
                 self.need(bytes, &|| format!("metadata `{key}` (an array of {n} elements)"))?;
                 // Bounded: n ≤ remaining bytes / min, so the vector is at most ~32× the file.
                 let mut out = Vec::with_capacity(n as usize);

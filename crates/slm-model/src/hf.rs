@@ -52,10 +52,7 @@ impl std::str::FromStr for StorageDType {
 }
 
 fn st_err(path: &Path, message: impl Into<String>) -> ModelError {
-    ModelError::Safetensors {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    ModelError::Safetensors { path: path.to_path_buf(), message: message.into() }
 }
 
 /// Checks the JSON header of a safetensors file before the safetensors crate parses it: the 8-byte length must

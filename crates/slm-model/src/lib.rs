@@ -62,46 +62,30 @@ impl Model {
                 tracing::warn!("{}: no tokenizer in the GGUF", path.display());
                 None
             };
-            Model {
-                spec,
-                weights,
-                tokenizer,
-                device: device.clone(),
-                source: Some(path.to_path_buf()),
-            }
+            Model { spec, weights, tokenizer, device: device.clone(), source: Some(path.to_path_buf()) }
         } else if path.is_dir() && path.join("config.json").exists() {
             let (spec, weights) = hf::load_hf(path, device)?;
             let tok_path = path.join("tokenizer.json");
-            let tokenizer = if tok_path.symlink_metadata().is_ok() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
-            Model {
-                spec,
-                weights,
-                tokenizer,
-                device: device.clone(),
-                source: Some(path.to_path_buf()),
-            }
+            let tokenizer =
+                if tok_path.symlink_metadata().is_ok() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+            Model { spec, weights, tokenizer, device: device.clone(), source: Some(path.to_path_buf()) }
         } else {
             return Err(ModelError::UnknownFormat { path: path.to_path_buf() });
         };
-        tracing::info!(
-            layers = model.spec.num_layers(),
-            params = model.spec.num_parameters(),
-            "loaded model"
-        );
+        tracing::info!(layers = model.spec.num_layers(), params = model.spec.num_parameters(), "loaded model");
         Ok(model)
     }
 
     /// A model from parts; checks every weight shape against `spec`.
-    pub fn from_parts(spec: ModelSpec, weights: Weights, tokenizer: Option<Tokenizer>, device: &Device) -> Result<Self> {
+    pub fn from_parts(
+        spec: ModelSpec,
+        weights: Weights,
+        tokenizer: Option<Tokenizer>,
+        device: &Device,
+    ) -> Result<Self> {
         let named: HashMap<String, candle_core::Tensor> = weights.named_tensors().into_iter().collect();
         let weights = Weights::from_named(&spec, named, Path::new("<in-memory model>"))?;
-        Ok(Model {
-            spec,
-            weights,
-            tokenizer,
-            device: device.clone(),
-            source: None,
-        })
+        Ok(Model { spec, weights, tokenizer, device: device.clone(), source: None })
     }
 
     /// The tokenizer, or an error naming the model when it has none (an HF directory without `tokenizer.json`).
@@ -169,11 +153,7 @@ impl Model {
 
     /// The same model with weights on `device` in f32.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Ok(Model {
-            weights: self.weights.to(device, DType::F32)?,
-            device: device.clone(),
-            ..self.clone()
-        })
+        Ok(Model { weights: self.weights.to(device, DType::F32)?, device: device.clone(), ..self.clone() })
     }
 }
 
@@ -192,9 +172,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(n) => n,
             None => {
-                return Err(ModelError::InvalidArgument(format!(
-                    "unknown device `{s}` (expected cpu, cuda or cuda:N)"
-                )))
+                return Err(ModelError::InvalidArgument(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")))
             }
         },
     };

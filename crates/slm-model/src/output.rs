@@ -93,7 +93,11 @@ pub enum Replace {
 
 impl Replace {
     pub fn from_force(force: bool) -> Self {
-        if force { Replace::Force } else { Replace::SlmOutputOfSameKind }
+        if force {
+            Replace::Force
+        } else {
+            Replace::SlmOutputOfSameKind
+        }
     }
 }
 
@@ -188,7 +192,10 @@ pub fn check_output(out: &Path, kind: OutputKind, inputs: &[&Path], replace: Rep
     }
     if kind.is_dir() {
         if !meta.is_dir() {
-            return Err(refuse(out, format!("exists and is not a directory; slm writes a {} directory there", kind.name())));
+            return Err(refuse(
+                out,
+                format!("exists and is not a directory; slm writes a {} directory there", kind.name()),
+            ));
         }
         let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
         if empty || replace == Replace::Force {
@@ -196,7 +203,10 @@ pub fn check_output(out: &Path, kind: OutputKind, inputs: &[&Path], replace: Rep
         }
     } else {
         if !meta.is_file() {
-            return Err(refuse(out, format!("exists and is not a regular file; slm writes a {} file there", kind.name())));
+            return Err(refuse(
+                out,
+                format!("exists and is not a regular file; slm writes a {} file there", kind.name()),
+            ));
         }
         if replace == Replace::Force {
             return Ok(());

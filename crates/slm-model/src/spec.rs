@@ -91,10 +91,7 @@ impl ModelSpec {
 
     /// Checks the invariants the forward pass relies on.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let err = |message: String| ModelError::Config {
-            path: path.to_path_buf(),
-            message,
-        };
+        let err = |message: String| ModelError::Config { path: path.to_path_buf(), message };
         if self.vocab_size == 0 || self.hidden_size == 0 {
             return Err(err("vocab_size and hidden_size must be positive".into()));
         }
@@ -152,10 +149,7 @@ impl ModelSpec {
     }
 
     pub fn from_hf_value(v: &Value, path: &Path) -> Result<Self> {
-        let err = |message: String| ModelError::Config {
-            path: path.to_path_buf(),
-            message,
-        };
+        let err = |message: String| ModelError::Config { path: path.to_path_buf(), message };
         let obj = v.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
         let get_usize = |key: &str| -> Result<usize> {
             obj.get(key)
@@ -218,10 +212,7 @@ impl ModelSpec {
         )?;
         let rms_norm_eps = opt_f64("rms_norm_eps", obj.get("rms_norm_eps"), 1e-6)?;
         let max_position_embeddings = opt_usize("max_position_embeddings")?.unwrap_or(2048);
-        let tie_word_embeddings = obj
-            .get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let tie_word_embeddings = obj.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
         let token_id = |key: &str| -> Option<u32> {
             match obj.get(key) {
                 Some(Value::Number(n)) => n.as_u64().map(|x| x as u32),
@@ -231,8 +222,8 @@ impl ModelSpec {
         };
         let layers = match obj.get("slm_layers") {
             Some(list) => {
-                let list: Vec<LayerSpec> = serde_json::from_value(list.clone())
-                    .map_err(|e| err(format!("`slm_layers` is malformed: {e}")))?;
+                let list: Vec<LayerSpec> =
+                    serde_json::from_value(list.clone()).map_err(|e| err(format!("`slm_layers` is malformed: {e}")))?;
                 if list.len() != num_layers {
                     return Err(err(format!(
                         "`slm_layers` lists {} layers but num_hidden_layers is {num_layers}",
@@ -241,15 +232,12 @@ impl ModelSpec {
                 }
                 list
             }
-            None => vec![
-                LayerSpec {
-                    num_attention_heads: heads,
-                    num_key_value_heads: kv_heads,
-                    head_dim,
-                    intermediate_size,
-                };
-                num_layers
-            ],
+            None => {
+                vec![
+                    LayerSpec { num_attention_heads: heads, num_key_value_heads: kv_heads, head_dim, intermediate_size };
+                    num_layers
+                ]
+            }
         };
         let spec = ModelSpec {
             vocab_size,

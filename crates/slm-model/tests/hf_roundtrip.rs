@@ -1,9 +1,9 @@
 //! Saving and loading HF directories, heterogeneous layers, and clear errors on bad input.
 
 use candle_core::{Device, IndexOp, Tensor};
+use slm_model::output::{Replace, STAMP_FILE};
 use slm_model::testing::{default_model_path, max_abs_diff, tiny_model};
 use slm_model::{Mode, Model, ModelError, StorageDType};
-use slm_model::output::{Replace, STAMP_FILE};
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
@@ -80,7 +80,8 @@ fn layers_of_different_widths_save_reload_and_run() {
     let mut model = Model::load(&default_model_path(), &Device::Cpu).unwrap();
     slice_layer(&mut model, 3, 2, 1000);
     slice_layer(&mut model, 17, 1, 257);
-    let model = Model::from_parts(model.spec.clone(), model.weights.clone(), model.tokenizer.clone(), &Device::Cpu).unwrap();
+    let model =
+        Model::from_parts(model.spec.clone(), model.weights.clone(), model.tokenizer.clone(), &Device::Cpu).unwrap();
     assert!(!model.spec.is_uniform());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("het");
@@ -177,7 +178,11 @@ fn saving_over_the_input_model_or_a_foreign_directory_is_refused() {
     m.save(&out, StorageDType::F32, &[]).unwrap();
     let loaded = Model::load(&out, &Device::Cpu).unwrap();
     let before = std::fs::read(out.join("model.safetensors")).unwrap();
-    for (target, what) in [(out.clone(), "is the input"), (out.join("sub"), "lies inside"), (dir.path().to_path_buf(), "contains the input")] {
+    for (target, what) in [
+        (out.clone(), "is the input"),
+        (out.join("sub"), "lies inside"),
+        (dir.path().to_path_buf(), "contains the input"),
+    ] {
         let e = loaded.save_replacing(&target, StorageDType::F32, &[], Replace::Force).unwrap_err().to_string();
         assert!(e.contains(what), "{e}");
     }
@@ -197,6 +202,7 @@ fn saving_over_the_input_model_or_a_foreign_directory_is_refused() {
     // Replacing an earlier output is allowed, and leaves no temporaries.
     m.save(&out.with_file_name("m2"), StorageDType::F32, &[]).unwrap();
     m.save(&out.with_file_name("m2"), StorageDType::F32, &[]).unwrap();
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
 }

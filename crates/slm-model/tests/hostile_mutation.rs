@@ -105,7 +105,7 @@ fn mutate(rng: &mut ChaCha8Rng, orig: &[u8], header_len: usize, fields: &[(usize
                 put(&mut b, pos, w, x);
                 what.push(format!("field at {pos} = {x}"));
             }
-            7 | 4..=6 => {
+            4..=7 => {
                 let pos = rng.random_range(0..header_len);
                 let x = EXTREMES[rng.random_range(0..EXTREMES.len())];
                 put(&mut b, pos, 8, x);

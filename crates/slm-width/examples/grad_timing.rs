@@ -2,7 +2,13 @@ use std::time::Instant;
 fn main() -> anyhow::Result<()> {
     let model = slm_model::Model::load(&slm_model::testing::default_model_path(), &candle_core::Device::Cpu)?;
     let tok = model.tokenizer()?;
-    let windows = slm_model::calib::calibration_windows(&slm_model::testing::data_dir().join("lambada_openai.test.jsonl"), tok, 10, 128, 1234)?;
+    let windows = slm_model::calib::calibration_windows(
+        &slm_model::testing::data_dir().join("lambada_openai.test.jsonl"),
+        tok,
+        10,
+        128,
+        1234,
+    )?;
     let t = Instant::now();
     let loss = slm_width::importance::lm_loss(&model, &windows)?;
     println!("forward diff (no vars) {:.2}s loss {}", t.elapsed().as_secs_f64(), loss.to_scalar::<f32>()?);

@@ -29,12 +29,7 @@ impl AttentionUnit {
         let (rep, hd) = (l.group_size(), l.head_dim);
         let query_heads: Vec<usize> = (kv_head * rep..(kv_head + 1) * rep).collect();
         let q_channels = query_heads.iter().flat_map(|&h| h * hd..(h + 1) * hd).collect();
-        AttentionUnit {
-            kv_head,
-            query_heads,
-            q_channels,
-            kv_channels: (kv_head * hd..(kv_head + 1) * hd).collect(),
-        }
+        AttentionUnit { kv_head, query_heads, q_channels, kv_channels: (kv_head * hd..(kv_head + 1) * hd).collect() }
     }
 
     /// Every attention unit of a layer, in KV-head order.
@@ -59,9 +54,7 @@ pub fn units_to_remove(n: usize, ratio: f64, what: &str) -> Result<usize> {
 /// A pruning ratio must lie in [0, 1).
 pub fn check_ratio(ratio: f64) -> Result<()> {
     if !(0.0..1.0).contains(&ratio) {
-        return Err(WidthError::InvalidArgument(format!(
-            "pruning ratio must be in [0, 1), got {ratio}"
-        )));
+        return Err(WidthError::InvalidArgument(format!("pruning ratio must be in [0, 1), got {ratio}")));
     }
     Ok(())
 }

@@ -144,15 +144,7 @@ pub struct Gradients {
 }
 
 fn projections_mut(w: &mut LayerWeights) -> [&mut Tensor; 7] {
-    [
-        &mut w.q_proj,
-        &mut w.k_proj,
-        &mut w.v_proj,
-        &mut w.o_proj,
-        &mut w.gate_proj,
-        &mut w.up_proj,
-        &mut w.down_proj,
-    ]
+    [&mut w.q_proj, &mut w.k_proj, &mut w.v_proj, &mut w.o_proj, &mut w.gate_proj, &mut w.up_proj, &mut w.down_proj]
 }
 
 /// The seven projections of a layer, in [`slm_model::PROJECTIONS`] order.
@@ -205,7 +197,9 @@ pub fn gradients(
     let grad_of = |store: &candle_core::backprop::GradStore, v: &Var| -> Result<Tensor> {
         // A projection the loss does not reach (impossible in a Llama, but never silently zero) is an error.
         store.get(v.as_tensor()).cloned().ok_or_else(|| {
-            WidthError::InvalidArgument("a projection received no gradient (detached kernel in the forward pass?)".into())
+            WidthError::InvalidArgument(
+                "a projection received no gradient (detached kernel in the forward pass?)".into(),
+            )
         })
     };
     let mut passes = 0;
@@ -253,13 +247,7 @@ pub fn gradients(
         .iter()
         .map(|vs| vs.iter().map(|v| grad_of(&store, v)).collect::<Result<Vec<_>>>())
         .collect::<Result<Vec<_>>>()?;
-    Ok(Gradients {
-        layers: layers.to_vec(),
-        grad,
-        fisher,
-        loss: loss_value,
-        backward_passes: passes,
-    })
+    Ok(Gradients { layers: layers.to_vec(), grad, fisher, loss: loss_value, backward_passes: passes })
 }
 
 /// Scores of every unit of one layer.
@@ -299,6 +287,7 @@ fn member_scores(
 
 /// Scores every unit of layer `layer` (spec `l`, weights `w`). `grad` / `fisher` are the layer's seven
 /// projection gradients from [`gradients`] when the importance needs them.
+#[allow(clippy::too_many_arguments)] // each argument is one of the paper's inputs; a struct would only rename them
 pub fn score_layer(
     importance: Importance,
     aggregation: Aggregation,
@@ -316,9 +305,8 @@ pub fn score_layer(
         return Ok(UnitScores { attention, mlp });
     }
     let ws = projections(w);
-    let member = |p: usize, axis: usize| {
-        member_scores(importance, ws[p], grad.map(|g| &g[p]), fisher.map(|f| &f[p]), axis)
-    };
+    let member =
+        |p: usize, axis: usize| member_scores(importance, ws[p], grad.map(|g| &g[p]), fisher.map(|f| &f[p]), axis);
     // Out-channel members are scored by row, in-channel members (o, down) by column.
     let (q, k, v, o) = (member(0, 1)?, member(1, 1)?, member(2, 1)?, member(3, 0)?);
     let (gate, up, down) = (member(4, 1)?, member(5, 1)?, member(6, 0)?);

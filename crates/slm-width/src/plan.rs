@@ -216,9 +216,10 @@ pub fn plan_width(model: &Model, settings: &WidthSettings, grads: Option<&Gradie
         let l = &model.spec.layers[i];
         let (g, f) = match grads {
             Some(gr) if settings.importance.needs_gradient() => {
-                let k = gr.layers.iter().position(|&x| x == i).ok_or_else(|| {
-                    WidthError::InvalidArgument(format!("the gradient pass did not cover layer {i}"))
-                })?;
+                let k =
+                    gr.layers.iter().position(|&x| x == i).ok_or_else(|| {
+                        WidthError::InvalidArgument(format!("the gradient pass did not cover layer {i}"))
+                    })?;
                 (Some(gr.grad[k].as_slice()), gr.fisher.as_ref().map(|f| f[k].as_slice()))
             }
             _ => (None, None),
@@ -233,7 +234,8 @@ pub fn plan_width(model: &Model, settings: &WidthSettings, grads: Option<&Gradie
             f,
             settings.seed,
         )?;
-        let kv = lowest(&scores.attention, units_to_remove(l.num_key_value_heads, settings.ratio.attention, "KV heads")?);
+        let kv =
+            lowest(&scores.attention, units_to_remove(l.num_key_value_heads, settings.ratio.attention, "KV heads")?);
         let ch = lowest(&scores.mlp, units_to_remove(l.intermediate_size, settings.ratio.mlp, "MLP channels")?);
         let query_heads_removed = kv.iter().flat_map(|&g| AttentionUnit::new(l, g).query_heads).collect();
         layers.push(LayerPrune {
@@ -282,10 +284,7 @@ pub fn apply(model: &Model, plan: &WidthPlan) -> Result<Model> {
                 )));
             }
             if removed.len() >= n {
-                return Err(WidthError::InvalidArgument(format!(
-                    "layer {}: the plan removes all {n} {what}",
-                    p.layer
-                )));
+                return Err(WidthError::InvalidArgument(format!("layer {}: the plan removes all {n} {what}", p.layer)));
             }
             Ok(())
         };

@@ -71,7 +71,10 @@ fn removing_units_whose_output_weights_are_zero_leaves_the_logits_unchanged() {
     let d = max_abs_diff(&before, &logits(&pruned));
     assert!(d <= 1e-5, "logits moved by {d}");
     // Removing a unit that does contribute changes them (the check above can fail).
-    let other = plan_of(&m, vec![LayerPrune { kv_heads_removed: vec![0], query_heads_removed: vec![0, 1], ..plan.layers[0].clone() }]);
+    let other = plan_of(
+        &m,
+        vec![LayerPrune { kv_heads_removed: vec![0], query_heads_removed: vec![0, 1], ..plan.layers[0].clone() }],
+    );
     assert!(max_abs_diff(&before, &logits(&apply(&m, &other).unwrap())) > 1e-3);
 }
 
@@ -115,7 +118,10 @@ fn shapes_and_parameter_counts_after_apply_match_a_hand_count() {
     assert_eq!(pruned.weights.layers[0].q_proj.dims(), &[32, 32], "layer 0 is outside the range");
     // Layer 1 before: 2*32 norms + 32*(32+16+16+32) attention + 3*32*48 MLP = 7744; after: 64 + 32*48 + 3*32*24 = 3904.
     assert_eq!(m.spec.num_parameters() - pruned.spec.num_parameters(), 7744 - 3904);
-    assert_eq!(parameters_after(&m.spec, slm_width::Ratios::uniform(0.5), &(1..2)).unwrap(), pruned.spec.num_parameters());
+    assert_eq!(
+        parameters_after(&m.spec, slm_width::Ratios::uniform(0.5), &(1..2)).unwrap(),
+        pruned.spec.num_parameters()
+    );
     // The pruned model saves, reloads with its per-layer widths and gives the same logits.
     let dir = tempfile::tempdir().unwrap();
     pruned.save(&dir.path().join("m"), slm_model::StorageDType::F32, &[]).unwrap();
@@ -153,7 +159,15 @@ fn gqa_grouping_removes_a_kv_head_with_exactly_its_query_heads() {
 fn loss_at(m: &Model, layer: usize, p: usize, d: &Tensor, eps: f64) -> f64 {
     let mut m = m.clone();
     let w = &mut m.weights.layers[layer];
-    let t = [&mut w.q_proj, &mut w.k_proj, &mut w.v_proj, &mut w.o_proj, &mut w.gate_proj, &mut w.up_proj, &mut w.down_proj];
+    let t = [
+        &mut w.q_proj,
+        &mut w.k_proj,
+        &mut w.v_proj,
+        &mut w.o_proj,
+        &mut w.gate_proj,
+        &mut w.up_proj,
+        &mut w.down_proj,
+    ];
     let target = t.into_iter().nth(p).unwrap();
     *target = (&*target + (d * eps).unwrap()).unwrap();
     lm_loss(&m, &windows()).unwrap().to_scalar::<f32>().unwrap() as f64
@@ -254,7 +268,12 @@ fn vector_importance_takes_the_absolute_value_of_the_sum() {
     let alternating = |shape: &[usize]| {
         let n: usize = shape.iter().product();
         let c = shape[1];
-        Tensor::from_vec((0..n).map(|i| if (i % c) % 2 == 0 { 1.0f32 } else { -1.0 }).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+        Tensor::from_vec(
+            (0..n).map(|i| if (i % c).is_multiple_of(2) { 1.0f32 } else { -1.0 }).collect::<Vec<_>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
     };
     let g: Vec<Tensor> = [1, 2, 3, 4, 6, 7, 8].iter().map(|&k| alternating(&s[k])).collect();
     let v = score_layer(Importance::Vector, Aggregation::Sum, 0, &l, &w, Some(&g), Some(&f), 0).unwrap();
@@ -294,7 +313,10 @@ fn plans_are_deterministic_and_prune_the_lowest_scores() {
         // 48 - floor(36) = 12 channels, 2 - floor(1.5) = 1 KV head.
         assert_eq!(p.channels_removed.len(), 12);
         assert_eq!(p.kv_heads_removed.len(), 1);
-        let worst_kept = (0..48).filter(|i| !p.channels_removed.contains(i)).map(|i| p.channel_scores[i]).fold(f64::INFINITY, f64::min);
+        let worst_kept = (0..48)
+            .filter(|i| !p.channels_removed.contains(i))
+            .map(|i| p.channel_scores[i])
+            .fold(f64::INFINITY, f64::min);
         assert!(p.channels_removed.iter().all(|&i| p.channel_scores[i] <= worst_kept));
     }
     // Element1 from real gradients also picks its lowest scores and the plan serialises losslessly.
@@ -315,14 +337,23 @@ fn default_layer_range_scales_llm_pruners_4_to_30_of_32() {
 #[test]
 fn bad_input_is_a_clear_error() {
     let m = tiny_model(3, 2);
-    let s = |ratio, layers| WidthSettings { ratio: slm_width::Ratios::uniform(ratio), importance: Importance::L2, aggregation: Aggregation::Sum, layers, seed: 0 };
+    let s = |ratio, layers| WidthSettings {
+        ratio: slm_width::Ratios::uniform(ratio),
+        importance: Importance::L2,
+        aggregation: Aggregation::Sum,
+        layers,
+        seed: 0,
+    };
     let err = |r: slm_width::Result<WidthPlan>| r.unwrap_err().to_string();
     assert!(err(plan_width(&m, &s(1.0, 0..3), None)).contains("pruning ratio must be in [0, 1), got 1"));
     assert!(err(plan_width(&m, &s(-0.1, 0..3), None)).contains("pruning ratio must be in [0, 1)"));
     // 2 KV heads at ratio 0.6: floor(0.8) = 0 kept.
     assert!(err(plan_width(&m, &s(0.6, 0..3), None)).contains("would remove all 2 KV heads"));
     assert!(err(plan_width(&m, &s(0.2, 1..5), None)).contains("outside the model's 3 layers"));
-    assert!(err(plan_width(&m, &s(0.2, 0..3), None).and_then(|_| Err(slm_width::WidthError::InvalidArgument("x".into())))).contains('x'));
+    assert!(err(
+        plan_width(&m, &s(0.2, 0..3), None).and_then(|_| Err(slm_width::WidthError::InvalidArgument("x".into())))
+    )
+    .contains('x'));
     assert!(parse_layer_range("2..1", 3).unwrap_err().to_string().contains("empty or outside"));
     assert!(parse_layer_range("0..=3", 3).unwrap_err().to_string().contains("outside the model's 3 layers"));
     assert!(parse_layer_range("abc", 3).unwrap_err().to_string().contains("expected A..B"));

@@ -64,11 +64,22 @@ pub struct BenchResult {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Times greedy generation on a loaded model (used by `slm bench` and by `slm run`'s report).
-pub fn measure(model: &Model, name: &str, prompt_tokens: usize, new_tokens: usize, warmup: usize, runs: usize) -> anyhow::Result<BenchResult> {
+pub fn measure(
+    model: &Model,
+    name: &str,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    warmup: usize,
+    runs: usize,
+) -> anyhow::Result<BenchResult> {
     if runs == 0 || prompt_tokens == 0 {
         bail!("bench needs at least one run and one prompt token");
     }
@@ -76,7 +87,7 @@ pub fn measure(model: &Model, name: &str, prompt_tokens: usize, new_tokens: usiz
         Ok(tok) => slm_model::data::default_calibration_corpus(None)
             .and_then(|corpus| slm_model::calib::calibration_windows(&corpus, tok, 1, prompt_tokens, 0))
             .map(|mut w| w.remove(0))
-        .unwrap_or_else(|_| (0..prompt_tokens as u32).map(|i| 100 + i % 1000).collect()),
+            .unwrap_or_else(|_| (0..prompt_tokens as u32).map(|i| 100 + i % 1000).collect()),
         Err(_) => (0..prompt_tokens as u32).map(|i| i % model.spec.vocab_size as u32).collect(),
     };
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
@@ -103,7 +114,14 @@ pub fn measure(model: &Model, name: &str, prompt_tokens: usize, new_tokens: usiz
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if args.single {
         let model = Model::load(&args.model, &common.device()?)?;
-        let r = measure(&model, &args.model.display().to_string(), args.prompt_tokens, args.new_tokens, args.warmup, args.runs)?;
+        let r = measure(
+            &model,
+            &args.model.display().to_string(),
+            args.prompt_tokens,
+            args.new_tokens,
+            args.warmup,
+            args.runs,
+        )?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -123,7 +141,13 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
             .arg(&common.device)
             .arg("bench")
             .arg(path)
-            .args(["--single", "--prompt-tokens", &args.prompt_tokens.to_string(), "--new-tokens", &args.new_tokens.to_string()])
+            .args([
+                "--single",
+                "--prompt-tokens",
+                &args.prompt_tokens.to_string(),
+                "--new-tokens",
+                &args.new_tokens.to_string(),
+            ])
             .args(["--warmup", &args.warmup.to_string(), "--runs", &args.runs.to_string()])
             .output()
             .context("running the measuring child process")?;
@@ -131,7 +155,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
             bail!("measuring {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
         }
         let line = String::from_utf8_lossy(&out.stdout);
-        let r: BenchResult = serde_json::from_str(line.trim()).with_context(|| format!("reading the measurement of {}", path.display()))?;
+        let r: BenchResult = serde_json::from_str(line.trim())
+            .with_context(|| format!("reading the measurement of {}", path.display()))?;
         results.push(r);
     }
     let base = results[0].clone();

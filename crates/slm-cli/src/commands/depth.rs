@@ -76,7 +76,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if let Some(t) = args.threshold {
         slm_depth::search::check_threshold(t).context("--threshold")?;
         if !method.takes_threshold() {
-            bail!("--threshold: `{}` removes a number of layers; give --target-layers or --target-ratio", method.name());
+            bail!(
+                "--threshold: `{}` removes a number of layers; give --target-layers or --target-ratio",
+                method.name()
+            );
         }
     }
     // slm-dp compares whole plans by their next-token distributions; short windows weigh them the way the
@@ -86,7 +89,9 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let model = Model::load(&args.model, &common.device()?)?;
     let stop = match (args.threshold, args.target_ratio, args.target_layers) {
         (Some(t), None, None) => Stop::Threshold(t),
-        (None, Some(r), None) => Stop::TargetLayers(slm_depth::layers_for_ratio(&model.spec, r).context("--target-ratio")?),
+        (None, Some(r), None) => {
+            Stop::TargetLayers(slm_depth::layers_for_ratio(&model.spec, r).context("--target-ratio")?)
+        }
         (None, None, Some(n)) => Stop::TargetLayers(n),
         _ => bail!("give one of --threshold, --target-ratio or --target-layers"),
     };
@@ -150,7 +155,15 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let plan_bytes = serde_json::to_vec_pretty(&plan_json)?;
     pruned.save_replacing(&args.out, dtype, &[("slm_plan.json", plan_bytes)], common.replace())?;
 
-    println!("method:      {}{}", method.name(), if method.merges() { format!(" (operator {op}, criterion {})", criterion_name.unwrap_or_default()) } else { String::new() });
+    println!(
+        "method:      {}{}",
+        method.name(),
+        if method.merges() {
+            format!(" (operator {op}, criterion {})", criterion_name.unwrap_or_default())
+        } else {
+            String::new()
+        }
+    );
     if let Some(t) = outcome.threshold {
         let how = if matches!(stop, Stop::Threshold(_)) { "given" } else { "found by search" };
         println!("threshold:   {t:.6} ({how})");

@@ -48,7 +48,10 @@ fn task_name(s: &str) -> Result<String, String> {
     if s == "avg7" || Task::from_name(s).is_ok() {
         Ok(s.to_string())
     } else {
-        Err(format!("unknown task `{s}` (known: {}, avg7)", slm_eval::TASKS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")))
+        Err(format!(
+            "unknown task `{s}` (known: {}, avg7)",
+            slm_eval::TASKS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
+        ))
     }
 }
 
@@ -159,12 +162,13 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 
     if let Some((results_path, dir)) = location {
         let tok = model.tokenizer().ok();
-        let token = |id: Option<u32>| {
-            id.map(|i| (tok.and_then(|t| t.inner().id_to_token(i)).unwrap_or_default(), i))
-        };
+        let token = |id: Option<u32>| id.map(|i| (tok.and_then(|t| t.inner().id_to_token(i)).unwrap_or_default(), i));
         let info = RunInfo {
             model: "slm".into(),
-            model_args: vec![("pretrained".into(), args.model.display().to_string()), ("dtype".into(), "float32".into())],
+            model_args: vec![
+                ("pretrained".into(), args.model.display().to_string()),
+                ("dtype".into(), "float32".into()),
+            ],
             model_name: args.model.display().to_string(),
             model_num_parameters: model.spec.num_parameters() as u64,
             model_dtype: "float32".into(),

@@ -57,7 +57,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     println!("tied lm_head: {}", s.tie_word_embeddings);
     println!("parameters:   {} ({:.1} M)", s.num_parameters(), s.num_parameters() as f64 / 1e6);
     println!();
-    println!("{:>5} {:>6} {:>8} {:>8} {:>12} {:>12}", "layer", "heads", "kv_heads", "head_dim", "intermediate", "params");
+    println!(
+        "{:>5} {:>6} {:>8} {:>8} {:>12} {:>12}",
+        "layer", "heads", "kv_heads", "head_dim", "intermediate", "params"
+    );
     for (i, l) in s.layers.iter().enumerate() {
         println!(
             "{:>5} {:>6} {:>8} {:>8} {:>12} {:>12}",

@@ -219,7 +219,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     }
     println!("trainable:   {} parameters (r {}, alpha {})", lora.num_parameters(), args.rank, args.alpha);
     println!("data:        {} train / {} validation sequences", report.train_examples, report.val_examples);
-    println!("steps:       {} ({} tokens, {:.1} s, {:.0} tokens/s)", report.steps, report.tokens, report.seconds, report.tokens_per_s);
+    println!(
+        "steps:       {} ({} tokens, {:.1} s, {:.0} tokens/s)",
+        report.steps, report.tokens, report.seconds, report.tokens_per_s
+    );
     if let (Some(b), Some(s)) = (report.best_val_loss, report.best_step) {
         let before = val_before.map(|v| format!("{:.4} before, ", v.0)).unwrap_or_default();
         println!("validation:  {before}best {b:.4} at step {s}");

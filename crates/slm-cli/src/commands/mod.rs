@@ -115,7 +115,12 @@ impl CalibArgs {
             Some(f) => f.clone(),
             None => slm_model::data::default_calibration_corpus(self.data_dir.as_deref())?,
         };
-        Ok(Calib { file, samples: self.samples.unwrap_or(samples), seq_len: self.seq_len.unwrap_or(seq_len), seed: self.seed })
+        Ok(Calib {
+            file,
+            samples: self.samples.unwrap_or(samples),
+            seq_len: self.seq_len.unwrap_or(seq_len),
+            seed: self.seed,
+        })
     }
 }
 

@@ -82,7 +82,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     }
     if args.check {
         for p in &sched.pipelines {
-            let budget = p.budget.map(|b| format!(" (budget {:.0}% of dense, depth share {})", 100.0 * b, p.depth_share)).unwrap_or_default();
+            let budget = p
+                .budget
+                .map(|b| format!(" (budget {:.0}% of dense, depth share {})", 100.0 * b, p.depth_share))
+                .unwrap_or_default();
             println!("{}{budget}:", p.name);
             for (i, step) in p.steps.iter().enumerate() {
                 let argv = step_argv(step, &sched.calibration, Path::new("<input>"), Path::new("<out>"), &[])?;
@@ -121,7 +124,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                         remove_path(&dir)?;
                     }
                     let target = std::fs::canonicalize(first)?;
-                    symlink(&target, &dir).with_context(|| format!("{}: cannot link to {}", dir.display(), target.display()))?;
+                    symlink(&target, &dir)
+                        .with_context(|| format!("{}: cannot link to {}", dir.display(), target.display()))?;
                     tracing::info!("{label}: reusing {}", first.display());
                     return Ok((argv, true, 0.0));
                 }
@@ -139,13 +143,20 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                 tracing::info!("{label}: slm {}", argv.join(" "));
                 let start = Instant::now();
                 run_step(common, step.kind, &argv)?;
-                slm_model::write_file_atomically(&marker, &serde_json::to_vec_pretty(&json!({"key": key, "argv": argv}))?)?;
+                slm_model::write_file_atomically(
+                    &marker,
+                    &serde_json::to_vec_pretty(&json!({"key": key, "argv": argv}))?,
+                )?;
                 done.insert(key.clone(), dir.clone());
                 Ok((argv, false, start.elapsed().as_secs_f64()))
             })();
             match result {
                 Ok((argv, was_reused, seconds)) => {
-                    if was_reused { reused += 1 } else { computed += 1 }
+                    if was_reused {
+                        reused += 1
+                    } else {
+                        computed += 1
+                    }
                     o.steps.push(json!({"step": step.kind.name(), "dir": dir, "argv": argv, "reused": was_reused, "seconds": seconds}));
                     // A new model makes the evals so far describe an earlier one.
                     match step.kind {
@@ -175,8 +186,11 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let rows = report_rows(&sched, &outcomes, &dense, dense_params)?;
     let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
     // (pipeline index, parameters, avg-7) of every evaluated pipeline: the points of params_vs_avg7.png.
-    let points: Vec<(usize, f64, f64)> =
-        rows.iter().enumerate().filter_map(|(i, r)| Some((i, r["parameters"].as_f64()?, r["avg7"].as_f64()?))).collect();
+    let points: Vec<(usize, f64, f64)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r["parameters"].as_f64()?, r["avg7"].as_f64()?)))
+        .collect();
     let ranges = (!points.is_empty()).then(|| {
         let (a, b, c, d) = plot_ranges(&points, dense_params);
         vec![a, b, c, d]
@@ -240,7 +254,11 @@ fn budget_options(
 
 fn remove_path(p: &Path) -> anyhow::Result<()> {
     let m = p.symlink_metadata()?;
-    if m.is_dir() { std::fs::remove_dir_all(p)? } else { std::fs::remove_file(p)? }
+    if m.is_dir() {
+        std::fs::remove_dir_all(p)?
+    } else {
+        std::fs::remove_file(p)?
+    }
     Ok(())
 }
 
@@ -272,7 +290,14 @@ fn report_rows(sched: &Schedule, outcomes: &[Outcome], dense: &Model, dense_para
                     Some(t) => *t,
                     None => {
                         let model = if m == &sched.model { dense.clone() } else { Model::load(m, &dense.device)? };
-                        let r = super::bench::measure(&model, &p.name, sched.report.prompt_tokens, sched.report.decode_tokens, 1, 1)?;
+                        let r = super::bench::measure(
+                            &model,
+                            &p.name,
+                            sched.report.prompt_tokens,
+                            sched.report.decode_tokens,
+                            1,
+                            1,
+                        )?;
                         decode_cache.insert(key, r.decode_tokens_per_s);
                         r.decode_tokens_per_s
                     }
@@ -286,8 +311,10 @@ fn report_rows(sched: &Schedule, outcomes: &[Outcome], dense: &Model, dense_para
             let mut tasks = serde_json::Map::new();
             let (mut avg7, mut ppl) = (Json::Null, Json::Null);
             for path in &o.evals {
-                let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read eval results", path.display()))?;
-                let ev: Json = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("{}: cannot read eval results", path.display()))?;
+                let ev: Json =
+                    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
                 for (t, metric) in TASK_METRICS {
                     if let Some(v) = ev["results"][t][format!("{metric},none")].as_f64() {
                         tasks.insert(t.to_string(), json!({"metric": metric, "value": v}));
@@ -325,7 +352,11 @@ pub fn report_markdown(report: &Json) -> String {
     s.push('\n');
     for r in report["pipelines"].as_array().into_iter().flatten() {
         if let Some(e) = r["error"].as_str() {
-            s.push_str(&format!("| {} | failed: {} |\n", r["pipeline"].as_str().unwrap_or(""), e.replace('|', "/").replace('\n', " ")));
+            s.push_str(&format!(
+                "| {} | failed: {} |\n",
+                r["pipeline"].as_str().unwrap_or(""),
+                e.replace('|', "/").replace('\n', " ")
+            ));
             continue;
         }
         s.push_str(&format!(
@@ -387,7 +418,13 @@ fn plot_ranges(points: &[(usize, f64, f64)], dense: f64) -> (f64, f64, f64, f64)
 /// y: avg-7 in %, ranges from [`plot_ranges`], stated in report.md) and, with `[report] similarity`, the dense
 /// model's layer CKA heat map, once plain and once per pipeline with a depth step, its merged windows / removed
 /// layers outlined.
-fn plots(sched: &Schedule, outcomes: &[Outcome], points: &[(usize, f64, f64)], dense: &Model, out: &Path) -> anyhow::Result<()> {
+fn plots(
+    sched: &Schedule,
+    outcomes: &[Outcome],
+    points: &[(usize, f64, f64)],
+    dense: &Model,
+    out: &Path,
+) -> anyhow::Result<()> {
     if !points.is_empty() {
         let (x0, x1, y0, y1) = plot_ranges(points, dense.spec.num_parameters() as f64);
         let marks: Vec<slm_plot::ScatterPoint> = points

@@ -86,11 +86,7 @@ pub struct ReportSettings {
 
 impl Default for ReportSettings {
     fn default() -> Self {
-        ReportSettings {
-            decode_tokens: 32,
-            prompt_tokens: 64,
-            similarity: true,
-        }
+        ReportSettings { decode_tokens: 32, prompt_tokens: 64, similarity: true }
     }
 }
 
@@ -188,13 +184,20 @@ pub fn parse_args<A: clap::Args + FromArgMatches>(name: &'static str, argv: &[St
 }
 
 /// The argument vector of a step, as its subcommand takes it. `input`/`out` are the step's model and output.
-pub fn step_argv(step: &Step, calibration: &[(String, Value)], input: &Path, out: &Path, extra: &[(String, Value)]) -> anyhow::Result<Vec<String>> {
+pub fn step_argv(
+    step: &Step,
+    calibration: &[(String, Value)],
+    input: &Path,
+    out: &Path,
+    extra: &[(String, Value)],
+) -> anyhow::Result<Vec<String>> {
     let mut argv = vec![step.kind.name().to_string(), input.display().to_string()];
     match step.kind {
         StepKind::Depth | StepKind::Width => {
             argv.extend(["--out".into(), out.display().to_string()]);
             let own: Vec<&str> = step.options.iter().map(|(k, _)| k.as_str()).collect();
-            let calib: Vec<(String, Value)> = calibration.iter().filter(|(k, _)| !own.contains(&k.as_str())).cloned().collect();
+            let calib: Vec<(String, Value)> =
+                calibration.iter().filter(|(k, _)| !own.contains(&k.as_str())).cloned().collect();
             argv.extend(option_args(&calib)?);
         }
         StepKind::Lora => argv.extend(["--out".into(), out.display().to_string(), "--merge".into()]),
@@ -241,7 +244,10 @@ pub fn parse(path: &Path) -> anyhow::Result<Schedule> {
     let calibration: Vec<(String, Value)> = file.calibration.into_iter().collect();
     for (k, _) in &calibration {
         if !["calib", "data_dir", "samples", "seq_len", "seed"].contains(&k.as_str()) {
-            bail!("{}: [calibration]: unknown key `{k}` (expected calib, data_dir, samples, seq_len, seed)", path.display());
+            bail!(
+                "{}: [calibration]: unknown key `{k}` (expected calib, data_dir, samples, seq_len, seed)",
+                path.display()
+            );
         }
     }
     for k in file.defaults.keys() {
@@ -277,7 +283,13 @@ pub fn parse(path: &Path) -> anyhow::Result<Schedule> {
             (None, true, true) if p.budget.is_some() => {
                 bail!("{where_}: a budget over depth and width steps needs depth_share (the share removed by depth)")
             }
-            (None, _, width) => if width { 0.0 } else { 1.0 },
+            (None, _, width) => {
+                if width {
+                    0.0
+                } else {
+                    1.0
+                }
+            }
         };
         let mut steps = Vec::new();
         for (i, spanned) in p.steps.iter().enumerate() {
@@ -305,7 +317,11 @@ pub fn parse(path: &Path) -> anyhow::Result<Schedule> {
                     bail!("{}, key `{k}`: pipeline `{}`: `{k}` is set by `slm run` (each step writes into the pipeline's directory)", at(kl), p.name);
                 }
                 if p.budget.is_some() && kind.stop_keys().contains(&k.as_str()) {
-                    bail!("{}, key `{k}`: pipeline `{}` has a budget, which sets how much each step removes; drop `{k}`", at(kl), p.name);
+                    bail!(
+                        "{}, key `{k}`: pipeline `{}` has a budget, which sets how much each step removes; drop `{k}`",
+                        at(kl),
+                        p.name
+                    );
                 }
                 options.retain(|(d, _)| d != k);
                 options.push((k.clone(), v.clone()));
@@ -317,7 +333,10 @@ pub fn parse(path: &Path) -> anyhow::Result<Schedule> {
                 (StepKind::Width, Some(_)) => vec![("target_ratio".into(), Value::Float(0.1))],
                 _ => vec![],
             };
-            if p.budget.is_none() && !kind.stop_keys().is_empty() && !step.options.iter().any(|(k, _)| kind.stop_keys().contains(&k.as_str())) {
+            if p.budget.is_none()
+                && !kind.stop_keys().is_empty()
+                && !step.options.iter().any(|(k, _)| kind.stop_keys().contains(&k.as_str()))
+            {
                 bail!(
                     "{}: pipeline `{}` step {} ({}): give the pipeline a budget or the step one of {}",
                     at(line),
@@ -332,11 +351,8 @@ pub fn parse(path: &Path) -> anyhow::Result<Schedule> {
             if let Err(e) = parse_step(kind, &argv) {
                 // Name the offending key when clap names its flag.
                 let msg = clap_message(&e);
-                let key = step
-                    .options
-                    .iter()
-                    .map(|(k, _)| k)
-                    .find(|k| msg.contains(&format!("--{}", k.replace('_', "-"))));
+                let key =
+                    step.options.iter().map(|(k, _)| k).find(|k| msg.contains(&format!("--{}", k.replace('_', "-"))));
                 let (l, key_text) = match key {
                     Some(k) => (key_line(&src, span.clone(), k), format!(", key `{k}`")),
                     None => (line, String::new()),

@@ -87,13 +87,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     };
     let grad_seconds = start.elapsed().as_secs_f64();
     let rss_after = super::memory_mib();
-    let settings = WidthSettings {
-        ratio,
-        importance,
-        aggregation,
-        layers: range.clone(),
-        seed: calib.seed,
-    };
+    let settings = WidthSettings { ratio, importance, aggregation, layers: range.clone(), seed: calib.seed };
     let plan = plan_width(&model, &settings, grads.as_ref())?;
     let pruned = apply(&model, &plan)?;
 
@@ -133,7 +127,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         "source_model": args.model.display().to_string(),
         "previous_plan": previous,
     });
-    pruned.save_replacing(&args.out, dtype, &[("slm_plan.json", serde_json::to_vec_pretty(&plan_json)?)], common.replace())?;
+    pruned.save_replacing(
+        &args.out,
+        dtype,
+        &[("slm_plan.json", serde_json::to_vec_pretty(&plan_json)?)],
+        common.replace(),
+    )?;
 
     println!("importance:  {} (aggregation {})", importance.as_str(), aggregation.as_str());
     let ratio_text = if ratio.attention == ratio.mlp {
@@ -150,8 +149,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let (l0, p0) = (&model.spec.layers[range.start], &pruned.spec.layers[range.start]);
     println!(
         "per layer:   heads {}/{} -> {}/{} (query/KV), MLP {} -> {}",
-        l0.num_attention_heads, l0.num_key_value_heads, p0.num_attention_heads, p0.num_key_value_heads,
-        l0.intermediate_size, p0.intermediate_size
+        l0.num_attention_heads,
+        l0.num_key_value_heads,
+        p0.num_attention_heads,
+        p0.num_key_value_heads,
+        l0.intermediate_size,
+        p0.intermediate_size
     );
     println!(
         "parameters:  {before} -> {after} ({:.2}% of all removed; {:.2}% of the pruned layers')",
@@ -159,7 +162,9 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         100.0 * (1.0 - layer_after as f64 / layer_before as f64)
     );
     if let Some(g) = &grads {
-        let peak = rss_after.map(|m| format!(", peak RSS {:.0} MiB (RSS {:.0} MiB before)", m.1, rss_before.map_or(0.0, |b| b.0))).unwrap_or_default();
+        let peak = rss_after
+            .map(|m| format!(", peak RSS {:.0} MiB (RSS {:.0} MiB before)", m.1, rss_before.map_or(0.0, |b| b.0)))
+            .unwrap_or_default();
         println!(
             "gradients:   {} backward passes on {windows} windows in {grad_seconds:.1} s, loss {:.4}{peak}",
             g.backward_passes, g.loss

@@ -126,7 +126,7 @@ fn eval_rejects_unknown_task_missing_file_and_malformed_record() {
     let e = run_err(
         slm().arg("eval").arg(default_model_path()).args(["--tasks", "arc_easy", "--data-dir"]).arg(dir.path()),
     );
-    assert!(e.contains("arc_easy.test.jsonl:2"), "{e}");
+    assert!(e.contains("arc_easy.test.jsonl: line 2: field `question`: expected a string"), "{e}");
 }
 
 /// `slm depth` on the default model into `out` with `flags`, calibrated on 2 windows of 32 LAMBADA tokens.

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::{run_err, run_ok, slm};
 
 use slm_model::testing::default_model_path;
@@ -152,6 +154,24 @@ fn depth_writes_a_loadable_model_with_its_plan() {
     let m = slm_model::Model::load(&out, &candle_core::Device::Cpu).unwrap();
     assert_eq!(m.spec.num_layers(), 25);
     assert_eq!(plan["parameters_after"].as_u64().unwrap() as usize, m.spec.num_parameters());
+    // The plan reads back through its type; another kind, another version or no stamp is refused by name.
+    let path = out.join("slm_plan.json");
+    let typed = slm_depth::DepthPlanFile::from_json(plan.clone(), &path).unwrap();
+    assert_eq!((typed.method, typed.layers_after, typed.plan.removed.len()), (slm_depth::Method::ShortGpt, 25, 5));
+    let e = slm_width::WidthPlanFile::from_json(plan.clone(), &path).unwrap_err().to_string();
+    assert!(e.contains("slm_plan.json: a depth-plan file, not a width-plan file"), "{e}");
+    let mut newer = plan.clone();
+    newer["slm_output"]["version"] = 2.into();
+    let e = slm_depth::DepthPlanFile::from_json(newer, &path).unwrap_err().to_string();
+    assert!(e.contains("a depth-plan file of version 2; this slm reads version 1"), "{e}");
+    let mut old = plan.clone();
+    old.as_object_mut().unwrap().remove("slm_output");
+    let e = slm_depth::DepthPlanFile::from_json(old, &path).unwrap_err().to_string();
+    assert!(e.contains("no `slm_output` stamp"), "{e}");
+    let mut bad = plan;
+    bad["method"] = "slmm".into();
+    let e = slm_depth::DepthPlanFile::from_json(bad, &path).unwrap_err().to_string();
+    assert!(e.contains("not a valid depth-plan file") && e.contains("slmm"), "{e}");
 }
 
 #[test]
@@ -264,6 +284,9 @@ fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(width.join("slm_plan.json")).unwrap()).unwrap();
     assert_eq!(plan["previous_plan"]["method"], "shortgpt", "the depth step's plan is kept");
+    let typed = slm_width::WidthPlanFile::from_json(plan.clone(), &width.join("slm_plan.json")).unwrap();
+    assert_eq!(typed.layers.len(), 17);
+    slm_depth::DepthPlanFile::from_json(typed.previous_plan.clone().unwrap(), Path::new("previous")).unwrap();
     assert_eq!(plan["plan"]["layers"].as_array().unwrap().len(), 14);
     let m = slm_model::Model::load(&width, &candle_core::Device::Cpu).unwrap();
     assert_eq!(m.spec.num_layers(), 17);

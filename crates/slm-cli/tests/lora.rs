@@ -57,7 +57,11 @@ fn lora_writes_peft_adapter_and_merged_model() {
     let v: serde_json::Value =
         serde_json::from_str(&run_ok(slm().arg("inspect").arg(out.join("merged")).arg("--json"))).unwrap();
     assert_eq!(v["num_parameters"], 134_515_008u64);
-    assert!(out.join("merged/slm_plan.json").is_file());
+    let plan_path = out.join("merged/slm_plan.json");
+    let plan: serde_json::Value = serde_json::from_slice(&std::fs::read(&plan_path).unwrap()).unwrap();
+    let typed = slm_lora::file::MergedPlanFile::from_json(plan, &plan_path).unwrap();
+    assert_eq!(typed.lora["report"]["steps"], 1);
+    assert!(typed.base_plan.is_none(), "the base was a GGUF: no plan of its own");
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 pub mod baselines;
 pub mod error;
+pub mod file;
 pub mod merge;
 pub mod method;
 pub mod plan;
@@ -15,6 +16,7 @@ pub mod search;
 pub mod similarity;
 
 pub use error::DepthError;
+pub use file::DepthPlanFile;
 pub use merge::{merge_window, MergeOp};
 pub use method::{layers_for_ratio, plan_depth, DepthOutcome, DpCandidate, Method, Settings, Stop};
 pub use plan::{apply, planned_layers, DepthPlan};

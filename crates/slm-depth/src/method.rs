@@ -18,6 +18,7 @@ pub enum Method {
     /// Windows of consecutive layers fused with the chosen operator, like SLM, but chosen jointly: the set of
     /// windows that removes the target number of layers at the least total local window cost
     /// ([`Calibration::window_cost`]), by dynamic programming ([`dp_windows`]).
+    #[serde(rename = "slm-dp")]
     SlmDp,
     /// Remove the layers of lowest block influence.
     ShortGpt,
@@ -128,7 +129,7 @@ pub struct DepthOutcome {
 }
 
 /// One plan proposed by slm-dp's dynamic programme.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DpCandidate {
     /// Longest window allowed (layers).
     pub max_window: usize,

@@ -15,7 +15,7 @@ impl<F: FnMut(&[[usize; 2]]) -> Result<f64>> Oracle for F {
 }
 
 /// One step of a search: the candidate window, its score, whether it passed.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Step {
     pub lo: usize,
     pub hi: usize,

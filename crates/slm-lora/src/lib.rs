@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod data;
 pub mod error;
+pub mod file;
 pub mod ops;
 pub mod train;
 

@@ -14,6 +14,15 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
 
+/// The calibration windows a command used, as its output files record them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CalibrationRecord {
+    pub file: String,
+    pub samples: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+}
+
 /// The `text` field of every line of a JSONL file. Errors name the file and line.
 pub fn read_jsonl_texts(path: &Path) -> Result<Vec<String>> {
     let content = crate::files::read_regular_text(path, crate::files::MAX_CORPUS_BYTES)?;

@@ -39,6 +39,12 @@ pub enum OutputKind {
     EvalResults,
     /// `slm bench --json`.
     Bench,
+    /// `slm_plan.json` of a depth-pruned model.
+    DepthPlan,
+    /// `slm_plan.json` of a width-pruned model.
+    WidthPlan,
+    /// `slm_plan.json` of a model merged from LoRA adapters.
+    MergedPlan,
 }
 
 impl OutputKind {
@@ -50,12 +56,15 @@ impl OutputKind {
             OutputKind::Run => "run",
             OutputKind::EvalResults => "eval-results",
             OutputKind::Bench => "bench",
+            OutputKind::DepthPlan => "depth-plan",
+            OutputKind::WidthPlan => "width-plan",
+            OutputKind::MergedPlan => "merged-plan",
         }
     }
 
     /// Directory outputs carry [`STAMP_FILE`]; file outputs carry [`STAMP_KEY`].
     pub fn is_dir(self) -> bool {
-        !matches!(self, OutputKind::EvalResults | OutputKind::Bench)
+        matches!(self, OutputKind::Model | OutputKind::Lora | OutputKind::Similarity | OutputKind::Run)
     }
 }
 
@@ -161,6 +170,33 @@ pub fn read_stamp(out: &Path, dir: bool) -> Option<OutputStamp> {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).ok()?).ok()?;
         serde_json::from_value(v.get(STAMP_KEY)?.clone()).ok()
     }
+}
+
+/// A typed record from a JSON file that slm wrote between steps: its [`STAMP_KEY`] must name `kind` at this
+/// version. The error (a message naming `path`) says what was found instead: no stamp, another kind, another
+/// version, or a field the type does not accept.
+pub fn from_stamped_json<T: serde::de::DeserializeOwned>(
+    v: serde_json::Value,
+    kind: OutputKind,
+    path: &Path,
+) -> std::result::Result<T, String> {
+    let at = |m: String| format!("{}: {m}", path.display());
+    let stamp = v.get(STAMP_KEY).ok_or_else(|| {
+        at(format!("no `{STAMP_KEY}` stamp (not written by this version of slm); expected a {} file", kind.name()))
+    })?;
+    let stamp: OutputStamp =
+        serde_json::from_value(stamp.clone()).map_err(|e| at(format!("`{STAMP_KEY}` is malformed: {e}")))?;
+    if stamp.kind != kind {
+        return Err(at(format!("a {} file, not a {} file", stamp.kind.name(), kind.name())));
+    }
+    if stamp.version != STAMP_VERSION {
+        return Err(at(format!(
+            "a {} file of version {}; this slm reads version {STAMP_VERSION}",
+            kind.name(),
+            stamp.version
+        )));
+    }
+    serde_json::from_value(v).map_err(|e| at(format!("not a valid {} file: {e}", kind.name())))
 }
 
 /// Checks an output path before any work: not an input, not inside one, not containing one; an existing output

@@ -32,7 +32,8 @@ use crate::groups::AttentionUnit;
 use crate::{Result, WidthError};
 
 /// How a unit's importance is estimated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Importance {
     /// First-order Taylor, element-wise: Σ|W·∇W| (LLM-Pruner's `param_first`, its released default).
     Element1,
@@ -88,7 +89,8 @@ impl FromStr for Importance {
 }
 
 /// How the members of a unit are combined, channel by channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Aggregation {
     Sum,
     Mean,

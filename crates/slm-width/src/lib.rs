@@ -11,10 +11,12 @@
 //!
 //! Depth is never touched: a depth-pruned model goes in as any other model.
 
+pub mod file;
 pub mod groups;
 pub mod importance;
 pub mod plan;
 
+pub use file::WidthPlanFile;
 pub use groups::{units_to_remove, AttentionUnit};
 pub use importance::{gradients, Aggregation, Gradients, Importance, UnitScores};
 pub use plan::{

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
+use slm_depth::file::{DepthPlanFile, SearchRecord};
 use slm_depth::{apply, plan_depth, Calibration, Criterion, MergeOp, Method, Settings, Stop};
-use slm_model::output::OutputKind;
+use slm_model::output::{OutputKind, OutputStamp};
 use slm_model::{Model, StorageDType};
 
 use super::CommonArgs;
@@ -123,46 +124,42 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     };
     let (before, after) = (model.spec.num_parameters(), pruned.spec.num_parameters());
     let ratio = 1.0 - after as f64 / before as f64;
-    let criterion_name = if method.merges() { Some(criterion.name()) } else { None };
-    let plan_json = serde_json::json!({
-        "method": method.name(),
-        "operator": if method.merges() { Some(op.name()) } else { None },
-        "criterion": criterion_name,
-        "threshold": outcome.threshold,
-        "stop": match stop { Stop::Threshold(t) => serde_json::json!({"threshold": t}), Stop::TargetLayers(n) => serde_json::json!({"target_layers": n}) },
-        "plan": outcome.plan,
-        "kept_layers": outcome.plan.output_layers(),
-        "refit_ridge": args.refit,
-        "layers_before": model.spec.num_layers(),
-        "layers_after": pruned.spec.num_layers(),
-        "parameters_before": before,
-        "parameters_after": after,
-        "parameter_reduction": ratio,
-        "calibration": calib.json(),
-        "search": {
-            "steps": outcome.steps,
-            "layer_scores": outcome.layer_scores,
-            "dp_candidates": outcome.dp_candidates,
-            "evaluations": cal.evaluations,
-            "reference_loop_evaluations": outcome.reference_evaluations,
-            "layer_forwards": cal.layer_forwards,
-            "layer_forwards_full_recompute": cal.full_layer_forwards,
-            "incremental": cal.incremental,
-            "seconds": search_seconds,
+    let plan_file = DepthPlanFile {
+        slm_output: OutputStamp::new(OutputKind::DepthPlan),
+        method,
+        operator: method.merges().then_some(op),
+        criterion: method.merges().then_some(criterion),
+        threshold: outcome.threshold,
+        stop: stop.into(),
+        kept_layers: outcome.plan.output_layers(),
+        plan: outcome.plan.clone(),
+        refit_ridge: args.refit,
+        layers_before: model.spec.num_layers(),
+        layers_after: pruned.spec.num_layers(),
+        parameters_before: before,
+        parameters_after: after,
+        parameter_reduction: ratio,
+        calibration: calib.record(),
+        search: SearchRecord {
+            steps: outcome.steps.clone(),
+            layer_scores: outcome.layer_scores.clone(),
+            dp_candidates: outcome.dp_candidates.clone(),
+            evaluations: cal.evaluations,
+            reference_loop_evaluations: outcome.reference_evaluations,
+            layer_forwards: cal.layer_forwards,
+            layer_forwards_full_recompute: cal.full_layer_forwards,
+            incremental: cal.incremental,
+            seconds: search_seconds,
         },
-        "source_model": args.model.display().to_string(),
-    });
-    let plan_bytes = serde_json::to_vec_pretty(&plan_json)?;
+        source_model: args.model.display().to_string(),
+    };
+    let plan_bytes = plan_file.to_bytes();
     pruned.save_replacing(&args.out, dtype, &[("slm_plan.json", plan_bytes)], common.replace())?;
 
     println!(
         "method:      {}{}",
         method.name(),
-        if method.merges() {
-            format!(" (operator {op}, criterion {})", criterion_name.unwrap_or_default())
-        } else {
-            String::new()
-        }
+        if method.merges() { format!(" (operator {op}, criterion {})", criterion.name()) } else { String::new() }
     );
     if let Some(t) = outcome.threshold {
         let how = if matches!(stop, Stop::Threshold(_)) { "given" } else { "found by search" };

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use slm_lora::data::{load_examples, Format};
+use slm_lora::file::MergedPlanFile;
 use slm_lora::train::{evaluate, split_validation};
 use slm_lora::{Distill, Lora, LoraConfig, TrainConfig};
-use slm_model::output::OutputKind;
+use slm_model::output::{OutputKind, OutputStamp};
 use slm_model::{Model, StorageDType};
 
 use super::CommonArgs;
@@ -96,12 +97,11 @@ fn teacher_path(args: &Args) -> anyhow::Result<PathBuf> {
     if let Some(t) = &args.teacher {
         return Ok(t.clone());
     }
-    let plan = args.model.join("slm_plan.json");
-    let source = std::fs::read_to_string(&plan)
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| v.get("source_model").and_then(|s| s.as_str()).map(PathBuf::from));
-    source.with_context(|| format!("--distill needs --teacher: {} names no source model", plan.display()))
+    let plan = super::plan_file::read_plan(&args.model)?;
+    let source = plan.as_ref().and_then(|p| p.source_model()).map(PathBuf::from);
+    source.with_context(|| {
+        format!("--distill needs --teacher: {} has no slm_plan.json naming a source model", args.model.display())
+    })
 }
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
@@ -231,10 +231,15 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// slm_plan.json of the merged model: the base model's plan (if any) and this run.
+/// slm_plan.json of the merged model: this run and the base model's plan (if any), read through its type.
 fn merged_plan(model: &Path, run: &serde_json::Value) -> anyhow::Result<Vec<u8>> {
-    let base = std::fs::read_to_string(model.join("slm_plan.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
-    Ok(serde_json::to_vec_pretty(&serde_json::json!({"lora": run, "base_plan": base}))?)
+    let base = super::plan_file::read_plan(model)?;
+    Ok(MergedPlanFile {
+        slm_output: OutputStamp::new(OutputKind::MergedPlan),
+        base_model: model.display().to_string(),
+        source_model: base.as_ref().and_then(|p| p.source_model()).map(String::from),
+        lora: run.clone(),
+        base_plan: base.map(|p| p.to_value()),
+    }
+    .to_bytes())
 }

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod export;
 pub mod inspect;
 pub mod lora;
+pub mod plan_file;
 pub mod run;
 pub mod schedule;
 pub mod similarity;
@@ -140,9 +141,14 @@ impl Calib {
             .with_context(|| format!("sampling calibration windows from {}", self.file.display()))
     }
 
-    /// The settings as recorded in output JSON.
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({"file": self.file.display().to_string(), "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed})
+    /// The settings as the output files record them.
+    pub fn record(&self) -> slm_model::calib::CalibrationRecord {
+        slm_model::calib::CalibrationRecord {
+            file: self.file.display().to_string(),
+            samples: self.samples,
+            seq_len: self.seq_len,
+            seed: self.seed,
+        }
     }
 }
 

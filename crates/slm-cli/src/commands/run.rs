@@ -14,6 +14,7 @@ use slm_model::output::OutputKind;
 use slm_model::{Model, ModelSpec};
 use toml::Value;
 
+use super::plan_file::PlanFile;
 use super::schedule::{self, parse_args, step_argv, Schedule, StepArgs, StepKind};
 use super::CommonArgs;
 
@@ -70,6 +71,7 @@ struct Outcome {
     final_model: Option<PathBuf>,
     /// The results of the eval steps since the last step that changed the model: they all describe the final model.
     evals: Vec<PathBuf>,
+    /// The directories of the pipeline's depth steps (their `slm_plan.json` outlines the heat map).
     depth_plans: Vec<PathBuf>,
     error: Option<String>,
 }
@@ -165,7 +167,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                         StepKind::Eval => o.evals.push(dir.join("results.json")),
                     }
                     if step.kind == StepKind::Depth {
-                        o.depth_plans.push(dir.join("slm_plan.json"));
+                        o.depth_plans.push(dir.clone());
                     }
                 }
                 Err(e) => {
@@ -463,21 +465,18 @@ fn plots(
         sim(out.join("similarity_dense.png"), "Layer similarity (linear CKA), dense model", &[])?;
         for (p, o) in sched.pipelines.iter().zip(outcomes) {
             let (mut groups, mut merged, mut removed) = (Vec::new(), false, false);
-            for plan_path in &o.depth_plans {
-                let Ok(text) = std::fs::read_to_string(plan_path) else { continue };
-                let plan: Json = serde_json::from_str(&text)?;
-                if plan["plan"]["num_layers"].as_u64() != Some(dense.spec.num_layers() as u64) {
+            for step_dir in &o.depth_plans {
+                let Some(PlanFile::Depth(file)) = super::plan_file::read_plan(step_dir)? else { continue };
+                if file.plan.num_layers != dense.spec.num_layers() {
                     continue; // a depth step after another one: indices are not the dense model's
                 }
                 // Matrix index i + 1 is layer i's output (index 0: the embeddings).
-                for g in plan["plan"]["merges"].as_array().into_iter().flatten() {
-                    if let (Some(a), Some(b)) = (g[0].as_u64(), g[1].as_u64()) {
-                        groups.push((a as usize + 1, b as usize + 1));
-                        merged = true;
-                    }
+                for &[a, b] in &file.plan.merges {
+                    groups.push((a + 1, b + 1));
+                    merged = true;
                 }
-                for r in plan["plan"]["removed"].as_array().into_iter().flatten().filter_map(Json::as_u64) {
-                    groups.push((r as usize + 1, r as usize + 1));
+                for &r in &file.plan.removed {
+                    groups.push((r + 1, r + 1));
                     removed = true;
                 }
             }

@@ -73,7 +73,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 
     let json = serde_json::json!({
         "model": args.model.display().to_string(),
-        "calibration": calib.json(),
+        "calibration": calib.record(),
         "skip_first": args.skip_first,
         "representation": "per-example flattening of each [seq_len, hidden] layer output; index 0 is the \
                            embeddings, index i+1 the output of layer i",

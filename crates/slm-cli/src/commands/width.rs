@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use slm_model::output::OutputKind;
+use slm_model::output::{OutputKind, OutputStamp};
 use slm_model::{Model, StorageDType};
+use slm_width::file::{GradientPassRecord, WidthPlanFile};
 use slm_width::{
     apply, default_layer_range, gradients, parse_layer_range, plan_width, ratio_for_target, Aggregation, Importance,
     Ratios, WidthSettings,
@@ -95,44 +96,35 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let layer_before: usize = range.clone().map(|i| model.spec.layers[i].num_parameters(model.spec.hidden_size)).sum();
     let layer_after: usize = range.clone().map(|i| pruned.spec.layers[i].num_parameters(pruned.spec.hidden_size)).sum();
     let share = 1.0 - after as f64 / before as f64;
-    // A depth-pruned input keeps its own plan, so a joint schedule's output records both steps.
-    let previous = args
-        .model
-        .is_dir()
-        .then(|| std::fs::read(args.model.join("slm_plan.json")).ok())
-        .flatten()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-    let plan_json = serde_json::json!({
-        "method": "llm-pruner",
-        "importance": importance.as_str(),
-        "aggregation": aggregation.as_str(),
-        "pruning_ratio": ratio,
-        "target_ratio": args.target_ratio,
-        "layer_range": [range.start, range.end],
-        "plan": plan,
-        "layers": pruned.spec.layers,
-        "parameters_before": before,
-        "parameters_after": after,
-        "parameter_reduction": share,
-        "parameter_reduction_in_pruned_layers": 1.0 - layer_after as f64 / layer_before as f64,
-        "calibration": if grads.is_some() { Some(calib.json()) } else { None },
-        "gradient_pass": grads.as_ref().map(|g| serde_json::json!({
-            "loss": g.loss,
-            "backward_passes": g.backward_passes,
-            "seconds": grad_seconds,
-            "rss_mib_before": rss_before.map(|m| m.0),
-            "rss_mib_after": rss_after.map(|m| m.0),
-            "peak_rss_mib": rss_after.map(|m| m.1),
-        })),
-        "source_model": args.model.display().to_string(),
-        "previous_plan": previous,
-    });
-    pruned.save_replacing(
-        &args.out,
-        dtype,
-        &[("slm_plan.json", serde_json::to_vec_pretty(&plan_json)?)],
-        common.replace(),
-    )?;
+    // A depth-pruned input keeps its own plan (read through its type), so a joint schedule's output records both.
+    let previous = super::plan_file::read_plan(&args.model)?.map(|p| p.to_value());
+    let plan_file = WidthPlanFile {
+        slm_output: OutputStamp::new(OutputKind::WidthPlan),
+        method: "llm-pruner".into(),
+        importance,
+        aggregation,
+        pruning_ratio: ratio,
+        target_ratio: args.target_ratio,
+        layer_range: [range.start, range.end],
+        plan,
+        layers: pruned.spec.layers.clone(),
+        parameters_before: before,
+        parameters_after: after,
+        parameter_reduction: share,
+        parameter_reduction_in_pruned_layers: 1.0 - layer_after as f64 / layer_before as f64,
+        calibration: grads.is_some().then(|| calib.record()),
+        gradient_pass: grads.as_ref().map(|g| GradientPassRecord {
+            loss: g.loss,
+            backward_passes: g.backward_passes,
+            seconds: grad_seconds,
+            rss_mib_before: rss_before.map(|m| m.0),
+            rss_mib_after: rss_after.map(|m| m.0),
+            peak_rss_mib: rss_after.map(|m| m.1),
+        }),
+        source_model: args.model.display().to_string(),
+        previous_plan: previous,
+    };
+    pruned.save_replacing(&args.out, dtype, &[("slm_plan.json", plan_file.to_bytes())], common.replace())?;
 
     println!("importance:  {} (aggregation {})", importance.as_str(), aggregation.as_str());
     let ratio_text = if ratio.attention == ratio.mlp {

@@ -407,13 +407,13 @@ const PALETTE: [[u8; 3]; 8] = [
 ];
 const PALETTE_NAMES: [&str; 8] = ["blue", "orange", "green", "red", "purple", "brown", "pink", "grey"];
 
-/// Axis ranges of `params_vs_avg7.png`: parameters from the smallest pipeline minus 5% of dense to dense, avg-7
-/// from 2 points below the lowest to 2 points above the highest.
+/// Axis ranges of `params_vs_avg7.png`: parameters from the smallest pipeline minus 5% of dense to dense plus 3%
+/// (so the dense model's point is drawn whole), avg-7 from 2 points below the lowest to 2 points above the highest.
 fn plot_ranges(points: &[(usize, f64, f64)], dense: f64) -> (f64, f64, f64, f64) {
     let min_p = points.iter().map(|p| p.1).fold(dense, f64::min);
     let min_a = points.iter().map(|p| p.2).fold(f64::INFINITY, f64::min);
     let max_a = points.iter().map(|p| p.2).fold(f64::NEG_INFINITY, f64::max);
-    ((min_p - 0.05 * dense).max(0.0), dense, min_a - 0.02, max_a + 0.02)
+    ((min_p - 0.05 * dense).max(0.0), 1.03 * dense, min_a - 0.02, max_a + 0.02)
 }
 
 /// `params_vs_avg7.png` (a point per evaluated pipeline, labelled with its name; x: parameters in millions,

@@ -1,4 +1,4 @@
-//! The GGUF model against Hugging Face transformers (f32, CPU): `../shared/golden/smollm2_logits.safetensors`
+//! The GGUF model against Hugging Face transformers (f32, CPU): `golden/smollm2_logits.safetensors`
 //! holds, for four prompts, the reference token ids and the logits at every position.
 
 use candle_core::{DType, Device, IndexOp, Tensor};

@@ -1,5 +1,5 @@
 //! `slm-width`: LLM-Pruner-style structured width pruning (Ma, Fang & Wang, NeurIPS 2023, arXiv 2305.11627;
-//! reference code `horseee/LLM-Pruner`, see `../shared/specs/width-lora-and-depth-baselines.md` §A).
+//! reference code `horseee/LLM-Pruner`, see the project specs, `width-lora-and-depth-baselines.md` §A).
 //!
 //! - [`groups`]: the coupled units that are removed whole: one KV head with the query heads that share it (rows
 //!   of q/k/v, columns of o), and one MLP channel (a row of gate and up, a column of down).

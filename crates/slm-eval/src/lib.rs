@@ -63,7 +63,8 @@ pub use request::{
     build_token_requests, encode_pair, move_trailing_whitespace, DocRequests, TextEncoder, TokenRequest,
 };
 pub use results::{
-    reports_avg7, results_file_name, results_json, sample_record, sanitize_model_name, Json, RunInfo, TaskReport,
+    reports_avg7, results_file_name, results_json, sample_record, sanitize_model_name, to_pretty_string,
+    to_python_line, RunInfo, TaskReport,
 };
 pub use run::{evaluate, Progress, Settings, Silent, TaskRun};
 pub use task::{Doc, Metric, Request, Task, TaskKind, TaskSpec, AVG7, TASKS};

@@ -1,85 +1,28 @@
 //! lm-eval-format output: the results JSON (`--output-path`) and per-sample JSONL records
 //! (`--log-samples`).
 //!
-//! Key order matters to people diffing against lm-eval, and `serde_json::Map` sorts keys unless
-//! its `preserve_order` feature is on (which would rebuild half the dependency tree), so output is
-//! built as an ordered [`Json`] tree and serialised through serde.
+//! Key order matters to people diffing against lm-eval: output is built as a
+//! [`serde_json::Value`] whose objects keep insertion order (the workspace enables serde_json's
+//! `preserve_order` feature). Non-finite numbers become `null` (`Value::from(f64::NAN)` is
+//! `Null`; JSON has no NaN, Python would write `NaN`).
 
-use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
 
 use crate::metrics::{avg7, DocResult, MetricValue};
 use crate::task::{Doc, Metric, Task, TaskKind, AVG7};
 
-/// A JSON value whose objects keep insertion order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    Int(i64),
-    /// Non-finite numbers serialise as `null` (JSON has no NaN; Python would write `NaN`).
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
+/// `json.dumps(value, indent=2, ensure_ascii=False)`.
+pub fn to_pretty_string(v: &Value) -> String {
+    serde_json::to_string_pretty(v).expect("serialising an in-memory JSON value cannot fail")
 }
 
-impl Json {
-    pub fn str(s: impl Into<String>) -> Json {
-        Json::Str(s.into())
-    }
-
-    pub fn obj<K: Into<String>>(pairs: impl IntoIterator<Item = (K, Json)>) -> Json {
-        Json::Obj(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
-    }
-
-    /// The value at `key` of an object.
-    pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(pairs) => pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    /// `json.dumps(value, indent=2, ensure_ascii=False)`.
-    pub fn to_pretty_string(&self) -> String {
-        serde_json::to_string_pretty(self).expect("serialising an in-memory JSON tree cannot fail")
-    }
-
-    /// `json.dumps(value, ensure_ascii=False)`: one line, with Python's `", "` and `": "`
-    /// separators.
-    pub fn to_python_line(&self) -> String {
-        let mut out = Vec::new();
-        let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
-        self.serialize(&mut ser).expect("serialising an in-memory JSON tree cannot fail");
-        String::from_utf8(out).expect("serde_json writes UTF-8")
-    }
-}
-
-impl Serialize for Json {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Json::Null => s.serialize_unit(),
-            Json::Bool(b) => s.serialize_bool(*b),
-            Json::Int(i) => s.serialize_i64(*i),
-            Json::Num(x) if x.is_finite() => s.serialize_f64(*x),
-            Json::Num(_) => s.serialize_unit(),
-            Json::Str(v) => s.serialize_str(v),
-            Json::Arr(items) => {
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(item)?;
-                }
-                seq.end()
-            }
-            Json::Obj(pairs) => {
-                let mut map = s.serialize_map(Some(pairs.len()))?;
-                for (k, v) in pairs {
-                    map.serialize_entry(k, v)?;
-                }
-                map.end()
-            }
-        }
-    }
+/// `json.dumps(value, ensure_ascii=False)`: one line, with Python's `", "` and `": "` separators.
+pub fn to_python_line(v: &Value) -> String {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
+    v.serialize(&mut ser).expect("serialising an in-memory JSON value cannot fail");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 /// Compact output with Python's default separators.
@@ -105,6 +48,11 @@ impl serde_json::ser::Formatter for PythonFormatter {
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         w.write_all(b": ")
     }
+}
+
+/// An object from pairs, in their order.
+fn obj<K: Into<String>>(pairs: impl IntoIterator<Item = (K, Value)>) -> Value {
+    Value::Object(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
 }
 
 /// The aggregated outcome of one task, as the results JSON reports it.
@@ -176,76 +124,72 @@ pub fn sanitize_model_name(name: &str) -> String {
 }
 
 /// `results_<ISO-8601 timestamp with ':' → '-'>.json` for a Unix time (UTC; lm-eval uses local
-/// time), e.g. `results_2026-11-29T01-53-00.123456.json`.
+/// time), rounded to the microsecond, e.g. `results_2026-11-29T01-53-00.123456.json`. Times
+/// outside the years -9999..=9999 are clamped to those ends (NaN reads as 0).
 pub fn results_file_name(unix_seconds: f64) -> String {
     let micros = (unix_seconds * 1e6).round() as i64;
-    let (secs, micro) = (micros.div_euclid(1_000_000), micros.rem_euclid(1_000_000));
-    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000).unwrap_or(if micros < 0 {
+        time::PrimitiveDateTime::MIN.assume_utc()
+    } else {
+        time::PrimitiveDateTime::MAX.assume_utc()
+    });
     format!(
-        "results_{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}.{micro:06}.json",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60
+        "results_{:04}-{:02}-{:02}T{:02}-{:02}-{:02}.{:06}.json",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
     )
 }
 
-fn task_config(task: &Task, data_dir: &str) -> Json {
+fn task_config(task: &Task, data_dir: &str) -> Value {
     let spec = task.spec();
-    let mut c: Vec<(String, Json)> = vec![("task".into(), Json::str(spec.name))];
+    let mut c = Map::new();
+    c.insert("task".into(), json!(spec.name));
     if let Some(tag) = spec.tag {
-        c.push(("tag".into(), Json::str(tag)));
+        c.insert("tag".into(), json!(tag));
     }
     let data_file = format!("{}/{}", data_dir.trim_end_matches('/'), spec.file);
-    c.push(("dataset_path".into(), Json::str("json")));
-    c.push(("dataset_kwargs".into(), Json::obj([("data_files", Json::obj([(spec.split, Json::str(data_file))]))])));
-    c.push((format!("{}_split", spec.split), Json::str(spec.split)));
+    c.insert("dataset_path".into(), json!("json"));
+    c.insert("dataset_kwargs".into(), json!({ "data_files": { spec.split: data_file } }));
+    c.insert(format!("{}_split", spec.split), json!(spec.split));
     if let Some(p) = spec.config_process_docs {
-        c.push(("process_docs".into(), Json::str(p)));
+        c.insert("process_docs".into(), json!(p));
     }
-    c.push(("doc_to_text".into(), Json::str(spec.config_doc_to_text)));
-    c.push(("doc_to_target".into(), Json::str(spec.config_doc_to_target)));
-    c.push(("unsafe_code".into(), Json::Bool(false)));
+    c.insert("doc_to_text".into(), json!(spec.config_doc_to_text));
+    c.insert("doc_to_target".into(), json!(spec.config_doc_to_target));
+    c.insert("unsafe_code".into(), json!(false));
     if task.kind() == TaskKind::MultipleChoice {
         let choice = match serde_json::from_str::<Vec<String>>(spec.config_doc_to_choice) {
-            Ok(list) => Json::Arr(list.into_iter().map(Json::Str).collect()),
-            Err(_) => Json::str(spec.config_doc_to_choice),
+            Ok(list) => json!(list),
+            Err(_) => json!(spec.config_doc_to_choice),
         };
-        c.push(("doc_to_choice".into(), choice));
+        c.insert("doc_to_choice".into(), choice);
     }
-    c.push(("description".into(), Json::str("")));
-    c.push(("target_delimiter".into(), Json::str(" ")));
-    c.push(("fewshot_delimiter".into(), Json::str("\n\n")));
-    c.push(("num_fewshot".into(), Json::Int(0)));
-    c.push((
-        "metric_list".into(),
-        Json::Arr(spec.metrics.iter().map(|m| Json::obj([("metric", Json::str(m.name()))])).collect()),
-    ));
+    c.insert("description".into(), json!(""));
+    c.insert("target_delimiter".into(), json!(" "));
+    c.insert("fewshot_delimiter".into(), json!("\n\n"));
+    c.insert("num_fewshot".into(), json!(0));
+    c.insert("metric_list".into(), spec.metrics.iter().map(|m| json!({ "metric": m.name() })).collect());
     let output_type = match task.kind() {
         TaskKind::MultipleChoice => "multiple_choice",
         TaskKind::RollingPerplexity => "loglikelihood_rolling",
         TaskKind::WindowPerplexity => "loglikelihood_windows_128",
     };
-    c.push(("output_type".into(), Json::str(output_type)));
-    c.push(("repeats".into(), Json::Int(1)));
-    c.push(("should_decontaminate".into(), Json::Bool(false)));
-    c.push(("metadata".into(), Json::obj([("version", Json::Num(spec.version))])));
-    Json::Obj(c)
+    c.insert("output_type".into(), json!(output_type));
+    c.insert("repeats".into(), json!(1));
+    c.insert("should_decontaminate".into(), json!(false));
+    c.insert("metadata".into(), json!({ "version": spec.version }));
+    Value::Object(c)
 }
 
-fn token_pair(t: &Option<(String, u32)>) -> Json {
+fn token_pair(t: &Option<(String, u32)>) -> Value {
     match t {
-        Some((tok, id)) => Json::Arr(vec![Json::str(tok.clone()), Json::str(id.to_string())]),
-        None => Json::Null,
+        Some((tok, id)) => json!([tok, id.to_string()]),
+        None => Value::Null,
     }
 }
 
@@ -253,152 +197,122 @@ fn token_pair(t: &Option<(String, u32)>) -> Json {
 /// `configs`, `versions`, `n-shot`, `higher_is_better` sorted by task name; then `avg-7` (when all
 /// seven tasks are present: `{"value", "components": {task: {"metric", "value"}}}`), `config`
 /// and the trailing run facts. `data_dir` is reported in each task's `dataset_kwargs`.
-pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> Json {
+/// Write it with [`to_pretty_string`].
+pub fn results_json(reports: &[TaskReport], info: &RunInfo, data_dir: &str) -> Value {
     let mut sorted: Vec<&TaskReport> = reports.iter().collect();
     sorted.sort_by_key(|r| r.task.name());
-    let per_sorted =
-        |f: &dyn Fn(&TaskReport) -> Json| Json::Obj(sorted.iter().map(|r| (r.task.name().to_string(), f(r))).collect());
+    let per_sorted = |f: &dyn Fn(&TaskReport) -> Value| obj(sorted.iter().map(|r| (r.task.name(), f(r))));
 
-    let results = Json::Obj(
-        reports
-            .iter()
-            .map(|r| {
-                let mut e = vec![
-                    ("name".to_string(), Json::str(r.task.name())),
-                    ("alias".to_string(), Json::str(r.task.name())),
-                    ("sample_len".to_string(), Json::Int(r.n_effective as i64)),
-                ];
-                for m in &r.metrics {
-                    e.push((format!("{},none", m.metric.name()), Json::Num(m.value)));
-                    e.push((format!("{}_stderr,none", m.metric.name()), m.stderr.map_or(Json::str("N/A"), Json::Num)));
-                }
-                (r.task.name().to_string(), Json::Obj(e))
-            })
-            .collect(),
+    let results = obj(reports.iter().map(|r| {
+        let mut e = Map::new();
+        e.insert("name".into(), json!(r.task.name()));
+        e.insert("alias".into(), json!(r.task.name()));
+        e.insert("sample_len".into(), json!(r.n_effective));
+        for m in &r.metrics {
+            e.insert(format!("{},none", m.metric.name()), json!(m.value));
+            e.insert(format!("{}_stderr,none", m.metric.name()), m.stderr.map_or(json!("N/A"), |s| json!(s)));
+        }
+        (r.task.name(), Value::Object(e))
+    }));
+
+    let mut top = Map::new();
+    top.insert("results".into(), results);
+    top.insert("group_subtasks".into(), json!({}));
+    top.insert("configs".into(), per_sorted(&|r| task_config(&r.task, data_dir)));
+    top.insert("versions".into(), per_sorted(&|r| json!(r.task.spec().version)));
+    top.insert("n-shot".into(), per_sorted(&|_| json!(0)));
+    top.insert(
+        "higher_is_better".into(),
+        per_sorted(&|r| obj(r.task.metrics().iter().map(|m| (m.name(), json!(m.higher_is_better()))))),
     );
-
-    let mut top: Vec<(String, Json)> = vec![
-        ("results".into(), results),
-        ("group_subtasks".into(), Json::Obj(vec![])),
-        ("configs".into(), per_sorted(&|r| task_config(&r.task, data_dir))),
-        ("versions".into(), per_sorted(&|r| Json::Num(r.task.spec().version))),
-        ("n-shot".into(), per_sorted(&|_| Json::Int(0))),
-        (
-            "higher_is_better".into(),
-            per_sorted(&|r| {
-                Json::Obj(
-                    r.task.metrics().iter().map(|m| (m.name().to_string(), Json::Bool(m.higher_is_better()))).collect(),
-                )
-            }),
-        ),
-        (
-            "n-samples".into(),
-            Json::Obj(
-                reports
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.task.name().to_string(),
-                            Json::obj([
-                                ("original", Json::Int(r.n_original as i64)),
-                                ("effective", Json::Int(r.n_effective as i64)),
-                            ]),
-                        )
-                    })
-                    .collect(),
-            ),
-        ),
-    ];
+    top.insert(
+        "n-samples".into(),
+        obj(reports.iter().map(|r| (r.task.name(), json!({ "original": r.n_original, "effective": r.n_effective })))),
+    );
     if let Some(value) = reports_avg7(reports) {
         let components = AVG7.iter().map(|&(name, m)| {
             let v = reports.iter().find(|r| r.task.name() == name).and_then(|r| r.metric(m)).unwrap_or(f64::NAN);
-            (name, Json::obj([("metric", Json::str(m.name())), ("value", Json::Num(v))]))
+            (name, json!({ "metric": m.name(), "value": v }))
         });
-        top.push(("avg-7".into(), Json::obj([("value", Json::Num(value)), ("components", Json::obj(components))])));
+        top.insert("avg-7".into(), json!({ "value": value, "components": obj(components) }));
     }
-    let config = Json::obj([
-        ("model", Json::str(info.model.clone())),
-        ("model_args", Json::obj(info.model_args.iter().map(|(k, v)| (k.clone(), Json::str(v.clone()))))),
-        ("model_num_parameters", Json::Int(info.model_num_parameters as i64)),
-        ("model_dtype", Json::str(info.model_dtype.clone())),
-        ("model_revision", Json::str("main")),
-        ("model_sha", Json::str("")),
-        ("batch_size", Json::str(info.batch_size.to_string())),
-        ("batch_sizes", Json::Arr(vec![])),
-        ("device", Json::str(info.device.clone())),
-        ("use_cache", Json::Null),
-        ("limit", info.limit.map_or(Json::Null, |l| Json::Num(l as f64))),
-        ("bootstrap_iters", Json::Int(100_000)),
-        ("gen_kwargs", Json::Obj(vec![])),
-        ("random_seed", Json::Int(0)),
-        ("numpy_seed", Json::Int(1234)),
-        ("torch_seed", Json::Int(1234)),
-        ("fewshot_seed", Json::Int(1234)),
-    ]);
-    top.push(("config".into(), config));
-    let trailing = [
-        ("git_hash", Json::Null),
-        ("date", Json::Num(info.start_time)),
-        ("lm_eval_version", Json::str("0.4.13")),
-        ("slm_version", Json::str(env!("CARGO_PKG_VERSION"))),
-        (
-            slm_model::output::STAMP_KEY,
-            Json::obj([
-                ("kind", Json::str(slm_model::output::OutputKind::EvalResults.name())),
-                ("version", Json::Int(slm_model::output::STAMP_VERSION as i64)),
-            ]),
-        ),
-        ("tokenizer_pad_token", token_pair(&info.pad_token)),
-        ("tokenizer_eos_token", token_pair(&info.eos_token)),
-        ("tokenizer_bos_token", token_pair(&info.bos_token)),
-        ("eot_token_id", info.eot_token_id.map_or(Json::Null, |t| Json::Int(t as i64))),
-        ("max_length", Json::Int(info.max_length as i64)),
-        ("task_hashes", Json::Obj(vec![])),
-        ("model_source", Json::str("slm")),
-        ("model_name", Json::str(info.model_name.clone())),
-        ("model_name_sanitized", Json::str(sanitize_model_name(&info.model_name))),
-        ("system_instruction", Json::Null),
-        ("system_instruction_sha", Json::Null),
-        ("fewshot_as_multiturn", Json::Null),
-        ("chat_template", Json::Null),
-        ("chat_template_sha", Json::Null),
-        ("start_time", Json::Num(info.start_time)),
-        ("end_time", Json::Num(info.end_time)),
-        ("total_evaluation_time_seconds", Json::str((info.end_time - info.start_time).to_string())),
-    ];
-    top.extend(trailing.into_iter().map(|(k, v)| (k.to_string(), v)));
-    Json::Obj(top)
+    let model_args = obj(info.model_args.iter().map(|(k, v)| (k.clone(), json!(v))));
+    top.insert(
+        "config".into(),
+        json!({
+            "model": info.model,
+            "model_args": model_args,
+            "model_num_parameters": info.model_num_parameters,
+            "model_dtype": info.model_dtype,
+            "model_revision": "main",
+            "model_sha": "",
+            "batch_size": info.batch_size.to_string(),
+            "batch_sizes": [],
+            "device": info.device,
+            "use_cache": null,
+            // lm-eval writes the limit as a float (25.0).
+            "limit": info.limit.map(|l| l as f64),
+            "bootstrap_iters": 100_000,
+            "gen_kwargs": {},
+            "random_seed": 0,
+            "numpy_seed": 1234,
+            "torch_seed": 1234,
+            "fewshot_seed": 1234,
+        }),
+    );
+    let trailing = json!({
+        "git_hash": null,
+        "date": info.start_time,
+        "lm_eval_version": "0.4.13",
+        "slm_version": env!("CARGO_PKG_VERSION"),
+        (slm_model::output::STAMP_KEY): {
+            "kind": slm_model::output::OutputKind::EvalResults.name(),
+            "version": slm_model::output::STAMP_VERSION,
+        },
+        "tokenizer_pad_token": token_pair(&info.pad_token),
+        "tokenizer_eos_token": token_pair(&info.eos_token),
+        "tokenizer_bos_token": token_pair(&info.bos_token),
+        "eot_token_id": info.eot_token_id,
+        "max_length": info.max_length,
+        "task_hashes": {},
+        "model_source": "slm",
+        "model_name": info.model_name,
+        "model_name_sanitized": sanitize_model_name(&info.model_name),
+        "system_instruction": null,
+        "system_instruction_sha": null,
+        "fewshot_as_multiturn": null,
+        "chat_template": null,
+        "chat_template_sha": null,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+        "total_evaluation_time_seconds": (info.end_time - info.start_time).to_string(),
+    });
+    let Value::Object(trailing) = trailing else { unreachable!("json! of an object literal is an object") };
+    top.extend(trailing);
+    Value::Object(top)
 }
 
 /// One `--log-samples` record for a multiple-choice document, in the layout of
 /// `golden/lm-eval-first25/<task>.jsonl`: `doc_id`, `gold`, `requests` (context,
-/// continuation), `loglikelihood`, `is_greedy`, `metrics`. Write it with [`Json::to_python_line`].
-pub fn sample_record(doc: &Doc, result: &DocResult) -> Json {
-    let mut metrics = vec![("acc".to_string(), Json::Num(result.acc))];
+/// continuation), `loglikelihood`, `is_greedy`, `metrics`. Write it with [`to_python_line`].
+pub fn sample_record(doc: &Doc, result: &DocResult) -> Value {
+    let mut metrics = Map::new();
+    metrics.insert("acc".into(), json!(result.acc));
     if let Some(n) = result.acc_norm {
-        metrics.push(("acc_norm".to_string(), Json::Num(n)));
+        metrics.insert("acc_norm".into(), json!(n));
     }
-    Json::obj([
-        ("doc_id", Json::Int(doc.doc_id as i64)),
-        ("gold", Json::Int(doc.gold as i64)),
-        (
-            "requests",
-            Json::Arr(
-                doc.requests
-                    .iter()
-                    .map(|r| {
-                        Json::obj([
-                            ("context", Json::str(r.context.clone())),
-                            ("continuation", Json::str(r.continuation.clone())),
-                        ])
-                    })
-                    .collect(),
-            ),
-        ),
-        ("loglikelihood", Json::Arr(result.loglikelihoods.iter().map(|&l| Json::Num(l)).collect())),
-        ("is_greedy", Json::Arr(result.is_greedy.iter().map(|&g| Json::Bool(g)).collect())),
-        ("metrics", Json::Obj(metrics)),
-    ])
+    json!({
+        "doc_id": doc.doc_id,
+        "gold": doc.gold,
+        "requests": doc
+            .requests
+            .iter()
+            .map(|r| json!({ "context": r.context, "continuation": r.continuation }))
+            .collect::<Vec<_>>(),
+        "loglikelihood": result.loglikelihoods,
+        "is_greedy": result.is_greedy,
+        "metrics": metrics,
+    })
 }
 
 #[cfg(test)]
@@ -430,7 +344,7 @@ mod tests {
                     .map(|(l, gr)| RequestResult { loglikelihood: l, is_greedy: gr.as_bool().unwrap() })
                     .collect();
                 let r = score_doc(&task, doc, &rr).unwrap();
-                assert_eq!(sample_record(doc, &r).to_python_line(), line, "{name} doc {}", doc.doc_id);
+                assert_eq!(to_python_line(&sample_record(doc, &r)), line, "{name} doc {}", doc.doc_id);
                 doc_results.push(r);
             }
             let report = TaskReport {
@@ -439,9 +353,11 @@ mod tests {
                 n_effective: 25,
                 metrics: aggregate(&task, &doc_results),
             };
-            let ours: serde_json::Value = serde_json::from_str(
-                &results_json(std::slice::from_ref(&report), &RunInfo::default(), "d").to_pretty_string(),
-            )
+            let ours: serde_json::Value = serde_json::from_str(&to_pretty_string(&results_json(
+                std::slice::from_ref(&report),
+                &RunInfo::default(),
+                "d",
+            )))
             .unwrap();
             let mut theirs = results_golden["results"][format!("{name}_local")].clone();
             for k in ["name", "alias"] {
@@ -465,13 +381,10 @@ mod tests {
             ..RunInfo::default()
         };
         let json = results_json(&reports, &info, "data");
-        let text = json.to_pretty_string();
+        let text = to_pretty_string(&json);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         // Top-level key order as lm-eval writes it, with avg-7 before config.
-        let keys: Vec<&str> = match &json {
-            Json::Obj(p) => p.iter().map(|(k, _)| k.as_str()).collect(),
-            _ => unreachable!(),
-        };
+        let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             &keys[..9],
             [
@@ -488,10 +401,7 @@ mod tests {
         );
         // results in run order, versions sorted.
         assert!(text.find("\"piqa\": {\n      \"name\"").unwrap() < text.find("\"boolq\": {\n      \"name\"").unwrap());
-        let versions: Vec<&str> = match json.get("versions").unwrap() {
-            Json::Obj(p) => p.iter().map(|(k, _)| k.as_str()).collect(),
-            _ => unreachable!(),
-        };
+        let versions: Vec<&str> = json["versions"].as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(versions, ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]);
         assert_eq!(v["versions"]["boolq"], 2.0);
         assert_eq!(v["config"]["limit"], 25.0);
@@ -528,7 +438,7 @@ mod tests {
             ],
         };
         let json = results_json(&[report], &RunInfo::default(), "d");
-        let text = json.to_pretty_string();
+        let text = to_pretty_string(&json);
         assert!(text.contains(
             "\"word_perplexity,none\": 20.5,\n      \"word_perplexity_stderr,none\": \"N/A\",\n      \"byte_perplexity,none\": 1.75"
         ), "{text}");
@@ -536,11 +446,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["higher_is_better"]["wikitext"]["word_perplexity"], false);
         assert_eq!(v["configs"]["wikitext"]["output_type"], "loglikelihood_rolling");
-        assert_eq!(
-            Json::obj([("a", Json::Arr(vec![Json::Int(1), Json::Num(-0.5)])), ("b", Json::str("é\n"))])
-                .to_python_line(),
-            "{\"a\": [1, -0.5], \"b\": \"é\\n\"}"
-        );
+        assert_eq!(to_python_line(&json!({ "a": [1, -0.5], "b": "é\n" })), "{\"a\": [1, -0.5], \"b\": \"é\\n\"}");
     }
 
     #[test]
@@ -551,5 +457,21 @@ mod tests {
         assert_eq!(results_file_name(1_795_917_180.25), "results_2026-11-29T01-53-00.250000.json");
         assert_eq!(results_file_name(0.0), "results_1970-01-01T00-00-00.000000.json");
         assert_eq!(results_file_name(951_782_400.0), "results_2000-02-29T00-00-00.000000.json");
+        // Hand-checked with `date -u -d @T +%Y-%m-%dT%H-%M-%S`.
+        assert_eq!(results_file_name(1_764_460_380.123456), "results_2025-11-29T23-53-00.123456.json");
+        assert_eq!(results_file_name(1_709_164_800.0), "results_2024-02-29T00-00-00.000000.json");
+        assert_eq!(results_file_name(1_709_251_199.5), "results_2024-02-29T23-59-59.500000.json");
+        assert_eq!(results_file_name(4_102_444_799.0), "results_2099-12-31T23-59-59.000000.json");
+        // Rounded to the microsecond, carrying into the next second, day and year.
+        assert_eq!(results_file_name(4_102_444_799.999_999_7), "results_2100-01-01T00-00-00.000000.json");
+        // Before 1970: the second, microsecond and day still count forward.
+        assert_eq!(results_file_name(-1.0), "results_1969-12-31T23-59-59.000000.json");
+        assert_eq!(results_file_name(-0.25), "results_1969-12-31T23-59-59.750000.json");
+        assert_eq!(results_file_name(-86_400.0), "results_1969-12-31T00-00-00.000000.json");
+        assert_eq!(results_file_name(-2_208_988_800.0), "results_1900-01-01T00-00-00.000000.json");
+        // Out of range: clamped; NaN is 0.
+        assert_eq!(results_file_name(1e300), "results_9999-12-31T23-59-59.999999.json");
+        assert_eq!(results_file_name(-1e300), "results_-9999-01-01T00-00-00.000000.json");
+        assert_eq!(results_file_name(f64::NAN), "results_1970-01-01T00-00-00.000000.json");
     }
 }

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use serde_json::{json, Value};
 use slm_model::Model;
 
 use crate::engine::Engine;
@@ -11,7 +12,7 @@ use crate::perplexity::{
     aggregate_wikitext, doc_loglikelihood, load_wikitext_docs, rolling_requests, wikitext2_windows, window_perplexity,
 };
 use crate::request::{build_token_requests, TokenRequest};
-use crate::results::{sample_record, Json, TaskReport};
+use crate::results::{sample_record, TaskReport};
 use crate::task::{Task, TaskKind};
 use crate::WIKITEXT2_WINDOW;
 
@@ -48,7 +49,7 @@ impl Progress for Silent {
 pub struct TaskRun {
     pub report: TaskReport,
     /// `--log-samples` records, one per document (window, for `wikitext2-128`).
-    pub samples: Vec<Json>,
+    pub samples: Vec<Value>,
     /// Requests scored.
     pub requests: usize,
     /// Tokens and logit rows the engine computed.
@@ -129,14 +130,7 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
             let samples = docs
                 .iter()
                 .zip(&doc_lls)
-                .map(|(d, ll)| {
-                    Json::obj([
-                        ("doc_id", Json::Int(d.doc_id as i64)),
-                        ("loglikelihood", Json::Num(*ll)),
-                        ("words", Json::Int(d.words as i64)),
-                        ("bytes", Json::Int(d.bytes as i64)),
-                    ])
-                })
+                .map(|(d, ll)| json!({ "doc_id": d.doc_id, "loglikelihood": ll, "words": d.words, "bytes": d.bytes }))
                 .collect();
             Ok(TaskRun {
                 report: TaskReport {
@@ -154,11 +148,7 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
             let windows = wikitext2_windows(tok, s.data_dir, WIKITEXT2_WINDOW, s.limit)?;
             let (results, stats) = score(model, s, task.name(), &windows, progress)?;
             let lls = lls(&results);
-            let samples = lls
-                .iter()
-                .enumerate()
-                .map(|(i, ll)| Json::obj([("window", Json::Int(i as i64)), ("loglikelihood", Json::Num(*ll))]))
-                .collect();
+            let samples = lls.iter().enumerate().map(|(i, ll)| json!({ "window": i, "loglikelihood": ll })).collect();
             Ok(TaskRun {
                 report: TaskReport {
                     task,

@@ -6,7 +6,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use slm_eval::{reports_avg7, results_file_name, results_json, sanitize_model_name, RunInfo, Task, TaskRun};
+use slm_eval::{
+    reports_avg7, results_file_name, results_json, sanitize_model_name, to_pretty_string, to_python_line, RunInfo,
+    Task, TaskRun,
+};
 use slm_model::output::OutputKind;
 use slm_model::Model;
 
@@ -184,7 +187,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
             end_time: unix_now(),
         };
         let json = results_json(&reports, &info, &data_dir.display().to_string());
-        slm_model::write_file_atomically(&results_path, json.to_pretty_string().as_bytes())?;
+        slm_model::write_file_atomically(&results_path, to_pretty_string(&json).as_bytes())?;
         println!("results: {}", results_path.display());
         if args.log_samples {
             let stamp = results_file_name(start_time);
@@ -193,7 +196,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                 let p = dir.join(format!("samples_{}_{stamp}.jsonl", run.report.task.name()));
                 let mut text = String::new();
                 for s in &run.samples {
-                    text.push_str(&s.to_python_line());
+                    text.push_str(&to_python_line(s));
                     text.push('\n');
                 }
                 slm_model::write_file_atomically(&p, text.as_bytes())?;

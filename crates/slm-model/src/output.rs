@@ -158,16 +158,13 @@ pub fn resolve(path: &Path) -> PathBuf {
 
 /// The stamp of an existing output, if it has one.
 pub fn read_stamp(out: &Path, dir: bool) -> Option<OutputStamp> {
+    // Regular files only (a FIFO named like a stamp would block the check); a results file is a few hundred kB,
+    // anything much larger is not one of ours.
     if dir {
-        let text = std::fs::read_to_string(out.join(STAMP_FILE)).ok()?;
-        serde_json::from_str(&text).ok()
+        serde_json::from_slice(&crate::files::read_regular_file(&out.join(STAMP_FILE), 1 << 20).ok()?).ok()
     } else {
-        let meta = std::fs::metadata(out).ok()?;
-        // A results file is a few hundred kB; anything much larger is not one of ours.
-        if !meta.is_file() || meta.len() > 256 << 20 {
-            return None;
-        }
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).ok()?).ok()?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&crate::files::read_regular_file(out, 256 << 20).ok()?).ok()?;
         serde_json::from_value(v.get(STAMP_KEY)?.clone()).ok()
     }
 }

@@ -50,17 +50,19 @@ fn lora_writes_peft_adapter_and_merged_model() {
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 2);
     assert!(out.join("adapter_model.safetensors").is_file());
-    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("slm_lora.json")).unwrap()).unwrap();
-    assert_eq!(run["report"]["steps"], 1);
-    assert_eq!(run["report"]["val_examples"], 2);
-    assert_eq!(run["trainable_parameters"], 30 * 2 * (576 * 2 + (576 + 192) * 2 + 576 * 2 + (576 + 1536) * 3));
+    let run = slm_lora::file::LoraRunFile::read(&out).unwrap();
+    assert_eq!(run.report.steps, 1);
+    assert_eq!(run.report.val_examples, 2);
+    assert_eq!(run.lora.rank, 2);
+    assert_eq!(run.objective, slm_lora::file::Objective::Lm);
+    assert_eq!(run.trainable_parameters, 30 * 2 * (576 * 2 + (576 + 192) * 2 + 576 * 2 + (576 + 1536) * 3));
     let v: serde_json::Value =
         serde_json::from_str(&run_ok(slm().arg("inspect").arg(out.join("merged")).arg("--json"))).unwrap();
     assert_eq!(v["num_parameters"], 134_515_008u64);
     let plan_path = out.join("merged/slm_plan.json");
     let plan: serde_json::Value = serde_json::from_slice(&std::fs::read(&plan_path).unwrap()).unwrap();
     let typed = slm_lora::file::MergedPlanFile::from_json(plan, &plan_path).unwrap();
-    assert_eq!(typed.lora["report"]["steps"], 1);
+    assert_eq!(typed.lora, run, "the merged plan keeps the run as slm_lora.json records it");
     assert!(typed.base_plan.is_none(), "the base was a GGUF: no plan of its own");
 }
 

@@ -113,6 +113,8 @@ steps = [{ step = "eval", tasks = "openbookqa" }, { step = "depth", method = "sh
     assert!(!o.status.success(), "a failed pipeline makes the run fail");
     assert!(stderr.contains("1 of 7 pipelines failed"), "{stderr}");
     let report = json(&out.join("report.json"));
+    assert_eq!(report["slm_output"]["kind"], "run-report");
+    assert_eq!(json(&out.join("depth/1-depth/slm_step.json"))["slm_output"]["kind"], "step-marker");
     // 1 + 2 + 2 + 3 + 0 (broken fails) + 1 + 4 computed; joint-again reuses joint's depth and width steps.
     assert_eq!(report["steps_computed"], 13);
     assert_eq!(report["steps_reused"], 2);
@@ -182,6 +184,14 @@ steps = [{ step = "eval", tasks = "openbookqa" }, { step = "depth", method = "sh
         assert_eq!(a["wikitext2_128_ppl"], b["wikitext2_128_ppl"]);
         assert_eq!(a["parameters"], b["parameters"]);
     }
+
+    // A marker without a stamp (an older slm's) is not trusted: that step is recomputed, the rest kept.
+    std::fs::write(out.join("depth/1-depth/slm_step.json"), br#"{"key": "x", "argv": []}"#).unwrap();
+    let third = run_schedule(&text, dir.path());
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(stderr.contains("recomputing") && stderr.contains("no `slm_output` stamp"), "{stderr}");
+    let third = json(&out.join("report.json"));
+    assert_eq!((third["steps_computed"].as_u64(), third["steps_reused"].as_u64()), (Some(1), Some(14)));
 }
 
 #[test]

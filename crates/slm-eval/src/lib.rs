@@ -64,7 +64,7 @@ pub use request::{
 };
 pub use results::{
     reports_avg7, results_file_name, results_json, sample_record, sanitize_model_name, to_pretty_string,
-    to_python_line, RunInfo, TaskReport,
+    to_python_line, ResultsSummary, RunInfo, TaskReport,
 };
 pub use run::{evaluate, Progress, Settings, Silent, TaskRun};
 pub use task::{Doc, Metric, Request, Task, TaskKind, TaskSpec, AVG7, TASKS};

@@ -315,6 +315,41 @@ pub fn sample_record(doc: &Doc, result: &DocResult) -> Value {
     })
 }
 
+/// The part of a results file that later steps read (`slm run`'s report): every task's metrics and the avg-7.
+/// Read through [`ResultsSummary::read`], which checks the file's `slm_output` stamp; lm-eval's other fields
+/// are ignored.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ResultsSummary {
+    /// Task → metric key (`acc,none`, `perplexity,none`, ...) → value (a number, or lm-eval's "N/A").
+    pub results: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>,
+    #[serde(rename = "avg-7")]
+    pub avg7: Option<Avg7Entry>,
+}
+
+/// `avg-7` of a results file.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Avg7Entry {
+    pub value: f64,
+}
+
+impl ResultsSummary {
+    /// Reads a results file that `slm eval` wrote (its stamp must name `eval-results`).
+    pub fn read(path: &std::path::Path) -> Result<Self, crate::EvalError> {
+        let bytes = slm_model::files::read_regular_file(path, 256 << 20).map_err(|e| crate::EvalError::Io {
+            path: path.to_path_buf(),
+            error: std::io::Error::other(e.to_string()),
+        })?;
+        let bad = |problem: String| crate::EvalError::MalformedRecord { path: path.to_path_buf(), line: 1, problem };
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        slm_model::output::from_stamped_json(v, slm_model::output::OutputKind::EvalResults, path).map_err(bad)
+    }
+
+    /// One metric of one task (`metric("openbookqa", "acc_norm")`), when it is a number.
+    pub fn metric(&self, task: &str, metric: &str) -> Option<f64> {
+        self.results.get(task)?.get(&format!("{metric},none"))?.as_f64()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

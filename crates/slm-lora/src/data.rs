@@ -53,7 +53,8 @@ pub enum Records {
 }
 
 /// Data format choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// `text` records → text; `instruction`/`output` records → Alpaca.
     Auto,

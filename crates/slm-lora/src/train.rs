@@ -22,7 +22,7 @@ use crate::ops::{frozen_linear, token_cross_entropy, token_kl};
 
 /// Optimisation settings. Defaults: the LLM-Pruner recipe (lr 1e-4, 2 epochs, batch 64 = 4 × 16, 100 warm-up
 /// steps, no weight decay, evaluation every 100 steps) with HF Trainer's clipping at 1.0.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
     pub lr: f64,
     pub epochs: usize,
@@ -135,7 +135,7 @@ pub fn split_validation(
 }
 
 /// Progress after one optimiser step.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepInfo {
     pub step: usize,
     pub total_steps: usize,
@@ -154,7 +154,7 @@ pub struct StepInfo {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainReport {
     pub steps: usize,
     pub train_examples: usize,

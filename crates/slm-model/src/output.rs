@@ -45,6 +45,12 @@ pub enum OutputKind {
     WidthPlan,
     /// `slm_plan.json` of a model merged from LoRA adapters.
     MergedPlan,
+    /// `slm_lora.json`: the record of a LoRA training run, beside its adapter.
+    LoraRun,
+    /// `slm_step.json`: the key of a finished `slm run` step.
+    StepMarker,
+    /// `report.json` of `slm run`.
+    RunReport,
 }
 
 impl OutputKind {
@@ -59,6 +65,9 @@ impl OutputKind {
             OutputKind::DepthPlan => "depth-plan",
             OutputKind::WidthPlan => "width-plan",
             OutputKind::MergedPlan => "merged-plan",
+            OutputKind::LoraRun => "lora-run",
+            OutputKind::StepMarker => "step-marker",
+            OutputKind::RunReport => "run-report",
         }
     }
 

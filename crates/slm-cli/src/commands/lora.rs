@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use slm_lora::data::{load_examples, Format};
-use slm_lora::file::MergedPlanFile;
+use slm_lora::file::{LoraRunFile, MergedPlanFile, Objective, ValLoss};
 use slm_lora::train::{evaluate, split_validation};
 use slm_lora::{Distill, Lora, LoraConfig, TrainConfig};
 use slm_model::output::{OutputKind, OutputStamp};
@@ -194,36 +194,36 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let base_name = args.model.display().to_string();
     slm_model::output::stamp_dir(&args.out, OutputKind::Lora)?;
     lora.save(&args.out, &base_name).with_context(|| format!("writing the adapter to {}", args.out.display()))?;
-    let run_json = serde_json::json!({
-        "source_model": base_name,
-        "data": data.display().to_string(),
-        "format": format!("{format:?}").to_lowercase(),
-        "cutoff": args.cutoff,
-        "lora": lora_cfg,
-        "train": cfg,
-        "objective": if args.distill { "distill" } else { "lm" },
-        "teacher": teacher.as_ref().and_then(|t| t.source.as_ref()).map(|p| p.display().to_string()),
-        "temperature": args.distill.then_some(args.temperature),
-        "trainable_parameters": lora.num_parameters(),
-        "val_before": val_before.map(|(o, ce)| serde_json::json!({"loss": o, "lm_loss": ce})),
-        "report": report,
-    });
-    let run_bytes = serde_json::to_vec_pretty(&run_json)?;
-    slm_model::write_file_atomically(&args.out.join("slm_lora.json"), &run_bytes)?;
+    let run = LoraRunFile {
+        slm_output: OutputStamp::new(OutputKind::LoraRun),
+        source_model: base_name,
+        data: data.display().to_string(),
+        format,
+        cutoff: args.cutoff,
+        lora: lora_cfg,
+        train: cfg,
+        objective: if args.distill { Objective::Distill } else { Objective::Lm },
+        teacher: teacher.as_ref().and_then(|t| t.source.as_ref()).map(|p| p.display().to_string()),
+        temperature: args.distill.then_some(args.temperature),
+        trainable_parameters: lora.num_parameters(),
+        val_before: val_before.map(|(loss, lm_loss)| ValLoss { loss, lm_loss }),
+        report,
+    };
+    slm_model::write_file_atomically(&args.out.join(LoraRunFile::NAME), &run.to_bytes())?;
     if args.merge {
         let merged = lora.merge(&model)?;
         let dir = args.out.join("merged");
-        let plan = merged_plan(&args.model, &run_json)?;
+        let plan = merged_plan(&args.model, &run)?;
         merged.save_replacing(&dir, dtype, &[("slm_plan.json", plan)], common.replace())?;
         println!("merged:      {}", dir.display());
     }
     println!("trainable:   {} parameters (r {}, alpha {})", lora.num_parameters(), args.rank, args.alpha);
-    println!("data:        {} train / {} validation sequences", report.train_examples, report.val_examples);
+    println!("data:        {} train / {} validation sequences", run.report.train_examples, run.report.val_examples);
     println!(
         "steps:       {} ({} tokens, {:.1} s, {:.0} tokens/s)",
-        report.steps, report.tokens, report.seconds, report.tokens_per_s
+        run.report.steps, run.report.tokens, run.report.seconds, run.report.tokens_per_s
     );
-    if let (Some(b), Some(s)) = (report.best_val_loss, report.best_step) {
+    if let (Some(b), Some(s)) = (run.report.best_val_loss, run.report.best_step) {
         let before = val_before.map(|v| format!("{:.4} before, ", v.0)).unwrap_or_default();
         println!("validation:  {before}best {b:.4} at step {s}");
     }
@@ -232,7 +232,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 }
 
 /// slm_plan.json of the merged model: this run and the base model's plan (if any), read through its type.
-fn merged_plan(model: &Path, run: &serde_json::Value) -> anyhow::Result<Vec<u8>> {
+fn merged_plan(model: &Path, run: &LoraRunFile) -> anyhow::Result<Vec<u8>> {
     let base = super::plan_file::read_plan(model)?;
     Ok(MergedPlanFile {
         slm_output: OutputStamp::new(OutputKind::MergedPlan),

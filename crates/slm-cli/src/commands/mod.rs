@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod lora;
 pub mod plan_file;
 pub mod run;
+pub mod run_files;
 pub mod schedule;
 pub mod similarity;
 pub mod width;

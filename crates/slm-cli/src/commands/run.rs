@@ -1,7 +1,7 @@
 //! `slm run SCHEDULE.toml [--out DIR]`: runs every pipeline of a schedule (see [`super::schedule`]), each into
 //! its own directory `OUT/<pipeline>/<n>-<step>`, reusing a prefix another pipeline already computed (its
 //! directory is a symlink to the first one) or a step a previous run finished (same key in its `slm_step.json`),
-//! and writes `report.md`, `report.json` and PNG plots. A failed step
+//! and writes `report.md`, `report.json` and PNG plots (the files' types: [`super::run_files`]). A failed step
 //! stops its pipeline only; the report records the error and `slm run` exits non-zero at the end.
 
 use std::collections::HashMap;
@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
-use serde_json::{json, Value as Json};
 use slm_model::output::OutputKind;
 use slm_model::{Model, ModelSpec};
+use std::collections::BTreeMap;
 use toml::Value;
 
 use super::plan_file::PlanFile;
+use super::run_files::{ReportRow, RunReport, StepMarker, StepRecord, TaskScore};
 use super::schedule::{self, parse_args, step_argv, Schedule, StepArgs, StepKind};
 use super::CommonArgs;
 
@@ -29,10 +30,6 @@ pub struct Args {
     #[arg(long)]
     pub check: bool,
 }
-
-/// Written into a step's directory when it finishes: its key (model and the arguments of every step up to it).
-/// A later run of the schedule keeps a step whose marker has the same key instead of recomputing it.
-pub const STEP_MARKER: &str = "slm_step.json";
 
 /// The seven tasks with the metric the papers report for each (LLM-Pruner's set).
 pub const TASK_METRICS: [(&str, &str); 7] = [
@@ -67,7 +64,7 @@ fn run_step(common: &CommonArgs, kind: StepKind, argv: &[String]) -> anyhow::Res
 /// What one pipeline produced.
 #[derive(Debug, Default)]
 struct Outcome {
-    steps: Vec<Json>,
+    steps: Vec<StepRecord>,
     final_model: Option<PathBuf>,
     /// The results of the eval steps since the last step that changed the model: they all describe the final model.
     evals: Vec<PathBuf>,
@@ -135,20 +132,20 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                     remove_path(&dir)?;
                 }
                 // A previous run of this schedule finished this very step (same key): keep its output.
-                let marker = dir.join(STEP_MARKER);
-                let previous = std::fs::read(&marker).ok().and_then(|b| serde_json::from_slice::<Json>(&b).ok());
-                if previous.as_ref().and_then(|v| v["key"].as_str()) == Some(key.as_str()) {
-                    tracing::info!("{label}: already done by a previous run ({})", dir.display());
-                    done.insert(key.clone(), dir.clone());
-                    return Ok((argv, true, 0.0));
+                match StepMarker::read(&dir) {
+                    Some(Ok(m)) if m.key == key => {
+                        tracing::info!("{label}: already done by a previous run ({})", dir.display());
+                        done.insert(key.clone(), dir.clone());
+                        return Ok((argv, true, 0.0));
+                    }
+                    Some(Err(e)) => tracing::warn!("{label}: recomputing: {e}"),
+                    _ => {}
                 }
                 tracing::info!("{label}: slm {}", argv.join(" "));
                 let start = Instant::now();
                 run_step(common, step.kind, &argv)?;
-                slm_model::write_file_atomically(
-                    &marker,
-                    &serde_json::to_vec_pretty(&json!({"key": key, "argv": argv}))?,
-                )?;
+                let marker = StepMarker::new(key.clone(), argv.clone());
+                slm_model::write_file_atomically(&dir.join(StepMarker::NAME), &serde_json::to_vec_pretty(&marker)?)?;
                 done.insert(key.clone(), dir.clone());
                 Ok((argv, false, start.elapsed().as_secs_f64()))
             })();
@@ -159,7 +156,14 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                     } else {
                         computed += 1
                     }
-                    o.steps.push(json!({"step": step.kind.name(), "dir": dir, "argv": argv, "reused": was_reused, "seconds": seconds}));
+                    o.steps.push(StepRecord {
+                        step: step.kind.name().into(),
+                        dir: dir.clone(),
+                        argv: Some(argv),
+                        reused: was_reused,
+                        seconds,
+                        error: None,
+                    });
                     // A new model makes the evals so far describe an earlier one.
                     match step.kind {
                         StepKind::Depth | StepKind::Width => (input, o.evals) = (dir.clone(), Vec::new()),
@@ -173,7 +177,14 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                 Err(e) => {
                     let msg = format!("{label}: {e:#}");
                     tracing::error!("{msg}");
-                    o.steps.push(json!({"step": step.kind.name(), "dir": dir, "error": msg}));
+                    o.steps.push(StepRecord {
+                        step: step.kind.name().into(),
+                        dir: dir.clone(),
+                        argv: None,
+                        reused: false,
+                        seconds: 0.0,
+                        error: Some(msg.clone()),
+                    });
                     o.error = Some(msg);
                     break;
                 }
@@ -188,25 +199,23 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let rows = report_rows(&sched, &outcomes, &dense, dense_params)?;
     let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
     // (pipeline index, parameters, avg-7) of every evaluated pipeline: the points of params_vs_avg7.png.
-    let points: Vec<(usize, f64, f64)> = rows
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| Some((i, r["parameters"].as_f64()?, r["avg7"].as_f64()?)))
-        .collect();
+    let points: Vec<(usize, f64, f64)> =
+        rows.iter().enumerate().filter_map(|(i, r)| Some((i, r.parameters? as f64, r.avg7?))).collect();
     let ranges = (!points.is_empty()).then(|| {
         let (a, b, c, d) = plot_ranges(&points, dense_params);
-        vec![a, b, c, d]
+        [a, b, c, d]
     });
-    let report = json!({
-        "schedule": sched.path,
-        "plot_ranges": ranges,
-        "model": sched.model,
-        "dense_parameters": dense_params as u64,
-        "steps_computed": computed,
-        "steps_reused": reused,
-        "pipelines": rows,
-    });
-    slm_model::write_file_atomically(&out.join("report.json"), &serde_json::to_vec_pretty(&report)?)?;
+    let report = RunReport {
+        slm_output: slm_model::output::OutputStamp::new(OutputKind::RunReport),
+        schedule: sched.path.clone(),
+        plot_ranges: ranges,
+        model: sched.model.clone(),
+        dense_parameters: dense_params as u64,
+        steps_computed: computed,
+        steps_reused: reused,
+        pipelines: rows,
+    };
+    slm_model::write_file_atomically(&out.join(RunReport::NAME), &serde_json::to_vec_pretty(&report)?)?;
     let md = report_markdown(&report);
     slm_model::write_file_atomically(&out.join("report.md"), md.as_bytes())?;
     plots(&sched, &outcomes, &points, &dense, &out)?;
@@ -275,17 +284,37 @@ fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
 }
 
 /// One report row per pipeline, from the step outputs (eval results, model configs) and a decode measurement.
-fn report_rows(sched: &Schedule, outcomes: &[Outcome], dense: &Model, dense_params: f64) -> anyhow::Result<Vec<Json>> {
+fn report_rows(
+    sched: &Schedule,
+    outcomes: &[Outcome],
+    dense: &Model,
+    dense_params: f64,
+) -> anyhow::Result<Vec<ReportRow>> {
     let mut decode_cache: HashMap<PathBuf, f64> = HashMap::new();
     let mut rows = Vec::new();
     for (p, o) in sched.pipelines.iter().zip(outcomes) {
-        let mut row = json!({"pipeline": p.name, "budget": p.budget, "depth_share": p.depth_share, "steps": o.steps, "error": o.error});
+        let mut row = ReportRow {
+            pipeline: p.name.clone(),
+            budget: p.budget,
+            depth_share: p.depth_share,
+            steps: o.steps.clone(),
+            error: o.error.clone(),
+            final_model: None,
+            layers: None,
+            parameters: None,
+            share_of_dense: None,
+            decode_tokens_per_s: None,
+            tasks: BTreeMap::new(),
+            avg7: None,
+            wikitext2_128_ppl: None,
+            eval_results: Vec::new(),
+        };
         if let Some(m) = &o.final_model {
             let spec = spec_of(m, dense, &sched.model)?;
-            row["final_model"] = json!(m);
-            row["layers"] = json!(spec.num_layers());
-            row["parameters"] = json!(spec.num_parameters());
-            row["share_of_dense"] = json!(spec.num_parameters() as f64 / dense_params);
+            row.final_model = Some(m.clone());
+            row.layers = Some(spec.num_layers());
+            row.parameters = Some(spec.num_parameters() as u64);
+            row.share_of_dense = Some(spec.num_parameters() as f64 / dense_params);
             if sched.report.decode_tokens > 0 {
                 let key = std::fs::canonicalize(m).unwrap_or_else(|_| m.clone());
                 let tps = match decode_cache.get(&key) {
@@ -304,47 +333,39 @@ fn report_rows(sched: &Schedule, outcomes: &[Outcome], dense: &Model, dense_para
                         r.decode_tokens_per_s
                     }
                 };
-                row["decode_tokens_per_s"] = json!(tps);
+                row.decode_tokens_per_s = Some(tps);
             }
         }
         if o.error.is_none() && !o.evals.is_empty() {
             // Several eval steps of the same model (say the tasks on some documents, perplexity on other windows)
             // make one row: each number comes from the last of them that has it.
-            let mut tasks = serde_json::Map::new();
-            let (mut avg7, mut ppl) = (Json::Null, Json::Null);
             for path in &o.evals {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("{}: cannot read eval results", path.display()))?;
-                let ev: Json =
-                    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+                let ev = slm_eval::ResultsSummary::read(path).context("reading a pipeline's eval results")?;
                 for (t, metric) in TASK_METRICS {
-                    if let Some(v) = ev["results"][t][format!("{metric},none")].as_f64() {
-                        tasks.insert(t.to_string(), json!({"metric": metric, "value": v}));
+                    if let Some(value) = ev.metric(t, metric) {
+                        row.tasks.insert(t.to_string(), TaskScore { metric: metric.into(), value });
                     }
                 }
-                if !ev["avg-7"]["value"].is_null() {
-                    avg7 = ev["avg-7"]["value"].clone();
+                if let Some(a) = &ev.avg7 {
+                    row.avg7 = Some(a.value);
                 }
-                if !ev["results"]["wikitext2-128"]["perplexity,none"].is_null() {
-                    ppl = ev["results"]["wikitext2-128"]["perplexity,none"].clone();
+                if let Some(ppl) = ev.metric("wikitext2-128", "perplexity") {
+                    row.wikitext2_128_ppl = Some(ppl);
                 }
             }
-            row["tasks"] = Json::Object(tasks);
-            row["avg7"] = avg7;
-            row["wikitext2_128_ppl"] = ppl;
-            row["eval_results"] = json!(o.evals);
+            row.eval_results = o.evals.clone();
         }
         rows.push(row);
     }
     Ok(rows)
 }
 
-fn fmt(v: &Json, scale: f64, digits: usize) -> String {
-    v.as_f64().map(|x| format!("{:.*}", digits, x * scale)).unwrap_or_else(|| "-".into())
+fn fmt(v: Option<f64>, scale: f64, digits: usize) -> String {
+    v.map(|x| format!("{:.*}", digits, x * scale)).unwrap_or_else(|| "-".into())
 }
 
 /// `report.md`: one table, a row per pipeline.
-pub fn report_markdown(report: &Json) -> String {
+pub fn report_markdown(report: &RunReport) -> String {
     let mut s = String::from("| pipeline | layers | parameters | % of dense | WikiText-2 PPL (128) |");
     for (t, m) in TASK_METRICS {
         s.push_str(&format!(" {t} ({m}) |"));
@@ -352,43 +373,36 @@ pub fn report_markdown(report: &Json) -> String {
     s.push_str(" avg-7 | decode tok/s |\n|---|---|---|---|---|");
     s.push_str(&"---|".repeat(TASK_METRICS.len() + 2));
     s.push('\n');
-    for r in report["pipelines"].as_array().into_iter().flatten() {
-        if let Some(e) = r["error"].as_str() {
-            s.push_str(&format!(
-                "| {} | failed: {} |\n",
-                r["pipeline"].as_str().unwrap_or(""),
-                e.replace('|', "/").replace('\n', " ")
-            ));
+    for r in &report.pipelines {
+        if let Some(e) = &r.error {
+            s.push_str(&format!("| {} | failed: {} |\n", r.pipeline, e.replace('|', "/").replace('\n', " ")));
             continue;
         }
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} |",
-            r["pipeline"].as_str().unwrap_or(""),
-            r["layers"],
-            r["parameters"].as_u64().map(|p| format!("{:.2}M", p as f64 / 1e6)).unwrap_or("-".into()),
-            fmt(&r["share_of_dense"], 100.0, 1),
-            fmt(&r["wikitext2_128_ppl"], 1.0, 2),
+            r.pipeline,
+            r.layers.map(|l| l.to_string()).unwrap_or("-".into()),
+            r.parameters.map(|p| format!("{:.2}M", p as f64 / 1e6)).unwrap_or("-".into()),
+            fmt(r.share_of_dense, 100.0, 1),
+            fmt(r.wikitext2_128_ppl, 1.0, 2),
         ));
         for (t, _) in TASK_METRICS {
-            s.push_str(&format!(" {} |", fmt(&r["tasks"][t]["value"], 100.0, 2)));
+            s.push_str(&format!(" {} |", fmt(r.tasks.get(t).map(|x| x.value), 100.0, 2)));
         }
-        s.push_str(&format!(" {} | {} |\n", fmt(&r["avg7"], 100.0, 2), fmt(&r["decode_tokens_per_s"], 1.0, 1)));
+        s.push_str(&format!(" {} | {} |\n", fmt(r.avg7, 100.0, 2), fmt(r.decode_tokens_per_s, 1.0, 1)));
     }
-    if let Some(r) = report.get("plot_ranges").and_then(Json::as_array) {
-        let v: Vec<f64> = r.iter().filter_map(Json::as_f64).collect();
-        if v.len() == 4 {
-            s.push_str(&format!(
-                "\nparams_vs_avg7.png: x = parameters from {:.1}M to {:.1}M, y = avg-7 from {:.2} to {:.2}; each point labelled with its pipeline.",
-                v[0] / 1e6, v[1] / 1e6, 100.0 * v[2], 100.0 * v[3]
-            ));
-        }
+    if let Some(v) = report.plot_ranges {
+        s.push_str(&format!(
+            "\nparams_vs_avg7.png: x = parameters from {:.1}M to {:.1}M, y = avg-7 from {:.2} to {:.2}; each point labelled with its pipeline.",
+            v[0] / 1e6, v[1] / 1e6, 100.0 * v[2], 100.0 * v[3]
+        ));
     }
     s.push_str(&format!(
         "\nSteps computed: {}, reused (from another pipeline or a previous run): {}. Plot colours (params_vs_avg7.png), in pipeline order: {}.\n",
-        report["steps_computed"],
-        report["steps_reused"],
-        report["pipelines"].as_array().into_iter().flatten().enumerate()
-            .map(|(i, r)| format!("{} {}", r["pipeline"].as_str().unwrap_or(""), PALETTE_NAMES[i % PALETTE.len()]))
+        report.steps_computed,
+        report.steps_reused,
+        report.pipelines.iter().enumerate()
+            .map(|(i, r)| format!("{} {}", r.pipeline, PALETTE_NAMES[i % PALETTE.len()]))
             .collect::<Vec<_>>()
             .join(", ")
     ));

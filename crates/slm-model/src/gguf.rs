@@ -6,7 +6,8 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
@@ -200,6 +201,41 @@ fn expected_shapes(spec: &ModelSpec) -> HashMap<String, Vec<usize>> {
     out
 }
 
+/// A GGUF tensor as f32 on the CPU, by candle's dequantiser for its type (F32, F16, BF16, Q4_0, Q4_1, Q5_0,
+/// Q5_1, Q8_0, Q2_K..Q6_K: the types [`read_content`] accepts), checked finite. `name` and `path` go into errors.
+pub fn dequantize_qtensor(q: &QTensor, name: &str, path: &Path) -> Result<Tensor> {
+    let t = q
+        .dequantize(&Device::Cpu)
+        .map_err(|e| gguf_err(path, format!("tensor `{name}` ({:?}): cannot dequantise: {e}", q.dtype())))?;
+    crate::files::check_finite(&t, name, path)?;
+    Ok(t)
+}
+
+/// Dequantises raw GGUF tensor data the way [`load_gguf`] does: read through candle's [`TensorInfo::read`] (what
+/// [`Content::tensor`] calls, here over the bytes alone), then [`dequantize_qtensor`]. `dims` are in candle's
+/// order, the last one fastest, in whole blocks of `dtype`; the length must be exact. For tests that check a
+/// block layout byte by byte.
+pub fn dequantize_raw(dtype: GgmlDType, raw: &[u8], dims: &[usize], name: &str, path: &Path) -> Result<Tensor> {
+    let elems = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let block = dtype.block_size();
+    let want = match elems {
+        Some(n) if dims.last().is_some_and(|&d| d % block == 0) => (n / block).checked_mul(dtype.type_size()),
+        _ => None,
+    }
+    .ok_or_else(|| gguf_err(path, format!("tensor `{name}`: shape {dims:?} is not whole {dtype:?} blocks")))?;
+    if raw.len() != want {
+        return Err(gguf_err(
+            path,
+            format!("tensor `{name}`: {} bytes for shape {dims:?} of {dtype:?}, which needs {want}", raw.len()),
+        ));
+    }
+    let info = TensorInfo { ggml_dtype: dtype, shape: dims.to_vec().into(), offset: 0 };
+    let q = info
+        .read(&mut std::io::Cursor::new(raw), 0, &Device::Cpu)
+        .map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
+    dequantize_qtensor(&q, name, path)
+}
+
 /// Loads the spec and f32 weights of a llama GGUF.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Content)> {
     let (content, mut reader) = read_content(path)?;
@@ -234,10 +270,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Co
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)
             .map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
-        let mut t = q
-            .dequantize(&Device::Cpu)
-            .map_err(|e| gguf_err(path, format!("tensor `{name}`: cannot dequantise: {e}")))?;
-        crate::files::check_finite(&t, name, path)?;
+        let mut t = dequantize_qtensor(&q, name, path)?;
         if let Some(layer) = hf.strip_prefix("model.layers.").and_then(|r| r.split('.').next()?.parse::<usize>().ok()) {
             let l = spec.layers.get(layer).ok_or_else(|| {
                 gguf_err(

@@ -1,21 +1,29 @@
 //! The tokenizer: an HF `tokenizer.json`, or the one embedded in a GGUF rebuilt as a `tokenizers::Tokenizer`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::AddedToken;
+use tokenizers::pre_tokenizers::split::Split;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{ModelError, Result};
 
-/// Text ↔ token ids. Encoding never adds special tokens (no BOS): lm-eval scores this model without one.
+/// Text ↔ token ids. Encoding never adds special tokens (no BOS): lm-eval scores the default model without one.
+/// A model that wants a BOS says so through [`Tokenizer::bos_to_prepend`]; callers prepend it.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -49,87 +57,298 @@ impl Tokenizer {
         crate::files::find_duplicate_json_key(&bytes)
             .map_err(|k| tok_err(path, format!("key {k} appears twice in one object")))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(path, e.to_string()))?;
-        Ok(Tokenizer { inner })
+        Ok(Tokenizer { inner, bos: None })
     }
 
+    /// Wraps a built tokenizer; no BOS to prepend (see [`Tokenizer::with_bos_to_prepend`]).
     pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
-        Tokenizer { inner }
+        Tokenizer { inner, bos: None }
     }
 
-    /// Rebuilds the byte-level BPE tokenizer of a GGUF from its vocabulary, merges and pre-tokenizer name.
+    /// The same tokenizer, with `bos` as the token that callers prepend (for a loader that reads the wish from
+    /// elsewhere, such as an HF `tokenizer_config.json`).
+    pub fn with_bos_to_prepend(mut self, bos: Option<u32>) -> Self {
+        self.bos = bos;
+        self
+    }
+
+    /// The token a caller should put before the encoded text, when the model was trained with one: the GGUF's
+    /// `tokenizer.ggml.bos_token_id` when `tokenizer.ggml.add_bos_token` is true (or, absent that key, for a
+    /// sentencepiece vocabulary, as llama.cpp and transformers do). `None` for SmolLM's GGUF, which adds no BOS.
+    /// [`Tokenizer::encode`] never adds it.
+    pub fn bos_to_prepend(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Rebuilds the tokenizer embedded in a GGUF as a `tokenizers::Tokenizer`, by `tokenizer.ggml.model`:
     ///
-    /// `smollm` is SmolLM's own pipeline (its `tokenizer.json`): digits split one by one, then GPT-2's byte-level
-    /// regex without a prefix space. `gpt2` (or no name) is plain GPT-2. Other names are refused rather than
-    /// silently tokenised the wrong way.
+    /// - `gpt2`: byte-level BPE from the vocabulary, the merges and the pre-tokenizer name (`byte_level_bpe`);
+    /// - `llama` with Gemma's vocabulary: sentencepiece BPE with byte fallback (`gemma_bpe`).
+    ///
+    /// Other models are refused rather than silently tokenised the wrong way. Whether the model wants a BOS is
+    /// read too ([`Tokenizer::bos_to_prepend`]).
     pub fn from_gguf(c: &Content, path: &Path) -> Result<Self> {
         let model = match c.metadata.get("tokenizer.ggml.model") {
             Some(Value::String(s)) => s.clone(),
             _ => return Err(tok_err(path, "missing metadata `tokenizer.ggml.model`")),
         };
-        if model != "gpt2" {
-            return Err(tok_err(
-                path,
-                format!("tokenizer model `{model}` is not supported (only byte-level BPE `gpt2`)"),
-            ));
-        }
-        let pre = match c.metadata.get("tokenizer.ggml.pre") {
-            Some(Value::String(s)) => s.clone(),
-            _ => "gpt2".to_string(),
-        };
-        let tokens = strings(c, "tokenizer.ggml.tokens", path)?;
-        let merges: Vec<(String, String)> = strings(c, "tokenizer.ggml.merges", path)?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| tok_err(path, format!("malformed merge `{m}`")))
-            })
-            .collect::<Result<_>>()?;
-        let vocab: tokenizers::models::bpe::Vocab =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        if vocab.len() != tokens.len() {
-            return Err(tok_err(path, "duplicate entries in `tokenizer.ggml.tokens`"));
-        }
-        let mut builder = BPE::builder().vocab_and_merges(vocab, merges);
-        if let Some(id) = c.metadata.get("tokenizer.ggml.unknown_token_id").and_then(|v| v.to_u32().ok()) {
-            if let Some(tok) = tokens.get(id as usize) {
-                builder = builder.unk_token(tok.clone());
-            }
-        }
-        let bpe = builder.build().map_err(|e| tok_err(path, e.to_string()))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        match pre.as_str() {
-            "smollm" => {
-                inner.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), byte_level.into()])));
-            }
-            "gpt2" | "default" => {
-                inner.with_pre_tokenizer(Some(byte_level));
-            }
+        let inner = match model.as_str() {
+            "gpt2" => byte_level_bpe(c, path)?,
+            "llama" => gemma_bpe(c, path)?,
             other => {
                 return Err(tok_err(
                     path,
                     format!(
-                    "pre-tokenizer `{other}` is not supported (smollm, gpt2); export the model with its tokenizer.json"
-                ),
+                        "`tokenizer.ggml.model` is `{other}`, which is not supported (byte-level BPE `gpt2`, \
+                         Gemma's sentencepiece `llama`)"
+                    ),
                 ))
             }
-        }
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control tokens (type 3) such as <|endoftext|> and <|im_start|> are matched whole, as HF does.
-        if let Some(Value::Array(types)) = c.metadata.get("tokenizer.ggml.token_type") {
-            let specials: Vec<AddedToken> = types
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| matches!(t.to_i32(), Ok(3)) || matches!(t.to_u32(), Ok(3)))
-                .filter_map(|(i, _)| tokens.get(i))
-                .map(|t| AddedToken::from(t.clone(), true))
-                .collect();
-            inner.add_special_tokens(specials).map_err(|e| tok_err(path, e.to_string()))?;
-        }
-        Ok(Tokenizer { inner })
+        };
+        let bos = bos_from_gguf(c, model == "llama", inner.get_vocab_size(true), path)?;
+        Ok(Tokenizer { inner, bos })
     }
+}
 
+/// The byte-level BPE tokenizer of a `gpt2` GGUF, from its vocabulary, merges and pre-tokenizer name.
+///
+/// `smollm` is SmolLM's own pipeline (its `tokenizer.json`): digits split one by one, then GPT-2's byte-level
+/// regex without a prefix space. `gpt2` (or no name) is plain GPT-2. Other names are refused rather than
+/// silently tokenised the wrong way.
+fn byte_level_bpe(c: &Content, path: &Path) -> Result<tokenizers::Tokenizer> {
+    let pre = match c.metadata.get("tokenizer.ggml.pre") {
+        Some(Value::String(s)) => s.clone(),
+        _ => "gpt2".to_string(),
+    };
+    let tokens = strings(c, "tokenizer.ggml.tokens", path)?;
+    let merges: Vec<(String, String)> = strings(c, "tokenizer.ggml.merges", path)?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| tok_err(path, format!("malformed merge `{m}`")))
+        })
+        .collect::<Result<_>>()?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    if vocab.len() != tokens.len() {
+        return Err(tok_err(path, "duplicate entries in `tokenizer.ggml.tokens`"));
+    }
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges);
+    if let Some(id) = c.metadata.get("tokenizer.ggml.unknown_token_id").and_then(|v| v.to_u32().ok()) {
+        if let Some(tok) = tokens.get(id as usize) {
+            builder = builder.unk_token(tok.clone());
+        }
+    }
+    let bpe = builder.build().map_err(|e| tok_err(path, e.to_string()))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let byte_level = ByteLevel::new(false, true, true);
+    match pre.as_str() {
+        "smollm" => {
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), byte_level.into()])));
+        }
+        "gpt2" | "default" => {
+            inner.with_pre_tokenizer(Some(byte_level));
+        }
+        other => {
+            return Err(tok_err(
+                path,
+                format!(
+                    "pre-tokenizer `{other}` is not supported (smollm, gpt2); export the model with its tokenizer.json"
+                ),
+            ))
+        }
+    }
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    // Control tokens (type 3) such as <|endoftext|> and <|im_start|> are matched whole, as HF does.
+    if let Some(Value::Array(types)) = c.metadata.get("tokenizer.ggml.token_type") {
+        let specials: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t.to_i32(), Ok(3)) || matches!(t.to_u32(), Ok(3)))
+            .filter_map(|(i, _)| tokens.get(i))
+            .map(|t| AddedToken::from(t.clone(), true))
+            .collect();
+        inner.add_special_tokens(specials).map_err(|e| tok_err(path, e.to_string()))?;
+    }
+    Ok(inner)
+}
+
+/// Python's `str.isspace` (what transformers tests a token with): Unicode white space, and the four information
+/// separators U+001C..U+001F that Rust's `char::is_whitespace` leaves out.
+fn is_python_space(ch: char) -> bool {
+    ch.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&ch)
+}
+
+/// A token of spaces only (at least one ' ', nothing but white space): how Gemma's GGUF writes a run of spaces
+/// that its sentencepiece vocabulary holds as `▁▁…`.
+fn is_space_run(token: &str) -> bool {
+    token.contains(' ') && token.chars().all(is_python_space)
+}
+
+/// The merges implied by a merge-ordered vocabulary without a merge list (Gemma's GGUF has none): every token
+/// that splits into two tokens of the vocabulary is one merge per split point; merges rank by the position of
+/// the token they make (earlier first), and a token's own splits by the length of their left piece, longest first.
+/// This is transformers' `generate_merges` with the vocabulary position as the score.
+fn merges_from_vocab_order(tokens: &[String], vocab: &HashMap<&str, u32>) -> Vec<(String, String)> {
+    let mut merges = Vec::new();
+    for token in tokens {
+        // Split points by character, from the right: the left piece shrinks.
+        let bounds: Vec<usize> = token.char_indices().map(|(i, _)| i).skip(1).collect();
+        for &at in bounds.iter().rev() {
+            let (left, right) = token.split_at(at);
+            if vocab.contains_key(left) && vocab.contains_key(right) {
+                merges.push((left.to_string(), right.to_string()));
+            }
+        }
+    }
+    merges
+}
+
+/// The token types (`tokenizer.ggml.token_type`: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
+/// 6 byte), one per token, or none when the key is absent.
+fn token_types(c: &Content, n: usize, path: &Path) -> Result<Option<Vec<i64>>> {
+    const KEY: &str = "tokenizer.ggml.token_type";
+    match c.metadata.get(KEY) {
+        None => Ok(None),
+        Some(Value::Array(a)) => {
+            if a.len() != n {
+                return Err(tok_err(path, format!("`{KEY}` has {} entries for {n} tokens", a.len())));
+            }
+            a.iter()
+                .map(|v| match v {
+                    Value::I32(x) => Ok(*x as i64),
+                    Value::U32(x) => Ok(*x as i64),
+                    Value::I8(x) => Ok(*x as i64),
+                    Value::U8(x) => Ok(*x as i64),
+                    Value::I16(x) => Ok(*x as i64),
+                    Value::U16(x) => Ok(*x as i64),
+                    Value::I64(x) => Ok(*x),
+                    _ => Err(tok_err(path, format!("`{KEY}` holds a non-integer entry"))),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some)
+        }
+        Some(_) => Err(tok_err(path, format!("`{KEY}` is not an array"))),
+    }
+}
+
+fn meta_u32(c: &Content, key: &str, path: &Path) -> Result<Option<u32>> {
+    match c.metadata.get(key) {
+        None => Ok(None),
+        Some(v) => v.to_u32().map(Some).map_err(|_| tok_err(path, format!("`{key}` is not a u32"))),
+    }
+}
+
+fn meta_bool(c: &Content, key: &str, path: &Path) -> Result<Option<bool>> {
+    match c.metadata.get(key) {
+        None => Ok(None),
+        Some(v) => v.to_bool().map(Some).map_err(|_| tok_err(path, format!("`{key}` is not a bool"))),
+    }
+}
+
+/// The sentencepiece tokenizer of a Gemma GGUF (`tokenizer.ggml.model` = `llama`), rebuilt the way transformers'
+/// GGUF loader rebuilds it (GemmaTokenizer): a BPE over the vocabulary with byte fallback (`<0xNN>` tokens) and
+/// `<unk>` fused, its merges derived from the vocabulary order ([`merges_from_vocab_order`]; the file's scores are
+/// ranks with the -1000 of every special and whitespace token punched through them, not usable as a merge order),
+/// spaces normalised to `▁`, no prefix space, and runs of spaces (written as spaces in the file) respelled as runs
+/// of `▁`. Control tokens (type 3) are matched whole as special tokens, user-defined ones (type 4: newline and
+/// tab runs, HTML tags) whole as plain added tokens, as llama.cpp does.
+///
+/// A `llama` vocabulary that is not Gemma's (Llama-2, Mistral v0.1-v0.3 sentencepiece) is refused: it needs a
+/// prefix space and score-ordered merges, which are not implemented.
+fn gemma_bpe(c: &Content, path: &Path) -> Result<tokenizers::Tokenizer> {
+    let tokens = strings(c, "tokenizer.ggml.tokens", path)?;
+    let arch = match c.metadata.get("general.architecture") {
+        Some(Value::String(s)) => s.as_str(),
+        _ => "",
+    };
+    if !(arch.starts_with("gemma") || tokens.iter().any(|t| is_space_run(t))) {
+        return Err(tok_err(
+            path,
+            format!(
+                "`tokenizer.ggml.model` is `llama` (sentencepiece) for architecture `{arch}`: only Gemma's \
+                 sentencepiece vocabulary is supported; export the model with its tokenizer.json"
+            ),
+        ));
+    }
+    if meta_bool(c, "tokenizer.ggml.add_space_prefix", path)? == Some(true) {
+        return Err(tok_err(path, "`tokenizer.ggml.add_space_prefix` is true, which Gemma's tokenizer never is"));
+    }
+    let types = token_types(c, tokens.len(), path)?;
+    let spelled: Vec<String> =
+        tokens.iter().map(|t| if is_space_run(t) { "▁".repeat(t.chars().count()) } else { t.clone() }).collect();
+    let mut vocab: HashMap<&str, u32> = HashMap::with_capacity(spelled.len());
+    for (i, t) in spelled.iter().enumerate() {
+        if vocab.insert(t.as_str(), i as u32).is_some() {
+            return Err(tok_err(path, format!("token `{t}` appears twice in `tokenizer.ggml.tokens`")));
+        }
+    }
+    let merges = merges_from_vocab_order(&spelled, &vocab);
+    let unk = match meta_u32(c, "tokenizer.ggml.unknown_token_id", path)? {
+        Some(id) => Some(spelled.get(id as usize).cloned().ok_or_else(|| {
+            tok_err(path, format!("`tokenizer.ggml.unknown_token_id` {id} is past the {} tokens", spelled.len()))
+        })?),
+        None => vocab.contains_key("<unk>").then(|| "<unk>".to_string()),
+    };
+    let bpe_vocab: tokenizers::models::bpe::Vocab =
+        spelled.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut builder = BPE::builder().vocab_and_merges(bpe_vocab, merges).fuse_unk(true).byte_fallback(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let bpe = builder.build().map_err(|e| tok_err(path, e.to_string()))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| tok_err(path, e.to_string()));
+    inner.with_normalizer(Some(replace(" ", "▁")?)).map_err(|e| tok_err(path, e.to_string()))?;
+    // GemmaTokenizer's own pre-tokenizer. After the normaliser no ' ' is left, so it splits nothing; it is kept
+    // so that the pipeline is the reference's.
+    let split =
+        Split::new(" ", SplitDelimiterBehavior::MergedWithPrevious, false).map_err(|e| tok_err(path, e.to_string()))?;
+    inner.with_pre_tokenizer(Some(split));
+    inner.with_decoder(Some(DecoderSequence::new(vec![
+        replace("▁", " ")?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])));
+    if let Some(types) = types {
+        // Spelled as the file spells them: a respelled space run is no added token (it is not in the vocabulary
+        // under its file spelling).
+        let control: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &ty)| ty == 3)
+            .map(|(t, _)| AddedToken::from(t.clone(), true))
+            .collect();
+        inner.add_special_tokens(control).map_err(|e| tok_err(path, e.to_string()))?;
+        let user: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(t, &ty)| ty == 4 && vocab.contains_key(t.as_str()))
+            .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
+            .collect();
+        inner.add_tokens(user).map_err(|e| tok_err(path, e.to_string()))?;
+    }
+    Ok(inner)
+}
+
+/// The BOS a GGUF asks callers to prepend: `tokenizer.ggml.bos_token_id` when `tokenizer.ggml.add_bos_token` is
+/// true; without that key, when the vocabulary is sentencepiece (llama.cpp's and transformers' default for one).
+fn bos_from_gguf(c: &Content, sentencepiece: bool, vocab_size: usize, path: &Path) -> Result<Option<u32>> {
+    let stated = meta_bool(c, "tokenizer.ggml.add_bos_token", path)?;
+    if !stated.unwrap_or(sentencepiece) {
+        return Ok(None);
+    }
+    match meta_u32(c, "tokenizer.ggml.bos_token_id", path)? {
+        Some(id) if (id as usize) < vocab_size => Ok(Some(id)),
+        Some(id) => Err(tok_err(path, format!("`tokenizer.ggml.bos_token_id` {id} is past the {vocab_size} tokens"))),
+        None if stated == Some(true) => {
+            Err(tok_err(path, "`tokenizer.ggml.add_bos_token` is true but `tokenizer.ggml.bos_token_id` is missing"))
+        }
+        None => Ok(None),
+    }
+}
+
+impl Tokenizer {
     /// Token ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| ModelError::Tokenize(e.to_string()))?;

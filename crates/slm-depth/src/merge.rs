@@ -1,7 +1,7 @@
 //! Merge operators: how a window of consecutive layers becomes one layer.
 
 use serde::{Deserialize, Serialize};
-use slm_model::{LayerSpec, LayerWeights};
+use slm_model::{LayerSpec, LayerWeights, PartKind};
 
 use crate::error::{DepthError, Result};
 
@@ -54,36 +54,23 @@ impl std::fmt::Display for MergeOp {
     }
 }
 
-/// Applies `f` to the nine tensors of a layer, projection by projection, with the matching tensors of the other
-/// layers of the window.
+/// Applies `f` to every part of a layer with the matching parts of the other layers of the window: projections
+/// and biases always, norms (the two RMSNorms, Gemma-3's output norms, the q/k norms) only with `merge_norms`
+/// (else `norms_from`'s are kept).
 fn combine(
     layers: &[LayerWeights],
     norms_from: &LayerWeights,
     f: impl Fn(&[&candle_core::Tensor]) -> candle_core::Result<candle_core::Tensor>,
     merge_norms: bool,
 ) -> Result<LayerWeights> {
-    let pick = |get: fn(&LayerWeights) -> &candle_core::Tensor| -> candle_core::Result<candle_core::Tensor> {
-        let ts: Vec<&candle_core::Tensor> = layers.iter().map(get).collect();
-        f(&ts)
-    };
-    let norm = |get: fn(&LayerWeights) -> &candle_core::Tensor| -> candle_core::Result<candle_core::Tensor> {
-        if merge_norms {
-            pick(get)
+    let refs: Vec<&LayerWeights> = layers.iter().collect();
+    Ok(LayerWeights::zip_map(&refs, |part, ts| {
+        if part.kind() == PartKind::Norm && !merge_norms {
+            Ok(norms_from.get(part).expect("layers of one model have the same parts").clone())
         } else {
-            Ok(get(norms_from).clone())
+            f(ts)
         }
-    };
-    Ok(LayerWeights {
-        input_layernorm: norm(|l| &l.input_layernorm)?,
-        q_proj: pick(|l| &l.q_proj)?,
-        k_proj: pick(|l| &l.k_proj)?,
-        v_proj: pick(|l| &l.v_proj)?,
-        o_proj: pick(|l| &l.o_proj)?,
-        post_attention_layernorm: norm(|l| &l.post_attention_layernorm)?,
-        gate_proj: pick(|l| &l.gate_proj)?,
-        up_proj: pick(|l| &l.up_proj)?,
-        down_proj: pick(|l| &l.down_proj)?,
-    })
+    })?)
 }
 
 /// Fuses the window `layers` (original indices `lo..lo + layers.len()`) into one layer. A one-layer window is
@@ -107,7 +94,9 @@ pub fn merge_window(
         MergeOp::Top => return Ok((specs[n - 1], layers[n - 1].clone())),
         _ => {}
     }
-    if let Some(k) = specs.iter().position(|s| *s != specs[0]) {
+    // Shapes must agree; the attention type may not (Gemma-3 mixes sliding and global layers).
+    let shape = |s: &LayerSpec| LayerSpec { sliding: false, ..*s };
+    if let Some(k) = specs.iter().position(|s| shape(s) != shape(&specs[0])) {
         return Err(DepthError::Incompatible {
             lo,
             hi,
@@ -147,5 +136,8 @@ pub fn merge_window(
         )?,
         MergeOp::Delete | MergeOp::Top => unreachable!("handled above"),
     };
-    Ok((specs[0], merged))
+    // A fused window that contains a global-attention layer stays global: the long-range reads that layer made
+    // are kept (a sliding layer's reads are a subset of a global one's; its weights then run with the global
+    // rotary base). Only a window of sliding layers stays sliding.
+    Ok((LayerSpec { sliding: specs.iter().all(|s| s.sliding), ..specs[0] }, merged))
 }

@@ -147,7 +147,7 @@ pub fn layers_for_ratio(spec: &ModelSpec, ratio: f64) -> Result<usize> {
         return Err(DepthError::InvalidArgument(format!("target ratio must be in (0, 1), got {ratio}")));
     }
     let l = spec.num_layers();
-    let per_layer = spec.layers.iter().map(|s| s.num_parameters(spec.hidden_size)).sum::<usize>() as f64 / l as f64;
+    let per_layer = spec.layers.iter().map(|s| spec.layer_parameters(s)).sum::<usize>() as f64 / l as f64;
     let n = (ratio * spec.num_parameters() as f64 / per_layer).round() as usize;
     check_target(l, n.max(1))?;
     Ok(n.max(1))

@@ -13,7 +13,7 @@
 //! the attention-sink activation, thousands of times larger than the rest, which would dominate the squares.
 
 use candle_core::{DType, Tensor};
-use slm_model::forward::{attention_block, decoder_layer, mlp_activations};
+use slm_model::forward::{attention_block, decoder_layer, mlp_activations, LayerCtx};
 use slm_model::{Mode, Model};
 
 use crate::error::{DepthError, Result};
@@ -55,8 +55,14 @@ pub fn apply_with_refit(cal: &Calibration, plan: &DepthPlan, ridge: f64) -> Resu
     if !(ridge > 0.0) {
         return Err(DepthError::InvalidArgument(format!("refit ridge must be positive, got {ridge}")));
     }
+    if cal.model().spec.arch.sandwich_norms {
+        return Err(DepthError::InvalidArgument(
+            "--refit solves for down_proj in `h + a·W`; with Gemma-3's norm after the MLP the layer output is not \
+             linear in W, so refit is not available for this family"
+                .into(),
+        ));
+    }
     let mut pruned = apply(cal.model(), plan)?;
-    let eps = pruned.spec.rms_norm_eps;
     let batch = cal.batch();
     let mut x = cal.dense_hidden[0].clone();
     let out = plan.output_layers();
@@ -65,8 +71,9 @@ pub fn apply_with_refit(cal: &Calibration, plan: &DepthPlan, ridge: f64) -> Resu
         let hi = out.get(j + 1).map(|n| n.0 - 1).unwrap_or(plan.num_layers - 1);
         if lo < hi {
             let (w, l) = (&pruned.weights.layers[j], &pruned.spec.layers[j]);
-            let h = attention_block(&x, w, l, batch, eps, Mode::Inference)?;
-            let a = without_first_position(&mlp_activations(&h, w, eps, Mode::Inference)?)?;
+            let ctx = LayerCtx::new(&pruned.spec, Mode::Inference).at(j);
+            let h = attention_block(&x, w, l, batch, &ctx)?;
+            let a = without_first_position(&mlp_activations(&h, w, &ctx)?)?;
             let r = without_first_position(&(&cal.dense_hidden[hi + 1] - &h)?)?;
             // Every token weighs the same: rows scaled by 1 / ‖dense target‖ (the residual stream's norm grows
             // by orders of magnitude on a few tokens, which would otherwise decide the fit alone).
@@ -90,7 +97,8 @@ pub fn apply_with_refit(cal: &Calibration, plan: &DepthPlan, ridge: f64) -> Resu
             tracing::debug!(layer = j, lo, hi, lambda, "refitted down_proj");
             pruned.weights.layers[j].down_proj = new;
         }
-        x = decoder_layer(&x, &pruned.weights.layers[j], &pruned.spec.layers[j], batch, eps, Mode::Inference)?;
+        let ctx = LayerCtx::new(&pruned.spec, Mode::Inference).at(j);
+        x = decoder_layer(&x, &pruned.weights.layers[j], &pruned.spec.layers[j], batch, &ctx)?;
     }
     Ok(pruned)
 }

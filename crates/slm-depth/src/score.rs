@@ -9,7 +9,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
-use slm_model::{forward::decoder_layer, Batch, LayerSpec, LayerWeights, Mode, Model};
+use slm_model::forward::{decoder_layer, LayerCtx};
+use slm_model::{Batch, LayerSpec, LayerWeights, Mode, Model};
 
 use crate::error::{DepthError, Result};
 use crate::merge::{merge_window, MergeOp};
@@ -177,18 +178,18 @@ impl<'m> Calibration<'m> {
         }
         let start = if self.incremental { c.lowest_changed(l) } else { 0 };
         let mut x = self.dense_hidden[start].clone();
-        let eps = self.model.spec.rms_norm_eps;
+        let ctx = LayerCtx::new(&self.model.spec, Mode::Inference);
         let mut i = start;
         while i < l {
             if let Some(&[lo, hi]) = c.merges.iter().find(|w| w[0] == i) {
                 let (spec, w) = self.merged_layer(lo, hi)?.clone();
-                x = decoder_layer(&x, &w, &spec, &self.batch, eps, Mode::Inference)?;
+                x = decoder_layer(&x, &w, &spec, &self.batch, &ctx.at(lo))?;
                 self.layer_forwards += 1;
                 i = hi + 1;
             } else {
                 if !c.removed.contains(&i) {
                     let m = self.model;
-                    x = decoder_layer(&x, &m.weights.layers[i], &m.spec.layers[i], &self.batch, eps, Mode::Inference)?;
+                    x = decoder_layer(&x, &m.weights.layers[i], &m.spec.layers[i], &self.batch, &ctx.at(i))?;
                     self.layer_forwards += 1;
                 }
                 i += 1;
@@ -270,14 +271,8 @@ impl<'m> Calibration<'m> {
             let (spec, w) = self.merged_layer(lo, hi)?.clone();
             self.layer_forwards += 1;
             self.full_layer_forwards += 1;
-            decoder_layer(
-                &self.dense_hidden[lo],
-                &w,
-                &spec,
-                &self.batch,
-                self.model.spec.rms_norm_eps,
-                Mode::Inference,
-            )?
+            let ctx = LayerCtx::new(&self.model.spec, Mode::Inference).at(lo);
+            decoder_layer(&self.dense_hidden[lo], &w, &spec, &self.batch, &ctx)?
         };
         self.evaluations += 1;
         // Clamped: rounding can put the cosine of identical streams a hair above 1.

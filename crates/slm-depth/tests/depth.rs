@@ -16,7 +16,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn same_layer(a: &LayerWeights, b: &LayerWeights) -> bool {
-    a.named().iter().zip(b.named().iter()).all(|((_, x), (_, y))| bits(x) == bits(y))
+    a.parts().iter().zip(b.parts().iter()).all(|((_, x), (_, y))| bits(x) == bits(y))
 }
 
 fn logits(m: &Model, ids: &[u32]) -> Tensor {
@@ -435,4 +435,47 @@ fn slm_dp_removes_the_target_and_keeps_the_best_scoring_proposal() {
     assert!(e.contains("--target-layers"), "{e}");
     let e = plan_depth(&mut cal, &Settings::new(Method::SlmDp, Stop::TargetLayers(7))).unwrap_err().to_string();
     assert!(e.contains("at least two must remain"), "{e}");
+}
+
+/// The invariants on every family (tiny random models with each family's features: biases, q/k norms,
+/// Gemma's norms, sandwich norms, GeGLU, sliding layers): a one-layer window is the identity for every operator,
+/// merging treats biases and q/k norms like the other weights (average: their mean), a fused window with a global
+/// layer is global, and every method's plan applies and runs.
+#[test]
+fn merge_invariants_hold_on_every_family() {
+    use slm_model::{Family, Part, PartKind};
+    for family in Family::ALL {
+        let m = slm_model::testing::tiny_model_of(family, 4, 3);
+        for op in MergeOp::ALL {
+            let (spec, w) = merge_window(&m.weights.layers[1..2], &m.spec.layers[1..2], 1, op).unwrap();
+            assert_eq!(spec, m.spec.layers[1], "{family:?} {op}");
+            assert!(same_layer(&w, &m.weights.layers[1]), "{family:?} {op}");
+        }
+        let plan = DepthPlan::new(4, vec![], vec![], MergeOp::Paper).unwrap();
+        assert_eq!(max_abs_diff(&logits(&apply(&m, &plan).unwrap(), &IDS), &logits(&m, &IDS)), 0.0, "{family:?}");
+        // Average over layers 1..=2: every part (optional ones included) is the mean of the two.
+        let (spec, w) = merge_window(&m.weights.layers[1..3], &m.spec.layers[1..3], 1, MergeOp::Average).unwrap();
+        for (part, t) in w.parts() {
+            let (a, b) = (m.weights.layers[1].get(part).unwrap(), m.weights.layers[2].get(part).unwrap());
+            let mean = ((a + b).unwrap() / 2.0).unwrap();
+            assert_eq!(max_abs_diff(t, &mean), 0.0, "{family:?} {part:?}");
+        }
+        // Paper: norms (q/k norms included) from the window's first layer, biases merged like projections.
+        let (_, p) = merge_window(&m.weights.layers[1..3], &m.spec.layers[1..3], 1, MergeOp::Paper).unwrap();
+        for part in Part::ALL.into_iter().filter(|p| p.present(&m.spec.arch)) {
+            let got = p.get(part).unwrap();
+            let (a, b) = (m.weights.layers[1].get(part).unwrap(), m.weights.layers[2].get(part).unwrap());
+            let want = if part.kind() == PartKind::Norm { a.clone() } else { (a + (b - a).unwrap()).unwrap() };
+            assert_eq!(max_abs_diff(got, &want), 0.0, "{family:?} {part:?}");
+        }
+        if family == Family::Gemma3 {
+            // tiny Gemma: layers 0 and 2 sliding, 1 and 3 global.
+            assert!(m.spec.layers[2].sliding && !m.spec.layers[1].sliding);
+            assert!(!spec.sliding, "a window with a global layer fuses into a global layer");
+        }
+        let merged = DepthPlan::new(4, vec![[1, 2]], vec![], MergeOp::Paper).unwrap();
+        let out = apply(&m, &merged).unwrap();
+        assert_eq!(out.spec.num_layers(), 3);
+        assert!(out.logits_all(&IDS).is_ok(), "{family:?}");
+    }
 }

@@ -19,6 +19,40 @@ impl TextEncoder for slm_model::Tokenizer {
     }
 }
 
+/// A model's tokenizer as lm-eval's HF model encodes every string: with the BOS token first for Gemma models
+/// (lm-eval sets `add_bos_token` for them, and their tokenizer prepends `<bos>`), bare ids otherwise (SmolLM,
+/// Llama, Qwen: lm-eval encodes without special tokens).
+#[derive(Debug, Clone, Copy)]
+pub struct LmEvalEncoder<'a> {
+    pub tokenizer: &'a slm_model::Tokenizer,
+    pub bos: Option<u32>,
+}
+
+impl<'a> LmEvalEncoder<'a> {
+    pub fn for_model(model: &'a Model) -> Result<Self, EvalError> {
+        let tokenizer = model.tokenizer().map_err(EvalError::Model)?;
+        let bos = match model.spec.arch.family {
+            slm_model::Family::Gemma3 => Some(model.spec.bos_token_id.ok_or_else(|| {
+                EvalError::InvalidArgument(
+                    "a Gemma model without `bos_token_id`: lm-eval starts every request with it".into(),
+                )
+            })?),
+            _ => None,
+        };
+        Ok(LmEvalEncoder { tokenizer, bos })
+    }
+}
+
+impl TextEncoder for LmEvalEncoder<'_> {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, EvalError> {
+        let ids = TextEncoder::encode(self.tokenizer, text)?;
+        Ok(match self.bos {
+            Some(bos) => std::iter::once(bos).chain(ids).collect(),
+            None => ids,
+        })
+    }
+}
+
 /// Upper bound on `batch × heads × T²` (the attention score elements of one layer) per forward pass, so that
 /// long sequences (wikitext's rolling windows) are batched in fewer rows. One sequence always fits.
 const ATTENTION_BUDGET: usize = 1 << 28;
@@ -44,7 +78,7 @@ impl EngineStats {
     /// Matmul FLOPs of that work: `2 · layer parameters` per token plus `2 · hidden · vocab` per logit row
     /// (attention scores and padding not counted).
     pub fn useful_flops(&self, spec: &slm_model::ModelSpec) -> f64 {
-        let layer_params: usize = spec.layers.iter().map(|l| l.num_parameters(spec.hidden_size)).sum();
+        let layer_params: usize = spec.layers.iter().map(|l| spec.layer_parameters(l)).sum();
         2.0 * layer_params as f64 * self.tokens as f64
             + 2.0 * (spec.hidden_size * spec.vocab_size) as f64 * self.logit_rows as f64
     }

@@ -49,7 +49,7 @@ pub mod run;
 pub mod task;
 pub mod text;
 
-pub use engine::{Engine, EngineStats};
+pub use engine::{Engine, EngineStats, LmEvalEncoder};
 pub use error::EvalError;
 pub use metrics::{
     aggregate, argmax, avg7, mean, mean_stderr, score_doc, score_docs, DocResult, MetricValue, RequestResult,

@@ -57,8 +57,8 @@ pub struct TaskRun {
 }
 
 /// The tokenizer of the model, or a clear error.
-fn tokenizer(model: &Model) -> Result<&slm_model::Tokenizer, EvalError> {
-    model.tokenizer().map_err(EvalError::Model)
+fn tokenizer(model: &Model) -> Result<crate::LmEvalEncoder<'_>, EvalError> {
+    crate::LmEvalEncoder::for_model(model)
 }
 
 fn score(
@@ -86,7 +86,7 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
     match task.kind() {
         TaskKind::MultipleChoice => {
             let docs = task.load_docs(s.data_dir, s.limit)?;
-            let doc_requests = build_token_requests(tok, &docs, s.max_length)?;
+            let doc_requests = build_token_requests(&tok, &docs, s.max_length)?;
             let flat: Vec<TokenRequest> = doc_requests.iter().flat_map(|d| d.requests.iter().cloned()).collect();
             let (results, stats) = score(model, s, task.name(), &flat, progress)?;
             let mut results = results.into_iter();
@@ -115,7 +115,7 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
             let mut requests = Vec::new();
             let mut counts = Vec::new();
             for d in &docs {
-                let r = rolling_requests(tok, &d.text, prefix, s.max_length)?;
+                let r = rolling_requests(&tok, &d.text, prefix, s.max_length)?;
                 if r.is_empty() {
                     let problem = format!("page {} tokenises to no tokens: nothing to score", d.doc_id);
                     return Err(EvalError::nothing(task.name(), &task.data_path(s.data_dir), problem));
@@ -145,7 +145,7 @@ pub fn evaluate(model: &Model, task: Task, s: &Settings, progress: &mut dyn Prog
             })
         }
         TaskKind::WindowPerplexity => {
-            let windows = wikitext2_windows(tok, s.data_dir, WIKITEXT2_WINDOW, s.limit)?;
+            let windows = wikitext2_windows(&tok, s.data_dir, WIKITEXT2_WINDOW, s.limit)?;
             let (results, stats) = score(model, s, task.name(), &windows, progress)?;
             let lls = lls(&results);
             let samples = lls.iter().enumerate().map(|(i, ll)| json!({ "window": i, "loglikelihood": ll })).collect();

@@ -8,8 +8,8 @@ use slm_eval::{build_token_requests, score_docs, Engine, Task, TokenRequest};
 use slm_model::testing::{data_dir, default_model_path, golden_dir};
 use slm_model::Model;
 
-fn golden(task: &str) -> Vec<Value> {
-    let path: PathBuf = golden_dir().join("lm-eval-first25").join(format!("{task}.jsonl"));
+fn golden(set: &str, task: &str) -> Vec<Value> {
+    let path: PathBuf = golden_dir().join(set).join(format!("{task}.jsonl"));
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .lines()
@@ -18,9 +18,19 @@ fn golden(task: &str) -> Vec<Value> {
 }
 
 fn check_task(name: &str) {
-    let model = Model::load(&default_model_path(), &candle_core::Device::Cpu).unwrap();
+    check(&default_model_path(), "lm-eval-first25", name)
+}
+
+fn gemma_path() -> PathBuf {
+    let p = slm_model::testing::workspace_root().join("models/gemma-3-270m-q4_k_m.gguf");
+    assert!(p.is_file(), "Gemma-3-270M not found at {}: run `scripts/setup.sh` first", p.display());
+    p
+}
+
+fn check(model_path: &std::path::Path, set: &str, name: &str) {
+    let model = Model::load(model_path, &candle_core::Device::Cpu).unwrap();
     let task = Task::from_name(name).unwrap();
-    let gold = golden(name);
+    let gold = golden(set, name);
     let docs = task.load_docs(&data_dir(), Some(gold.len())).unwrap();
     assert_eq!(docs.len(), 25);
 
@@ -37,8 +47,8 @@ fn check_task(name: &str) {
     }
 
     // Log-likelihoods within 2e-3; per-document acc / acc_norm identical.
-    let tok = model.tokenizer().unwrap();
-    let doc_requests = build_token_requests(tok, &docs, model.spec.max_position_embeddings).unwrap();
+    let tok = slm_eval::LmEvalEncoder::for_model(&model).unwrap();
+    let doc_requests = build_token_requests(&tok, &docs, model.spec.max_position_embeddings).unwrap();
     let flat: Vec<TokenRequest> = doc_requests.iter().flat_map(|d| d.requests.clone()).collect();
     let results = Engine::new(&model, 16).unwrap().score(&flat, &mut |_| {}).unwrap();
     let mut it = results.into_iter();
@@ -56,8 +66,17 @@ fn check_task(name: &str) {
             None => assert_eq!(s.acc_norm, None),
         }
     }
-    eprintln!("{name}: worst |ll - golden| = {worst:.2e}");
-    assert!(worst <= 2e-3, "{name}: worst |ll - golden| = {worst:.2e} > 2e-3");
+    eprintln!("{set} {name}: worst |ll - golden| = {worst:.2e}");
+    assert!(worst <= 2e-3, "{set} {name}: worst |ll - golden| = {worst:.2e} > 2e-3");
+}
+
+/// Gemma-3-270M (a second family: sentencepiece tokenizer with `<bos>` on every request, GeGLU, sandwich norms,
+/// sliding-window layers) against lm-eval on the same documents (`golden/lm-eval-first25-gemma3`).
+#[test]
+fn gemma3_matches_lm_eval_on_every_task() {
+    for name in ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] {
+        check(&gemma_path(), "lm-eval-first25-gemma3", name);
+    }
 }
 
 #[test]

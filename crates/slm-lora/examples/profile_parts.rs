@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use slm_lora::{Lora, LoraConfig};
-use slm_model::forward::{attention_block_adapted, mlp_activations_adapted};
+use slm_model::forward::{attention_block, mlp_activations};
 use slm_model::{Batch, Mode, Model};
 
 fn time<F: FnMut() -> Tensor>(name: &str, mut f: F) {
@@ -26,11 +26,10 @@ fn main() {
         (0..4).map(|s| (0..256).map(|i| ((i * 7919 + s * 13) % 40000) as u32).collect()).collect();
     let batch = Batch::new(&model.spec, &seqs, &model.device).unwrap();
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 256, 576), &Device::Cpu).unwrap()).unwrap();
-    let (w, l, eps) = (&model.weights.layers[3], &model.spec.layers[3], model.spec.rms_norm_eps);
-    time("attention block", || {
-        attention_block_adapted(x.as_tensor(), w, l, &batch, eps, Mode::Differentiable, 3, &hook).unwrap()
-    });
-    time("mlp activations", || mlp_activations_adapted(x.as_tensor(), w, eps, Mode::Differentiable, 3, &hook).unwrap());
+    let (w, l) = (&model.weights.layers[3], &model.spec.layers[3]);
+    let ctx = model.layer_ctx(3, Mode::Differentiable, &hook);
+    time("attention block", || attention_block(x.as_tensor(), w, l, &batch, &ctx).unwrap());
+    time("mlp activations", || mlp_activations(x.as_tensor(), w, &ctx).unwrap());
     time("frozen down_proj", || {
         let a = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 256, 1536), &Device::Cpu).unwrap()).unwrap();
         slm_lora::ops::frozen_linear(a.as_tensor(), &w.down_proj).unwrap()

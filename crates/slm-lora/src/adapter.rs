@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor, Var};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slm_model::forward::linear;
-use slm_model::{LayerAdapter, Model, ModelSpec, PROJECTIONS};
+use slm_model::{LayerAdapter, Model, ModelSpec, Part, PROJECTIONS};
 
 use crate::error::{LoraError, Result};
 use crate::ops::frozen_linear;
@@ -89,10 +89,10 @@ impl Lora {
         let r = config.rank;
         let mut layers = Vec::with_capacity(spec.num_layers());
         for l in &spec.layers {
-            let shapes = slm_model::LayerWeights::expected_shapes(l, spec.hidden_size);
             let mut pairs = Vec::with_capacity(PROJECTIONS.len());
-            for k in 0..PROJECTIONS.len() {
-                let (out, inp) = (shapes[k + 1 + usize::from(k >= 4)][0], shapes[k + 1 + usize::from(k >= 4)][1]);
+            for part in [Part::Q, Part::K, Part::V, Part::O, Part::Gate, Part::Up, Part::Down] {
+                let shape = part.shape(l, spec.hidden_size);
+                let (out, inp) = (shape[0], shape[1]);
                 let bound = 1.0 / (inp as f32).sqrt();
                 let a: Vec<f32> = (0..r * inp).map(|_| rng.random_range(-bound..bound)).collect();
                 pairs.push(LoraPair {

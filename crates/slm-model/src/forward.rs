@@ -1,8 +1,12 @@
-//! The Llama forward pass over a batch of right-padded sequences.
+//! The decoder forward pass over a batch of right-padded sequences, for every supported family.
 //!
-//! Per-layer shapes come from [`LayerSpec`], so a model whose layers differ in width runs as is. The pieces
-//! (`Batch::new`, [`Model::embed`], [`decoder_layer`], [`Model::final_norm`], [`Model::logits_at`]) are public so
-//! that pruning methods can run a sub-range of layers (e.g. from a cached hidden state upward).
+//! Per-layer shapes come from [`LayerSpec`], so a model whose layers differ in width runs as is; the family's
+//! features (rotary variants, norms, biases, q/k norms, sandwich norms, GeGLU, sliding windows) come from
+//! [`Arch`]. One layer function ([`layer`]) serves the batched pass, LoRA training (through a
+//! [`LayerAdapter`]) and KV-cached generation (through [`Attend::cache`]); a [`LayerCtx`] carries what it needs
+//! besides the input and the weights. The pieces (`Batch::new`, [`Model::embed`], [`decoder_layer`],
+//! [`Model::final_norm`], [`Model::logits_at`]) are public so that pruning methods can run a sub-range of layers
+//! (e.g. from a cached hidden state upward).
 //!
 //! Gradients: candle's fused ops (`rms_norm`, `rope`, `softmax_last_dim`) detach their outputs. With
 //! [`Mode::Differentiable`] differentiable kernels are used instead ([`crate::fused`]: one pass forward, one
@@ -11,7 +15,7 @@
 use candle_core::{Device, Tensor, D};
 
 use crate::error::{ModelError, Result};
-use crate::spec::{LayerSpec, ModelSpec};
+use crate::spec::{Activation, Arch, LayerSpec, ModelSpec, Rope};
 use crate::weights::LayerWeights;
 use crate::Model;
 
@@ -33,9 +37,11 @@ pub struct Batch {
     pub seq_len: usize,
     /// `[B, 1, 1, T, T]` additive mask (0 or -inf), broadcast over KV heads and query groups.
     pub mask: Tensor,
-    /// cos/sin per distinct head_dim (usually one): `[T, head_dim/2]` when every sequence sits at positions
-    /// `0..T`, `[B, T, head_dim/2]` for packed sequences.
-    rotary: Vec<(usize, Tensor, Tensor)>,
+    /// The mask of sliding-window layers (also limited to the window), when the model has any.
+    pub sliding_mask: Option<Tensor>,
+    /// cos/sin per distinct (head_dim, rotary embedding) (usually one): `[T, head_dim/2]` when every sequence
+    /// sits at positions `0..T`, `[B, T, head_dim/2]` for packed sequences.
+    rotary: Vec<(usize, Rope, Tensor, Tensor)>,
 }
 
 /// One shared prefix followed by branches, packed into one sequence: the prefix once, then each branch. A branch
@@ -125,30 +131,46 @@ impl Batch {
         }
         let b = layouts.len();
         let mut ids = vec![0u32; b * t];
-        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
-        for (s, (seq, _, seg)) in layouts.iter().enumerate() {
+        for (s, (seq, _, _)) in layouts.iter().enumerate() {
             ids[s * t..s * t + seq.len()].copy_from_slice(seq);
-            // Padded queries (i >= len) see every real key of the prefix, so no row is fully masked; their
-            // outputs are never read.
-            for i in 0..t {
-                let own = seg.get(i).copied().unwrap_or(0);
-                let row = &mut mask[(s * t + i) * t..(s * t + i + 1) * t];
-                for (j, m) in row.iter_mut().enumerate().take(seq.len()) {
-                    if j <= i && (seg[j] == 0 || seg[j] == own) {
-                        *m = 0.0;
+        }
+        let build_mask = |window: Option<usize>| -> Result<Tensor> {
+            let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+            for (s, (seq, pos, seg)) in layouts.iter().enumerate() {
+                // Padded queries (i >= len) see the first key, so no row is fully masked; their outputs are never
+                // read.
+                for i in 0..t {
+                    let row = &mut mask[(s * t + i) * t..(s * t + i + 1) * t];
+                    if i >= seq.len() {
+                        row[0] = 0.0;
+                        continue;
+                    }
+                    for (j, m) in row.iter_mut().enumerate().take(i + 1) {
+                        let same_segment = seg[j] == 0 || seg[j] == seg[i];
+                        // A sliding-window layer sees the query's position and the window - 1 before it.
+                        let in_window = window.is_none_or(|w| pos[i] - pos[j] < w);
+                        if same_segment && in_window {
+                            *m = 0.0;
+                        }
                     }
                 }
             }
-        }
+            Ok(Tensor::from_vec(mask, (b, 1, 1, t, t), device)?)
+        };
+        let mask = build_mask(None)?;
+        let sliding_mask = match spec.arch.sliding_window {
+            Some(w) if spec.layers.iter().any(|l| l.sliding) => Some(build_mask(Some(w))?),
+            _ => None,
+        };
         let ids = Tensor::from_vec(ids, (b, t), device)?;
-        let mask = Tensor::from_vec(mask, (b, 1, 1, t, t), device)?;
-        let mut rotary: Vec<(usize, Tensor, Tensor)> = Vec::new();
+        let mut rotary: Vec<(usize, Rope, Tensor, Tensor)> = Vec::new();
         for l in &spec.layers {
-            if rotary.iter().any(|(d, _, _)| *d == l.head_dim) {
+            let rope = spec.arch.rope_of(l.sliding);
+            if rotary.iter().any(|(d, r, _, _)| *d == l.head_dim && *r == rope) {
                 continue;
             }
             let half = l.head_dim / 2;
-            let (cos, sin) = rotary_tables(l.head_dim, t.max(max_pos + 1), spec.rope_theta);
+            let (cos, sin) = rotary_tables(l.head_dim, t.max(max_pos + 1), &rope);
             let (cos, sin) = if per_sequence_positions {
                 let gather = |table: &[f32]| {
                     let mut out = vec![0f32; b * t * half];
@@ -165,33 +187,63 @@ impl Batch {
                 let n = cos.len() / half;
                 (Tensor::from_vec(cos, (n, half), device)?, Tensor::from_vec(sin, (n, half), device)?)
             };
-            rotary.push((l.head_dim, cos, sin));
+            rotary.push((l.head_dim, rope, cos, sin));
         }
-        Ok(Batch { ids, lengths, seq_len: t, mask, rotary })
+        Ok(Batch { ids, lengths, seq_len: t, mask, sliding_mask, rotary })
     }
 
     pub fn batch_size(&self) -> usize {
         self.lengths.len()
     }
 
-    /// cos/sin for the batch's `t` positions: `[t, hd/2]` or `[B, t, hd/2]`.
-    fn rotary(&self, head_dim: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let (_, cos, sin) = self
-            .rotary
-            .iter()
-            .find(|(d, _, _)| *d == head_dim)
-            .ok_or_else(|| ModelError::InvalidArgument(format!("no rotary table for head_dim {head_dim}")))?;
-        Ok(match cos.rank() {
+    /// What attention needs for a layer of shape `l` on the batch's first `t` positions: cos/sin (`[t, hd/2]`
+    /// or `[B, t, hd/2]`) of its rotary embedding and its mask (`[B, 1, 1, t, t]`, sliding or global).
+    pub fn attend(&self, l: &LayerSpec, arch: &Arch, t: usize) -> Result<Attend<'static>> {
+        let rope = arch.rope_of(l.sliding);
+        let (_, _, cos, sin) =
+            self.rotary.iter().find(|(d, r, _, _)| *d == l.head_dim && *r == rope).ok_or_else(|| {
+                ModelError::InvalidArgument(format!("no rotary table for head_dim {} of this batch", l.head_dim))
+            })?;
+        let (cos, sin) = match cos.rank() {
             2 => (cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?),
             _ => (cos.narrow(1, 0, t)?.contiguous()?, sin.narrow(1, 0, t)?.contiguous()?),
-        })
+        };
+        let mask = match (&self.sliding_mask, l.sliding) {
+            (Some(m), true) => m,
+            (None, true) => {
+                return Err(ModelError::InvalidArgument(
+                    "a sliding-window layer on a batch built for a model without one".into(),
+                ))
+            }
+            _ => &self.mask,
+        };
+        let mask = mask.narrow(3, 0, t)?.narrow(4, 0, t)?;
+        Ok(Attend { cos, sin, mask: Some(mask), cache: None })
     }
 }
 
+/// Where one layer's attention takes its rotary tables, mask and (in generation) cached keys and values from.
+pub struct Attend<'a> {
+    /// cos/sin of the queries' positions, `[t, hd/2]` or `[B, t, hd/2]`.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive mask broadcast to `[B, nkv, rep, t, s]` (`s`: keys, cache included); None: every key visible.
+    pub mask: Option<Tensor>,
+    /// The layer's KV cache: the new keys and values (after rotary) are appended, attention reads all of it.
+    pub cache: Option<&'a mut KvCache>,
+}
+
+/// One layer's cached keys and values, `[1, nkv, s, hd]` each.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
 /// cos/sin tables (row-major `[T, head_dim/2]`) for HF's (non-interleaved, rotate-half) rotary embedding.
-pub(crate) fn rotary_tables(head_dim: usize, t: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rotary_tables(head_dim: usize, t: usize, rope: &Rope) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|k| (1.0 / theta.powf(2.0 * k as f64 / head_dim as f64)) as f32).collect();
+    let inv_freq = rope.inv_freq(head_dim);
     let mut cos = Vec::with_capacity(t * half);
     let mut sin = Vec::with_capacity(t * half);
     for p in 0..t {
@@ -238,13 +290,12 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// A hook on the seven projections of every decoder layer (LoRA adapters, for instance): it computes the output
 /// of projection `name` (one of [`crate::PROJECTIONS`]) of layer `layer` from its input `x: [..., in]` and frozen
-/// weight `w: [out, in]`. [`NoAdapter`] is the plain `x @ w^T` ([`linear`]).
+/// weight `w: [out, in]`. [`NoAdapter`] is the plain `x @ w^T` ([`linear`]). Biases are added after the hook.
 pub trait LayerAdapter {
     fn project(&self, layer: usize, name: &'static str, x: &Tensor, w: &Tensor) -> Result<Tensor>;
 }
 
-/// The identity hook: every projection is exactly [`linear`], so the `_adapted` functions with it are the plain
-/// ones, op for op.
+/// The identity hook: every projection is exactly [`linear`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoAdapter;
 
@@ -255,92 +306,136 @@ impl LayerAdapter for NoAdapter {
     }
 }
 
-/// One decoder layer: `x + attn(norm(x))`, then `h + mlp(norm(h))`. `x: [B, T, hidden]`.
-pub fn decoder_layer(
-    x: &Tensor,
-    w: &LayerWeights,
-    l: &LayerSpec,
-    batch: &Batch,
-    eps: f64,
-    mode: Mode,
-) -> Result<Tensor> {
-    decoder_layer_adapted(x, w, l, batch, eps, mode, 0, &NoAdapter)
+/// What a decoder layer needs besides its input, its weights and its attention source.
+#[derive(Clone, Copy)]
+pub struct LayerCtx<'a> {
+    pub arch: &'a Arch,
+    pub eps: f64,
+    pub mode: Mode,
+    /// The layer's index as the adapter knows it.
+    pub index: usize,
+    pub adapter: &'a dyn LayerAdapter,
 }
 
-/// [`decoder_layer`] with every projection going through `adapter` (as layer `index`).
-#[allow(clippy::too_many_arguments)]
-pub fn decoder_layer_adapted<A: LayerAdapter + ?Sized>(
-    x: &Tensor,
-    w: &LayerWeights,
-    l: &LayerSpec,
-    batch: &Batch,
-    eps: f64,
-    mode: Mode,
-    index: usize,
-    adapter: &A,
-) -> Result<Tensor> {
-    let h = attention_block_adapted(x, w, l, batch, eps, mode, index, adapter)?;
-    let a = mlp_activations_adapted(&h, w, eps, mode, index, adapter)?;
-    Ok((&h + adapter.project(index, "down_proj", &a, &w.down_proj)?)?)
+impl<'a> LayerCtx<'a> {
+    /// Layer 0 of `spec`'s architecture, no adapter.
+    pub fn new(spec: &'a ModelSpec, mode: Mode) -> Self {
+        LayerCtx { arch: &spec.arch, eps: spec.rms_norm_eps, mode, index: 0, adapter: &NoAdapter }
+    }
+
+    /// The same context for layer `index`.
+    pub fn at(self, index: usize) -> Self {
+        LayerCtx { index, ..self }
+    }
+
+    /// The same context with every projection going through `adapter`.
+    pub fn with_adapter(self, adapter: &'a dyn LayerAdapter) -> Self {
+        LayerCtx { adapter, ..self }
+    }
+
+    /// RMSNorm with the architecture's convention (`w`, or Gemma's `1 + w`).
+    pub fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.arch.norm_plus_one {
+            rms_norm(x, &(w + 1.0)?, self.eps, self.mode)
+        } else {
+            rms_norm(x, w, self.eps, self.mode)
+        }
+    }
+
+    fn project(&self, name: &'static str, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let y = self.adapter.project(self.index, name, x, w)?;
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    fn norm_opt(&self, x: Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+        match w {
+            Some(w) => self.norm(&x, w),
+            None => Ok(x),
+        }
+    }
 }
 
-/// The attention half of a decoder layer: `x + o_proj(attn(input_layernorm(x)))`.
-pub fn attention_block(
-    x: &Tensor,
-    w: &LayerWeights,
-    l: &LayerSpec,
-    batch: &Batch,
-    eps: f64,
-    mode: Mode,
-) -> Result<Tensor> {
-    attention_block_adapted(x, w, l, batch, eps, mode, 0, &NoAdapter)
+/// One decoder layer: `x + attn(norm(x))`, then `h + mlp(norm(h))` (with Gemma-3's norms of each branch's output
+/// before its residual add). `x: [B, T, hidden]`. The one layer function: the batched pass, the `_adapted` paths
+/// and KV-cached generation all come here.
+pub fn layer(x: &Tensor, w: &LayerWeights, l: &LayerSpec, ctx: &LayerCtx, att: &mut Attend) -> Result<Tensor> {
+    let h = attention(x, w, l, ctx, att)?;
+    let a = mlp_activations(&h, w, ctx)?;
+    let y = ctx.project("down_proj", &a, &w.down_proj, None)?;
+    Ok((&h + ctx.norm_opt(y, w.mlp_out_norm.as_ref())?)?)
 }
 
-/// [`attention_block`] with q/k/v/o going through `adapter` (as layer `index`).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_block_adapted<A: LayerAdapter + ?Sized>(
-    x: &Tensor,
-    w: &LayerWeights,
-    l: &LayerSpec,
-    batch: &Batch,
-    eps: f64,
-    mode: Mode,
-    index: usize,
-    adapter: &A,
-) -> Result<Tensor> {
+/// The attention half of a layer: `x + [out_norm](o_proj(attn(input_layernorm(x))))`.
+pub fn attention(x: &Tensor, w: &LayerWeights, l: &LayerSpec, ctx: &LayerCtx, att: &mut Attend) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (l.num_attention_heads, l.num_key_value_heads, l.head_dim);
-    let xn = rms_norm(x, &w.input_layernorm, eps, mode)?;
-    let q = adapter.project(index, "q_proj", &xn, &w.q_proj)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-    let k =
-        adapter.project(index, "k_proj", &xn, &w.k_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-    let v =
-        adapter.project(index, "v_proj", &xn, &w.v_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-    let (cos, sin) = batch.rotary(hd, t)?;
-    let (q, k) = match mode {
-        Mode::Inference => (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?),
-        Mode::Differentiable => (rope_differentiable(&q, &cos, &sin)?, rope_differentiable(&k, &cos, &sin)?),
+    let xn = ctx.norm(x, &w.input_layernorm)?;
+    let heads = |name: &'static str, wt: &Tensor, bias: Option<&Tensor>, qk_norm: Option<&Tensor>, n: usize| {
+        let y = ctx.project(name, &xn, wt, bias)?.reshape((b, t, n, hd))?;
+        Ok::<Tensor, ModelError>(ctx.norm_opt(y, qk_norm)?.transpose(1, 2)?.contiguous()?)
     };
-    let mask = batch.mask.narrow(3, 0, t)?.narrow(4, 0, t)?;
-    let ctx = grouped_attention(&q, &k, &v, Some(&mask), mode)?;
-    Ok((x + adapter.project(index, "o_proj", &ctx, &w.o_proj)?)?)
+    let q = heads("q_proj", &w.q_proj, w.q_bias.as_ref(), w.q_norm.as_ref(), nh)?;
+    let k = heads("k_proj", &w.k_proj, w.k_bias.as_ref(), w.k_norm.as_ref(), nkv)?;
+    let v = heads("v_proj", &w.v_proj, w.v_bias.as_ref(), None, nkv)?;
+    let (q, k) = match ctx.mode {
+        Mode::Inference => {
+            (candle_nn::rotary_emb::rope(&q, &att.cos, &att.sin)?, candle_nn::rotary_emb::rope(&k, &att.cos, &att.sin)?)
+        }
+        Mode::Differentiable => {
+            (rope_differentiable(&q, &att.cos, &att.sin)?, rope_differentiable(&k, &att.cos, &att.sin)?)
+        }
+    };
+    let (k, v) = match att.cache.as_deref_mut() {
+        Some(cache) => {
+            let cat = |old: Option<Tensor>, new: Tensor| -> Result<Tensor> {
+                Ok(match old {
+                    Some(old) => Tensor::cat(&[&old, &new], 2)?,
+                    None => new,
+                })
+            };
+            let (k, v) = (cat(cache.k.take(), k)?, cat(cache.v.take(), v)?);
+            cache.k = Some(k.clone());
+            cache.v = Some(v.clone());
+            (k, v)
+        }
+        None => (k, v),
+    };
+    let ctx_out = grouped_attention(&q, &k, &v, att.mask.as_ref(), ctx.arch.attn_scale(hd), ctx.mode)?;
+    let o = ctx.project("o_proj", &ctx_out, &w.o_proj, None)?;
+    Ok((x + ctx.norm_opt(o, w.attn_out_norm.as_ref())?)?)
+}
+
+/// [`layer`] on a prepared batch.
+pub fn decoder_layer(x: &Tensor, w: &LayerWeights, l: &LayerSpec, batch: &Batch, ctx: &LayerCtx) -> Result<Tensor> {
+    let mut att = batch.attend(l, ctx.arch, x.dim(1)?)?;
+    layer(x, w, l, ctx, &mut att)
+}
+
+/// [`attention`] on a prepared batch.
+pub fn attention_block(x: &Tensor, w: &LayerWeights, l: &LayerSpec, batch: &Batch, ctx: &LayerCtx) -> Result<Tensor> {
+    let mut att = batch.attend(l, ctx.arch, x.dim(1)?)?;
+    attention(x, w, l, ctx, &mut att)
 }
 
 /// Scaled dot-product attention with grouped queries, without copying K/V: the `rep` query heads that share a KV
 /// head are adjacent, so q `[B, nh, T, hd]` is viewed as `[B, nkv, rep*T, hd]` and multiplied by that head's K
 /// directly. k, v: `[B, nkv, S, hd]`; `mask`: additive, broadcast to `[B, nkv, rep, T, S]`. Returns the context
-/// `[B, T, nh*hd]` (the input of o_proj). Shared by the batched forward pass and KV-cached generation.
+/// `[B, T, nh*hd]` (the input of o_proj).
 pub(crate) fn grouped_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
+    scale: f64,
     mode: Mode,
 ) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let (_, nkv, s, _) = k.dims4()?;
     let rep = nh / nkv;
-    let q = (q.reshape((b, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
+    let q = (q.reshape((b, nkv, rep * t, hd))? * scale)?;
     let mut scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, s))?;
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
@@ -353,27 +448,17 @@ pub(crate) fn grouped_attention(
     Ok(ctx.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?)
 }
 
-/// The MLP's hidden activations `silu(gate(n)) * up(n)`, `n = post_attention_layernorm(h)`: the input of
-/// `down_proj`, `[B, T, intermediate]`.
-pub fn mlp_activations(h: &Tensor, w: &LayerWeights, eps: f64, mode: Mode) -> Result<Tensor> {
-    mlp_activations_adapted(h, w, eps, mode, 0, &NoAdapter)
-}
-
-/// [`mlp_activations`] with gate/up going through `adapter` (as layer `index`).
-pub fn mlp_activations_adapted<A: LayerAdapter + ?Sized>(
-    h: &Tensor,
-    w: &LayerWeights,
-    eps: f64,
-    mode: Mode,
-    index: usize,
-    adapter: &A,
-) -> Result<Tensor> {
-    let hn = rms_norm(h, &w.post_attention_layernorm, eps, mode)?;
-    let gate = adapter.project(index, "gate_proj", &hn, &w.gate_proj)?;
-    let up = adapter.project(index, "up_proj", &hn, &w.up_proj)?;
-    Ok(match mode {
-        Mode::Inference => (gate.silu()? * up)?,
-        Mode::Differentiable => crate::fused::swiglu(&gate, &up)?,
+/// The MLP's hidden activations `act(gate(n)) * up(n)`, `n` the pre-MLP norm of `h`: the input of `down_proj`,
+/// `[B, T, intermediate]`.
+pub fn mlp_activations(h: &Tensor, w: &LayerWeights, ctx: &LayerCtx) -> Result<Tensor> {
+    let hn = ctx.norm(h, &w.post_attention_layernorm)?;
+    let gate = ctx.project("gate_proj", &hn, &w.gate_proj, None)?;
+    let up = ctx.project("up_proj", &hn, &w.up_proj, None)?;
+    Ok(match (ctx.arch.activation, ctx.mode) {
+        (Activation::Silu, Mode::Inference) => (gate.silu()? * up)?,
+        (Activation::Silu, Mode::Differentiable) => crate::fused::swiglu(&gate, &up)?,
+        // candle's `gelu` is the tanh approximation (PyTorch's gelu(approximate="tanh")), differentiable.
+        (Activation::GeluTanh, _) => (gate.gelu()? * up)?,
     })
 }
 
@@ -391,9 +476,20 @@ pub struct ForwardOutput {
 impl Model {
     /// Token embeddings `[B, T, hidden]`.
     pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
-        let (b, t) = batch.ids.dims2()?;
-        let flat = batch.ids.flatten_all()?;
-        Ok(self.weights.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.spec.hidden_size))?)
+        self.embed_ids(&batch.ids)
+    }
+
+    /// Embeddings of `ids: [B, T]` (scaled by √hidden where the architecture says so, in f32 as transformers).
+    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x =
+            self.weights.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.spec.hidden_size))?;
+        Ok(if self.spec.arch.embed_scale { (x * (self.spec.hidden_size as f32).sqrt() as f64)? } else { x })
+    }
+
+    /// The context of layer `index` of this model.
+    pub fn layer_ctx<'a>(&'a self, index: usize, mode: Mode, adapter: &'a dyn LayerAdapter) -> LayerCtx<'a> {
+        LayerCtx::new(&self.spec, mode).at(index).with_adapter(adapter)
     }
 
     /// Runs layers `range` of this model on `x`.
@@ -402,23 +498,23 @@ impl Model {
     }
 
     /// [`Model::run_layers`] with every projection going through `adapter`.
-    pub fn run_layers_adapted<A: LayerAdapter + ?Sized>(
+    pub fn run_layers_adapted(
         &self,
         mut x: Tensor,
         range: std::ops::Range<usize>,
         batch: &Batch,
         mode: Mode,
-        adapter: &A,
+        adapter: &dyn LayerAdapter,
     ) -> Result<Tensor> {
         for i in range {
             let (w, l) = (&self.weights.layers[i], &self.spec.layers[i]);
-            x = decoder_layer_adapted(&x, w, l, batch, self.spec.rms_norm_eps, mode, i, adapter)?;
+            x = decoder_layer(&x, w, l, batch, &self.layer_ctx(i, mode, adapter))?;
         }
         Ok(x)
     }
 
     pub fn final_norm(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        rms_norm(x, &self.weights.norm, self.spec.rms_norm_eps, mode)
+        LayerCtx::new(&self.spec, mode).norm(x, &self.weights.norm)
     }
 
     /// Logits `[N, vocab]` at `positions[s]` of each sequence `s`, from final-norm outputs `[B, T, hidden]`.
@@ -469,13 +565,13 @@ impl Model {
     }
 
     /// [`Model::forward_batch`] with every projection going through `adapter`.
-    pub fn forward_batch_adapted<A: LayerAdapter + ?Sized>(
+    pub fn forward_batch_adapted(
         &self,
         batch: &Batch,
         positions: &[Vec<usize>],
         hidden_states: bool,
         mode: Mode,
-        adapter: &A,
+        adapter: &dyn LayerAdapter,
     ) -> Result<ForwardOutput> {
         let mut x = self.embed(batch)?;
         let mut hidden = Vec::new();

@@ -10,7 +10,8 @@ use std::time::Instant;
 use candle_core::{Tensor, D};
 
 use crate::error::{ModelError, Result};
-use crate::forward::{grouped_attention, linear, mlp_activations, rms_norm, rotary_tables, Mode};
+use crate::forward::{layer, rotary_tables, Attend, KvCache, Mode, NoAdapter};
+use crate::spec::Rope;
 use crate::Model;
 
 /// What one greedy run produced and how long its phases took.
@@ -27,10 +28,9 @@ pub struct Generation {
 }
 
 struct Cache {
-    k: Vec<Option<Tensor>>,
-    v: Vec<Option<Tensor>>,
-    /// (head_dim, cos, sin), `[max_len, head_dim/2]`.
-    rotary: Vec<(usize, Tensor, Tensor)>,
+    layers: Vec<KvCache>,
+    /// (head_dim, rotary embedding, cos, sin), `[max_len, head_dim/2]`.
+    rotary: Vec<(usize, Rope, Tensor, Tensor)>,
 }
 
 impl Model {
@@ -47,20 +47,22 @@ impl Model {
                 self.spec.max_position_embeddings
             )));
         }
-        let mut rotary: Vec<(usize, Tensor, Tensor)> = Vec::new();
+        let mut rotary: Vec<(usize, Rope, Tensor, Tensor)> = Vec::new();
         for l in &self.spec.layers {
-            if rotary.iter().all(|(d, _, _)| *d != l.head_dim) {
-                let (cos, sin) = rotary_tables(l.head_dim, total, self.spec.rope_theta);
+            let rope = self.spec.arch.rope_of(l.sliding);
+            if rotary.iter().all(|(d, r, _, _)| *d != l.head_dim || *r != rope) {
+                let (cos, sin) = rotary_tables(l.head_dim, total, &rope);
                 let half = l.head_dim / 2;
                 rotary.push((
                     l.head_dim,
+                    rope,
                     Tensor::from_vec(cos, (total, half), &self.device)?,
                     Tensor::from_vec(sin, (total, half), &self.device)?,
                 ));
             }
         }
         let n = self.spec.num_layers();
-        let mut cache = Cache { k: vec![None; n], v: vec![None; n], rotary };
+        let mut cache = Cache { layers: (0..n).map(|_| KvCache::default()).collect(), rotary };
         let mut out = Generation {
             tokens: Vec::with_capacity(decode_steps + 1),
             logits: Vec::new(),
@@ -92,45 +94,38 @@ impl Model {
     fn step(&self, cache: &mut Cache, ids: &[u32], pos: usize) -> Result<Tensor> {
         let t = ids.len();
         let s = pos + t;
-        let ids_t = Tensor::from_vec(ids.to_vec(), t, &self.device)?;
-        let mut x = self.weights.embed_tokens.index_select(&ids_t, 0)?.unsqueeze(0)?;
-        // Query i (absolute position pos + i) sees keys 0..=pos + i.
-        let mask = (t > 1)
-            .then(|| {
-                let m: Vec<f32> = (0..t)
-                    .flat_map(|i| (0..s).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY }))
-                    .collect();
-                Tensor::from_vec(m, (t, s), &self.device)
-            })
-            .transpose()?;
-        let eps = self.spec.rms_norm_eps;
+        let ids_t = Tensor::from_vec(ids.to_vec(), (1, t), &self.device)?;
+        let mut x = self.embed_ids(&ids_t)?;
+        // Query i (absolute position pos + i) sees keys 0..=pos + i, and a sliding-window layer only the last
+        // `window` of them.
+        let mask = |window: Option<usize>| -> Result<Option<Tensor>> {
+            let visible = |i: usize, j: usize| j <= pos + i && window.is_none_or(|w| pos + i - j < w);
+            if t == 1 && (0..s).all(|j| visible(0, j)) {
+                return Ok(None); // one new token that sees every cached key
+            }
+            let m: Vec<f32> =
+                (0..t).flat_map(|i| (0..s).map(move |j| if visible(i, j) { 0.0 } else { f32::NEG_INFINITY })).collect();
+            Ok(Some(Tensor::from_vec(m, (t, s), &self.device)?))
+        };
+        let global = mask(None)?;
+        let sliding = match self.spec.arch.sliding_window {
+            Some(w) if self.spec.layers.iter().any(|l| l.sliding) => mask(Some(w))?,
+            _ => None,
+        };
         for (i, (w, l)) in self.weights.layers.iter().zip(&self.spec.layers).enumerate() {
-            let (nh, nkv, hd) = (l.num_attention_heads, l.num_key_value_heads, l.head_dim);
-            let (_, cos, sin) = cache.rotary.iter().find(|(d, _, _)| *d == hd).expect("table per head_dim");
-            let (cos, sin) = (cos.narrow(0, pos, t)?, sin.narrow(0, pos, t)?);
-            let xn = rms_norm(&x, &w.input_layernorm, eps, Mode::Inference)?;
-            let q = linear(&xn, &w.q_proj)?.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = linear(&xn, &w.k_proj)?.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = linear(&xn, &w.v_proj)?.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            let k = match cache.k[i].take() {
-                Some(old) => Tensor::cat(&[&old, &k], 2)?,
-                None => k,
+            let rope = self.spec.arch.rope_of(l.sliding);
+            let (_, _, cos, sin) =
+                cache.rotary.iter().find(|(d, r, _, _)| *d == l.head_dim && *r == rope).expect("a table per layer");
+            let mut att = Attend {
+                cos: cos.narrow(0, pos, t)?,
+                sin: sin.narrow(0, pos, t)?,
+                mask: if l.sliding { sliding.clone() } else { global.clone() },
+                cache: Some(&mut cache.layers[i]),
             };
-            let v = match cache.v[i].take() {
-                Some(old) => Tensor::cat(&[&old, &v], 2)?,
-                None => v,
-            };
-            let ctx = grouped_attention(&q, &k, &v, mask.as_ref(), Mode::Inference)?;
-            let h = (&x + linear(&ctx, &w.o_proj)?)?;
-            let a = mlp_activations(&h, w, eps, Mode::Inference)?;
-            x = (&h + linear(&a, &w.down_proj)?)?;
-            cache.k[i] = Some(k);
-            cache.v[i] = Some(v);
+            x = layer(&x, w, l, &self.layer_ctx(i, Mode::Inference, &NoAdapter), &mut att)?;
         }
         let last = x.narrow(1, t - 1, 1)?.reshape((1, self.spec.hidden_size))?;
-        let fin = rms_norm(&last, &self.weights.norm, eps, Mode::Inference)?;
+        let fin = self.final_norm(&last, Mode::Inference)?;
         Ok(fin.matmul(&self.weights.lm_head().t()?)?.squeeze(0)?)
     }
 }

@@ -1,5 +1,5 @@
-//! Loading a llama-architecture GGUF (llama.cpp's format): every tensor is dequantised to f32 and the Q/K rows
-//! that llama.cpp permutes for its interleaved rotary are put back in the HF (rotate-half) order.
+//! Loading a GGUF (llama.cpp's format) of the `llama`, `qwen2`, `qwen3` or `gemma3` architecture: every tensor
+//! is dequantised to f32 and put back in the HF layout (Q/K row order, Gemma's norm convention).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -11,8 +11,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::spec::{LayerSpec, ModelSpec};
-use crate::weights::{LayerWeights, Weights};
+use crate::spec::{Arch, Family, LayerSpec, ModelSpec, Rope, RopeScaling};
+use crate::weights::{LayerWeights, Part, Weights};
 
 fn gguf_err(path: &Path, message: impl Into<String>) -> ModelError {
     ModelError::Gguf { path: path.to_path_buf(), message: message.into() }
@@ -80,48 +80,95 @@ fn per_layer(c: &Content, key: &str, n: usize, path: &Path) -> Result<Option<Vec
     }
 }
 
-/// The model's dimensions from GGUF metadata.
-pub fn spec_from_gguf(c: &Content, path: &Path) -> Result<ModelSpec> {
+/// The GGUF architectures slm reads, with the family each stands for (Mistral GGUFs are `llama`).
+const ARCHS: [(&str, Family); 4] =
+    [("llama", Family::Llama), ("qwen2", Family::Qwen2), ("qwen3", Family::Qwen3), ("gemma3", Family::Gemma3)];
+
+/// The GGUF architecture name of a model (its metadata key prefix).
+pub fn gguf_arch(c: &Content, path: &Path) -> Result<(String, Family)> {
     let arch = match meta(c, "general.architecture") {
         Some(Value::String(s)) => s.clone(),
         _ => return Err(gguf_err(path, "missing metadata `general.architecture`")),
     };
-    if arch != "llama" {
-        return Err(gguf_err(path, format!("unsupported architecture `{arch}` (only `llama`)")));
+    let known = ARCHS.iter().map(|(a, _)| format!("`{a}`")).collect::<Vec<_>>().join(", ");
+    match ARCHS.iter().find(|(a, _)| *a == arch) {
+        Some((_, f)) => Ok((arch, *f)),
+        None => Err(gguf_err(path, format!("`general.architecture` `{arch}` is not supported ({known})"))),
     }
-    if c.tensor_infos.contains_key("rope_freqs.weight") || meta(c, "llama.rope.scaling.type").is_some() {
-        return Err(gguf_err(path, "rotary scaling (rope_freqs / llama.rope.scaling) is not supported"));
+}
+
+/// The model's dimensions and architecture from GGUF metadata (keys `{arch}.*`, as llama.cpp writes them).
+pub fn spec_from_gguf(c: &Content, path: &Path) -> Result<ModelSpec> {
+    let (name, family) = gguf_arch(c, path)?;
+    let key = |k: &str| format!("{name}.{k}");
+    if c.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(gguf_err(path, "tensor `rope_freqs.weight` (Llama-3 rotary scaling in a GGUF) is not supported"));
     }
-    let hidden = meta_usize(c, "llama.embedding_length", path)?;
-    let n_layers = meta_usize(c, "llama.block_count", path)?;
+    for k in ["expert_count", "vision.block_count"] {
+        if meta(c, &key(k)).and_then(value_usize).is_some_and(|n| n > 0) {
+            return Err(gguf_err(path, format!("metadata `{}`: experts / vision towers are not supported", key(k))));
+        }
+    }
+    let hidden = meta_usize(c, &key("embedding_length"), path)?;
+    let n_layers = meta_usize(c, &key("block_count"), path)?;
     // Bound the layer count by the file before anything is sized by it.
     if n_layers > c.tensor_infos.len() / TENSORS_PER_LAYER {
         return Err(gguf_err(
             path,
             format!(
-                "metadata `llama.block_count` is {n_layers}, but the file has only {} tensors ({TENSORS_PER_LAYER} per layer)",
+                "metadata `{}` is {n_layers}, but the file has only {} tensors ({TENSORS_PER_LAYER} per layer)",
+                key("block_count"),
                 c.tensor_infos.len()
             ),
         ));
     }
-    let heads = per_layer(c, "llama.attention.head_count", n_layers, path)?
-        .ok_or_else(|| gguf_err(path, "missing metadata `llama.attention.head_count`"))?;
-    let kv_heads = per_layer(c, "llama.attention.head_count_kv", n_layers, path)?.unwrap_or_else(|| heads.clone());
-    let ffn = per_layer(c, "llama.feed_forward_length", n_layers, path)?
-        .ok_or_else(|| gguf_err(path, "missing metadata `llama.feed_forward_length`"))?;
-    let key_length = match meta(c, "llama.attention.key_length") {
-        Some(v) => {
-            Some(value_usize(v).ok_or_else(|| gguf_err(path, "`llama.attention.key_length` is not an integer"))?)
-        }
+    let heads = per_layer(c, &key("attention.head_count"), n_layers, path)?
+        .ok_or_else(|| gguf_err(path, format!("missing metadata `{}`", key("attention.head_count"))))?;
+    let kv_heads = per_layer(c, &key("attention.head_count_kv"), n_layers, path)?.unwrap_or_else(|| heads.clone());
+    let ffn = per_layer(c, &key("feed_forward_length"), n_layers, path)?
+        .ok_or_else(|| gguf_err(path, format!("missing metadata `{}`", key("feed_forward_length"))))?;
+    let key_length = match meta(c, &key("attention.key_length")) {
+        Some(v) => Some(
+            value_usize(v)
+                .ok_or_else(|| gguf_err(path, format!("`{}` is not an integer", key("attention.key_length"))))?,
+        ),
         None => None,
     };
-    let vocab_size = match meta(c, "llama.vocab_size") {
-        Some(v) => value_usize(v).ok_or_else(|| gguf_err(path, "`llama.vocab_size` is not an integer"))?,
+    let vocab_size = match meta(c, &key("vocab_size")) {
+        Some(v) => {
+            value_usize(v).ok_or_else(|| gguf_err(path, format!("`{}` is not an integer", key("vocab_size"))))?
+        }
         None => match meta(c, "tokenizer.ggml.tokens") {
             Some(Value::Array(a)) => a.len(),
-            _ => return Err(gguf_err(path, "missing `llama.vocab_size` and `tokenizer.ggml.tokens`")),
+            _ => return Err(gguf_err(path, format!("missing `{}` and `tokenizer.ggml.tokens`", key("vocab_size")))),
         },
     };
+    let f = |k: &str, default: f64| meta(c, &key(k)).and_then(value_f64).unwrap_or(default);
+    let mut arch = family.arch();
+    let scaling = match meta(c, &key("rope.scaling.type")) {
+        None => RopeScaling::Default,
+        Some(Value::String(t)) if t == "none" => RopeScaling::Default,
+        Some(Value::String(t)) if t == "linear" => RopeScaling::Linear { factor: f("rope.scaling.factor", 1.0) },
+        Some(v) => {
+            return Err(gguf_err(
+                path,
+                format!("metadata `{}` {v:?} is not supported (none, linear)", key("rope.scaling.type")),
+            ))
+        }
+    };
+    arch.rope = Rope { theta: f("rope.freq_base", 10_000.0), scaling };
+    let window = meta(c, &key("attention.sliding_window")).and_then(value_usize);
+    let mut sliding = vec![false; n_layers];
+    if family == Family::Gemma3 {
+        // llama.cpp's Gemma-3: every sixth layer global, the others sliding with a rotary base of 10000; scores
+        // scaled by head_dim^-1/2 (query_pre_attn_scalar = head_dim for the published sizes but 27B).
+        arch.sliding_window = window.or(Some(512));
+        arch.local_rope = Some(Rope { theta: 10_000.0, scaling: RopeScaling::Default });
+        sliding = (0..n_layers).map(|i| (i + 1) % 6 != 0).collect();
+    } else if let Some(w) = window {
+        arch.sliding_window = Some(w);
+        sliding = vec![true; n_layers];
+    }
     let mut layers = Vec::with_capacity(n_layers);
     for i in 0..n_layers {
         if heads[i] == 0 {
@@ -132,47 +179,62 @@ pub fn spec_from_gguf(c: &Content, path: &Path) -> Result<ModelSpec> {
             num_key_value_heads: kv_heads[i],
             head_dim: key_length.unwrap_or(hidden / heads[i]),
             intermediate_size: ffn[i],
+            sliding: sliding[i],
         });
     }
-    let f = |key: &str, default: f64| meta(c, key).and_then(value_f64).unwrap_or(default);
+    if family == Family::Gemma3 {
+        arch.query_pre_attn_scalar = Some(layers[0].head_dim as f64);
+    }
     let spec = ModelSpec {
         vocab_size,
         hidden_size: hidden,
-        rms_norm_eps: f("llama.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta: f("llama.rope.freq_base", 10_000.0),
-        max_position_embeddings: meta(c, "llama.context_length").and_then(value_usize).unwrap_or(2048),
+        rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5),
+        max_position_embeddings: meta(c, &key("context_length")).and_then(value_usize).unwrap_or(2048),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         bos_token_id: meta(c, "tokenizer.ggml.bos_token_id").and_then(value_usize).map(|x| x as u32),
         eos_token_id: meta(c, "tokenizer.ggml.eos_token_id").and_then(value_usize).map(|x| x as u32),
+        arch,
         layers,
     };
     spec.validate(path)?;
     Ok(spec)
 }
 
-/// HF name for a GGUF tensor name.
-fn hf_name(gguf: &str) -> Option<String> {
+/// The layer part of a GGUF tensor name (after `blk.N.`).
+fn gguf_part(name: &str) -> Option<Part> {
+    Some(match name {
+        "attn_norm.weight" => Part::AttnNorm,
+        "attn_q.weight" => Part::Q,
+        "attn_k.weight" => Part::K,
+        "attn_v.weight" => Part::V,
+        "attn_output.weight" => Part::O,
+        "ffn_norm.weight" => Part::MlpNorm,
+        "ffn_gate.weight" => Part::Gate,
+        "ffn_up.weight" => Part::Up,
+        "ffn_down.weight" => Part::Down,
+        "attn_q.bias" => Part::QBias,
+        "attn_k.bias" => Part::KBias,
+        "attn_v.bias" => Part::VBias,
+        "attn_q_norm.weight" => Part::QNorm,
+        "attn_k_norm.weight" => Part::KNorm,
+        "post_attention_norm.weight" => Part::AttnOutNorm,
+        "post_ffw_norm.weight" => Part::MlpOutNorm,
+        _ => return None,
+    })
+}
+
+/// HF name (and layer part, for layer tensors) of a GGUF tensor name.
+fn hf_name(gguf: &str, arch: &Arch) -> Option<(String, Option<(usize, Part)>)> {
     Some(match gguf {
-        "token_embd.weight" => "model.embed_tokens.weight".into(),
-        "output_norm.weight" => "model.norm.weight".into(),
-        "output.weight" => "lm_head.weight".into(),
+        "token_embd.weight" => ("model.embed_tokens.weight".into(), None),
+        "output_norm.weight" => ("model.norm.weight".into(), None),
+        "output.weight" => ("lm_head.weight".into(), None),
         _ => {
             let rest = gguf.strip_prefix("blk.")?;
             let (idx, part) = rest.split_once('.')?;
             let idx: usize = idx.parse().ok()?;
-            let suffix = match part {
-                "attn_norm.weight" => "input_layernorm.weight",
-                "attn_q.weight" => "self_attn.q_proj.weight",
-                "attn_k.weight" => "self_attn.k_proj.weight",
-                "attn_v.weight" => "self_attn.v_proj.weight",
-                "attn_output.weight" => "self_attn.o_proj.weight",
-                "ffn_norm.weight" => "post_attention_layernorm.weight",
-                "ffn_gate.weight" => "mlp.gate_proj.weight",
-                "ffn_up.weight" => "mlp.up_proj.weight",
-                "ffn_down.weight" => "mlp.down_proj.weight",
-                _ => return None,
-            };
-            format!("model.layers.{idx}.{suffix}")
+            let part = gguf_part(part)?;
+            (format!("model.layers.{idx}.{}", part.hf_suffix(arch)), Some((idx, part)))
         }
     })
 }
@@ -192,10 +254,9 @@ fn expected_shapes(spec: &ModelSpec) -> HashMap<String, Vec<usize>> {
     out.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
     out.insert("model.norm.weight".to_string(), vec![h]);
     out.insert("lm_head.weight".to_string(), vec![v, h]);
-    let suffixes = LayerWeights::named_suffixes();
     for (i, l) in spec.layers.iter().enumerate() {
-        for (suffix, shape) in suffixes.iter().zip(LayerWeights::expected_shapes(l, h)) {
-            out.insert(format!("model.layers.{i}.{suffix}"), shape);
+        for (part, shape) in LayerWeights::expected_shapes(l, h, &spec.arch) {
+            out.insert(format!("model.layers.{i}.{}", part.hf_suffix(&spec.arch)), shape);
         }
     }
     out
@@ -236,7 +297,9 @@ pub fn dequantize_raw(dtype: GgmlDType, raw: &[u8], dims: &[usize], name: &str, 
     dequantize_qtensor(&q, name, path)
 }
 
-/// Loads the spec and f32 weights of a llama GGUF.
+/// Loads the spec and f32 weights of a GGUF (see [`spec_from_gguf`] for the architectures). llama.cpp's
+/// converter permutes the Q/K rows of `llama` models for its interleaved rotary (undone here) and stores Gemma's
+/// norm weights as `1 + w` (the 1 is taken off again, as transformers' GGUF loader does).
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Content)> {
     let (content, mut reader) = read_content(path)?;
     let spec = spec_from_gguf(&content, path)?;
@@ -245,8 +308,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Co
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let hf =
-            hf_name(name).ok_or_else(|| gguf_err(path, format!("unexpected tensor `{name}` for a llama model")))?;
+        let (hf, layer_part) = hf_name(name, &spec.arch).ok_or_else(|| {
+            gguf_err(path, format!("unexpected tensor `{name}` for a {} model", spec.arch.family.model_type()))
+        })?;
         // Check the shape against the metadata before reading (and allocating) the tensor.
         let dims = content.tensor_infos[name].shape.dims();
         match expected.get(&hf) {
@@ -271,7 +335,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Co
             .tensor(&mut reader, name, &Device::Cpu)
             .map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
         let mut t = dequantize_qtensor(&q, name, path)?;
-        if let Some(layer) = hf.strip_prefix("model.layers.").and_then(|r| r.split('.').next()?.parse::<usize>().ok()) {
+        if let Some((layer, part)) = layer_part {
             let l = spec.layers.get(layer).ok_or_else(|| {
                 gguf_err(
                     path,
@@ -281,11 +345,16 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Co
                     ),
                 )
             })?;
-            if hf.ends_with("q_proj.weight") && t.rank() == 2 && t.dim(0)? % (2 * l.num_attention_heads) == 0 {
-                t = unpermute_qk(&t, l.num_attention_heads)?;
-            } else if hf.ends_with("k_proj.weight") && t.rank() == 2 && t.dim(0)? % (2 * l.num_key_value_heads) == 0 {
-                t = unpermute_qk(&t, l.num_key_value_heads)?;
+            if spec.arch.family == Family::Llama {
+                match part {
+                    Part::Q => t = unpermute_qk(&t, l.num_attention_heads)?,
+                    Part::K => t = unpermute_qk(&t, l.num_key_value_heads)?,
+                    _ => {}
+                }
             }
+        }
+        if spec.arch.norm_plus_one && hf.ends_with("norm.weight") {
+            t = (t - 1.0)?;
         }
         tensors.insert(hf, t.to_device(device)?);
     }
@@ -322,8 +391,20 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf() {
-        assert_eq!(hf_name("blk.12.attn_output.weight").unwrap(), "model.layers.12.self_attn.o_proj.weight");
-        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
-        assert!(hf_name("blk.1.attn_qkv.weight").is_none());
+        let llama = Family::Llama.arch();
+        let gemma = Family::Gemma3.arch();
+        let name = |g: &str, a: &Arch| hf_name(g, a).map(|(n, _)| n);
+        assert_eq!(name("blk.12.attn_output.weight", &llama).unwrap(), "model.layers.12.self_attn.o_proj.weight");
+        assert_eq!(name("token_embd.weight", &llama).unwrap(), "model.embed_tokens.weight");
+        assert!(name("blk.1.attn_qkv.weight", &llama).is_none());
+        // Gemma-3's sandwich norms: GGUF `ffn_norm` is the pre-MLP norm, `post_attention_norm` the norm of the
+        // attention output (HF's `post_attention_layernorm` in that family).
+        assert_eq!(name("blk.0.ffn_norm.weight", &llama).unwrap(), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(name("blk.0.ffn_norm.weight", &gemma).unwrap(), "model.layers.0.pre_feedforward_layernorm.weight");
+        assert_eq!(
+            name("blk.0.post_attention_norm.weight", &gemma).unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(name("blk.3.attn_k_norm.weight", &gemma).unwrap(), "model.layers.3.self_attn.k_norm.weight");
     }
 }

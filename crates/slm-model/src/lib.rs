@@ -1,9 +1,10 @@
-//! `slm-model`: the Llama-family model core of slm.
+//! `slm-model`: the decoder model core of slm (Llama, Mistral, Qwen2, Qwen3, Gemma-3).
 //!
 //! Shapes ([`ModelSpec`], one [`LayerSpec`] per layer, so layers may differ in width), plain weights
 //! ([`Weights`]), the batched forward pass ([`forward`]), loading an HF directory or a llama GGUF, the tokenizer,
 //! saving an HF directory atomically, and calibration sampling. It knows nothing about pruning methods.
 
+pub mod arch;
 pub mod calib;
 pub mod data;
 pub mod error;
@@ -28,9 +29,9 @@ use candle_core::{DType, Device};
 pub use error::{ModelError, Result};
 pub use forward::{Batch, ForwardOutput, LayerAdapter, Mode, NoAdapter, PackedSequence};
 pub use hf::{write_file_atomically, StorageDType};
-pub use spec::{LayerSpec, ModelSpec};
+pub use spec::{Activation, Arch, Family, LayerSpec, ModelSpec, Rope, RopeScaling};
 pub use tokenizer::Tokenizer;
-pub use weights::{LayerWeights, Weights, PROJECTIONS};
+pub use weights::{LayerWeights, Part, PartKind, Weights, PROJECTIONS};
 
 /// A loaded model: shapes, f32 weights on a device, and its tokenizer.
 #[derive(Debug, Clone)]
@@ -66,8 +67,11 @@ impl Model {
         } else if path.is_dir() && path.join("config.json").exists() {
             let (spec, weights) = hf::load_hf(path, device)?;
             let tok_path = path.join("tokenizer.json");
-            let tokenizer =
-                if tok_path.symlink_metadata().is_ok() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+            let tokenizer = if tok_path.symlink_metadata().is_ok() {
+                Some(Tokenizer::from_file(&tok_path)?.with_bos_to_prepend(hf_bos(path, &spec)?))
+            } else {
+                None
+            };
             Model { spec, weights, tokenizer, device: device.clone(), source: Some(path.to_path_buf()) }
         } else {
             return Err(ModelError::UnknownFormat { path: path.to_path_buf() });
@@ -83,7 +87,7 @@ impl Model {
         tokenizer: Option<Tokenizer>,
         device: &Device,
     ) -> Result<Self> {
-        let named: HashMap<String, candle_core::Tensor> = weights.named_tensors().into_iter().collect();
+        let named: HashMap<String, candle_core::Tensor> = weights.named_tensors(&spec.arch).into_iter().collect();
         let weights = Weights::from_named(&spec, named, Path::new("<in-memory model>"))?;
         Ok(Model { spec, weights, tokenizer, device: device.clone(), source: None })
     }
@@ -117,7 +121,7 @@ impl Model {
     ) -> Result<()> {
         let _span = tracing::info_span!("save", dir = %dir.display()).entered();
         let mut tensors = HashMap::new();
-        for (name, t) in self.weights.named_tensors() {
+        for (name, t) in self.weights.named_tensors(&self.spec.arch) {
             let t = t.to_device(&Device::Cpu)?.to_dtype(dtype.dtype())?.contiguous()?;
             tensors.insert(name, t);
         }
@@ -142,7 +146,7 @@ impl Model {
         let name = |id: Option<u32>| id.and_then(|i| tok.and_then(|t| t.inner().id_to_token(i)));
         serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "add_bos_token": false,
+            "add_bos_token": self.tokenizer.as_ref().and_then(|t| t.bos_to_prepend()).is_some(),
             "add_eos_token": false,
             "bos_token": name(self.spec.bos_token_id),
             "eos_token": name(self.spec.eos_token_id),
@@ -155,6 +159,24 @@ impl Model {
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         Ok(Model { weights: self.weights.to(device, DType::F32)?, device: device.clone(), ..self.clone() })
     }
+}
+
+/// The BOS token an HF directory's tokenizer puts first: `bos_token_id` when `tokenizer_config.json` says
+/// `add_bos_token: true`.
+fn hf_bos(dir: &Path, spec: &ModelSpec) -> Result<Option<u32>> {
+    let p = dir.join("tokenizer_config.json");
+    if p.symlink_metadata().is_err() {
+        return Ok(None);
+    }
+    let bytes = files::read_regular_file(&p, files::MAX_CONFIG_BYTES)?;
+    let v = files::parse_json_unique(&bytes, |message| ModelError::Tokenizer { path: p.clone(), message })?;
+    Ok(match v.get("add_bos_token").and_then(serde_json::Value::as_bool) {
+        Some(true) => Some(spec.bos_token_id.ok_or_else(|| ModelError::Tokenizer {
+            path: p.clone(),
+            message: "`add_bos_token` is true but config.json has no `bos_token_id`".into(),
+        })?),
+        _ => None,
+    })
 }
 
 fn is_gguf(path: &Path) -> bool {

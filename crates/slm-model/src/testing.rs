@@ -37,17 +37,21 @@ pub fn smollm_spec() -> crate::ModelSpec {
         vocab_size: 49152,
         hidden_size: 576,
         rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
         max_position_embeddings: 8192,
         tie_word_embeddings: true,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
+        arch: crate::spec::Arch {
+            rope: crate::spec::Rope { theta: 100_000.0, scaling: crate::spec::RopeScaling::Default },
+            ..Default::default()
+        },
         layers: vec![
             crate::LayerSpec {
                 num_attention_heads: 9,
                 num_key_value_heads: 3,
                 head_dim: 64,
-                intermediate_size: 1536
+                intermediate_size: 1536,
+                sliding: false,
             };
             30
         ],
@@ -57,27 +61,40 @@ pub fn smollm_spec() -> crate::ModelSpec {
 /// A small random Llama (no tokenizer) for fast tests: vocab 64, hidden 32, 4 heads over 2 KV heads of dim 8,
 /// MLP width 48. Deterministic in `seed`.
 pub fn tiny_model(num_layers: usize, seed: u64) -> crate::Model {
+    tiny_model_of(crate::spec::Family::Llama, num_layers, seed)
+}
+
+/// [`tiny_model`] with the features of `family` (its [`crate::spec::Family::arch`]; for Gemma-3 every other
+/// layer sliding with a window of 4, local rotary base 10000, `query_pre_attn_scalar` 16), every optional part
+/// random. Deterministic in `seed`.
+pub fn tiny_model_of(family: crate::spec::Family, num_layers: usize, seed: u64) -> crate::Model {
     use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
     let spec = crate::ModelSpec {
         vocab_size: 64,
         hidden_size: 32,
         rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
         max_position_embeddings: 256,
         tie_word_embeddings: false,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
-        layers: vec![
-            crate::LayerSpec {
+        arch: family.arch(),
+        layers: (0..num_layers)
+            .map(|i| crate::LayerSpec {
                 num_attention_heads: 4,
                 num_key_value_heads: 2,
                 head_dim: 8,
                 intermediate_size: 48,
-            };
-            num_layers
-        ],
+                sliding: family == crate::spec::Family::Gemma3 && i % 2 == 0,
+            })
+            .collect(),
     };
+    let mut spec = spec;
+    if family == crate::spec::Family::Gemma3 {
+        spec.arch.sliding_window = Some(4);
+        spec.arch.local_rope = Some(crate::spec::Rope { theta: 10_000.0, scaling: crate::spec::RopeScaling::Default });
+        spec.arch.query_pre_attn_scalar = Some(16.0);
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut rand_t = |shape: &[usize], scale: f32, offset: f32| {
         let n: usize = shape.iter().product();
@@ -89,18 +106,20 @@ pub fn tiny_model(num_layers: usize, seed: u64) -> crate::Model {
         .layers
         .iter()
         .map(|l| {
-            let s = crate::LayerWeights::expected_shapes(l, h);
-            crate::LayerWeights {
-                input_layernorm: rand_t(&s[0], 0.1, 1.0),
-                q_proj: rand_t(&s[1], 0.3, 0.0),
-                k_proj: rand_t(&s[2], 0.3, 0.0),
-                v_proj: rand_t(&s[3], 0.3, 0.0),
-                o_proj: rand_t(&s[4], 0.3, 0.0),
-                post_attention_layernorm: rand_t(&s[5], 0.1, 1.0),
-                gate_proj: rand_t(&s[6], 0.3, 0.0),
-                up_proj: rand_t(&s[7], 0.3, 0.0),
-                down_proj: rand_t(&s[8], 0.3, 0.0),
+            let mut w: Option<crate::LayerWeights> = None;
+            for (part, shape) in crate::LayerWeights::expected_shapes(l, h, &spec.arch) {
+                let t = match part.kind() {
+                    crate::weights::PartKind::Norm => rand_t(&shape, 0.1, 1.0),
+                    crate::weights::PartKind::Bias => rand_t(&shape, 0.1, 0.0),
+                    crate::weights::PartKind::Projection => rand_t(&shape, 0.3, 0.0),
+                };
+                match &mut w {
+                    Some(w) => w.set(part, t),
+                    // The first part is the attention norm; the others are set over this placeholder layer.
+                    None => w = Some(crate::LayerWeights::llama(std::array::from_fn(|_| t.clone()))),
+                }
             }
+            w.expect("a layer has parts")
         })
         .collect();
     let weights = crate::Weights {

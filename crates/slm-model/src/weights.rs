@@ -6,12 +6,130 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::spec::{LayerSpec, ModelSpec};
+use crate::spec::{Arch, LayerSpec, ModelSpec};
 
 /// The seven projections of a decoder layer, in HF order. Methods that touch "every projection" (merging,
 /// LoRA) iterate over this.
 pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+/// One tensor of a decoder layer, by its role. The HF names depend on the architecture (Gemma-3's sandwich norms
+/// rename the pre-MLP norm), see [`Part::hf_suffix`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// The norm before attention (`input_layernorm`).
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`, Gemma-3's `pre_feedforward_layernorm`).
+    MlpNorm,
+    Gate,
+    Up,
+    Down,
+    QBias,
+    KBias,
+    VBias,
+    /// Per-head RMSNorm of q (`self_attn.q_norm`), `[head_dim]`.
+    QNorm,
+    KNorm,
+    /// The norm of the attention output before the residual add (Gemma-3's `post_attention_layernorm`).
+    AttnOutNorm,
+    /// The norm of the MLP output before the residual add (`post_feedforward_layernorm`).
+    MlpOutNorm,
+}
+
+/// What a [`Part`] is, for methods that treat weights by kind (a merge averages projections and biases alike,
+/// keeps or averages norms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartKind {
+    Projection,
+    Bias,
+    Norm,
+}
+
+impl Part {
+    pub const ALL: [Part; 16] = [
+        Part::AttnNorm,
+        Part::Q,
+        Part::K,
+        Part::V,
+        Part::O,
+        Part::MlpNorm,
+        Part::Gate,
+        Part::Up,
+        Part::Down,
+        Part::QBias,
+        Part::KBias,
+        Part::VBias,
+        Part::QNorm,
+        Part::KNorm,
+        Part::AttnOutNorm,
+        Part::MlpOutNorm,
+    ];
+
+    pub fn kind(self) -> PartKind {
+        match self {
+            Part::Q | Part::K | Part::V | Part::O | Part::Gate | Part::Up | Part::Down => PartKind::Projection,
+            Part::QBias | Part::KBias | Part::VBias => PartKind::Bias,
+            _ => PartKind::Norm,
+        }
+    }
+
+    /// Whether a layer of this architecture has the part.
+    pub fn present(self, arch: &Arch) -> bool {
+        match self {
+            Part::QBias | Part::KBias | Part::VBias => arch.qkv_bias,
+            Part::QNorm | Part::KNorm => arch.qk_norm,
+            Part::AttnOutNorm | Part::MlpOutNorm => arch.sandwich_norms,
+            _ => true,
+        }
+    }
+
+    /// The HF name after `model.layers.{i}.`.
+    pub fn hf_suffix(self, arch: &Arch) -> &'static str {
+        match self {
+            Part::AttnNorm => "input_layernorm.weight",
+            Part::Q => "self_attn.q_proj.weight",
+            Part::K => "self_attn.k_proj.weight",
+            Part::V => "self_attn.v_proj.weight",
+            Part::O => "self_attn.o_proj.weight",
+            Part::MlpNorm if arch.sandwich_norms => "pre_feedforward_layernorm.weight",
+            Part::MlpNorm => "post_attention_layernorm.weight",
+            Part::Gate => "mlp.gate_proj.weight",
+            Part::Up => "mlp.up_proj.weight",
+            Part::Down => "mlp.down_proj.weight",
+            Part::QBias => "self_attn.q_proj.bias",
+            Part::KBias => "self_attn.k_proj.bias",
+            Part::VBias => "self_attn.v_proj.bias",
+            Part::QNorm => "self_attn.q_norm.weight",
+            Part::KNorm => "self_attn.k_norm.weight",
+            Part::AttnOutNorm => "post_attention_layernorm.weight",
+            Part::MlpOutNorm => "post_feedforward_layernorm.weight",
+        }
+    }
+
+    /// The shape of the part in a layer of shape `l`.
+    pub fn shape(self, l: &LayerSpec, hidden: usize) -> Vec<usize> {
+        let q = l.num_attention_heads * l.head_dim;
+        let kv = l.num_key_value_heads * l.head_dim;
+        let i = l.intermediate_size;
+        match self {
+            Part::AttnNorm | Part::MlpNorm | Part::AttnOutNorm | Part::MlpOutNorm => vec![hidden],
+            Part::Q => vec![q, hidden],
+            Part::K | Part::V => vec![kv, hidden],
+            Part::O => vec![hidden, q],
+            Part::Gate | Part::Up => vec![i, hidden],
+            Part::Down => vec![hidden, i],
+            Part::QBias => vec![q],
+            Part::KBias | Part::VBias => vec![kv],
+            Part::QNorm | Part::KNorm => vec![l.head_dim],
+        }
+    }
+}
+
+/// The tensors of one decoder layer. The nine of Llama are always there; the others are `Some` exactly when the
+/// architecture has them ([`Part::present`]).
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
     pub input_layernorm: Tensor,
@@ -19,41 +137,106 @@ pub struct LayerWeights {
     pub k_proj: Tensor,
     pub v_proj: Tensor,
     pub o_proj: Tensor,
+    /// The norm before the MLP (Llama's name; Gemma-3 calls it `pre_feedforward_layernorm`).
     pub post_attention_layernorm: Tensor,
     pub gate_proj: Tensor,
     pub up_proj: Tensor,
     pub down_proj: Tensor,
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// Gemma-3's norm of the attention output (its `post_attention_layernorm`).
+    pub attn_out_norm: Option<Tensor>,
+    /// Gemma-3's norm of the MLP output (`post_feedforward_layernorm`).
+    pub mlp_out_norm: Option<Tensor>,
 }
 
 impl LayerWeights {
-    /// (HF name suffix, tensor) pairs, e.g. `("self_attn.q_proj.weight", q)`.
-    pub fn named(&self) -> [(&'static str, &Tensor); 9] {
-        [
-            ("input_layernorm.weight", &self.input_layernorm),
-            ("self_attn.q_proj.weight", &self.q_proj),
-            ("self_attn.k_proj.weight", &self.k_proj),
-            ("self_attn.v_proj.weight", &self.v_proj),
-            ("self_attn.o_proj.weight", &self.o_proj),
-            ("post_attention_layernorm.weight", &self.post_attention_layernorm),
-            ("mlp.gate_proj.weight", &self.gate_proj),
-            ("mlp.up_proj.weight", &self.up_proj),
-            ("mlp.down_proj.weight", &self.down_proj),
-        ]
+    /// A Llama layer (no optional parts) from its nine tensors in [`Part::ALL`] order.
+    pub fn llama(t: [Tensor; 9]) -> Self {
+        let [input_layernorm, q_proj, k_proj, v_proj, o_proj, post_attention_layernorm, gate_proj, up_proj, down_proj] =
+            t;
+        LayerWeights {
+            input_layernorm,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            post_attention_layernorm,
+            gate_proj,
+            up_proj,
+            down_proj,
+            q_bias: None,
+            k_bias: None,
+            v_bias: None,
+            q_norm: None,
+            k_norm: None,
+            attn_out_norm: None,
+            mlp_out_norm: None,
+        }
     }
 
-    /// The HF name suffixes in the order of [`LayerWeights::named`].
-    pub fn named_suffixes() -> [&'static str; 9] {
-        [
-            "input_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "post_attention_layernorm.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ]
+    /// The tensor of `part`, if the layer has it.
+    pub fn get(&self, part: Part) -> Option<&Tensor> {
+        match part {
+            Part::AttnNorm => Some(&self.input_layernorm),
+            Part::Q => Some(&self.q_proj),
+            Part::K => Some(&self.k_proj),
+            Part::V => Some(&self.v_proj),
+            Part::O => Some(&self.o_proj),
+            Part::MlpNorm => Some(&self.post_attention_layernorm),
+            Part::Gate => Some(&self.gate_proj),
+            Part::Up => Some(&self.up_proj),
+            Part::Down => Some(&self.down_proj),
+            Part::QBias => self.q_bias.as_ref(),
+            Part::KBias => self.k_bias.as_ref(),
+            Part::VBias => self.v_bias.as_ref(),
+            Part::QNorm => self.q_norm.as_ref(),
+            Part::KNorm => self.k_norm.as_ref(),
+            Part::AttnOutNorm => self.attn_out_norm.as_ref(),
+            Part::MlpOutNorm => self.mlp_out_norm.as_ref(),
+        }
+    }
+
+    fn slot(&mut self, part: Part) -> SlotMut<'_> {
+        match part {
+            Part::AttnNorm => SlotMut::Required(&mut self.input_layernorm),
+            Part::Q => SlotMut::Required(&mut self.q_proj),
+            Part::K => SlotMut::Required(&mut self.k_proj),
+            Part::V => SlotMut::Required(&mut self.v_proj),
+            Part::O => SlotMut::Required(&mut self.o_proj),
+            Part::MlpNorm => SlotMut::Required(&mut self.post_attention_layernorm),
+            Part::Gate => SlotMut::Required(&mut self.gate_proj),
+            Part::Up => SlotMut::Required(&mut self.up_proj),
+            Part::Down => SlotMut::Required(&mut self.down_proj),
+            Part::QBias => SlotMut::Optional(&mut self.q_bias),
+            Part::KBias => SlotMut::Optional(&mut self.k_bias),
+            Part::VBias => SlotMut::Optional(&mut self.v_bias),
+            Part::QNorm => SlotMut::Optional(&mut self.q_norm),
+            Part::KNorm => SlotMut::Optional(&mut self.k_norm),
+            Part::AttnOutNorm => SlotMut::Optional(&mut self.attn_out_norm),
+            Part::MlpOutNorm => SlotMut::Optional(&mut self.mlp_out_norm),
+        }
+    }
+
+    /// Replaces the tensor of `part` (setting an optional part makes it present).
+    pub fn set(&mut self, part: Part, t: Tensor) {
+        match self.slot(part) {
+            SlotMut::Required(r) => *r = t,
+            SlotMut::Optional(o) => *o = Some(t),
+        }
+    }
+
+    /// Every part the layer has, with its tensor, in [`Part::ALL`] order.
+    pub fn parts(&self) -> Vec<(Part, &Tensor)> {
+        Part::ALL.iter().filter_map(|&p| self.get(p).map(|t| (p, t))).collect()
+    }
+
+    /// (HF name suffix, tensor) pairs, e.g. `("self_attn.q_proj.weight", q)`.
+    pub fn named(&self, arch: &Arch) -> Vec<(&'static str, &Tensor)> {
+        self.parts().into_iter().map(|(p, t)| (p.hf_suffix(arch), t)).collect()
     }
 
     /// Projection by its short name (one of [`PROJECTIONS`]).
@@ -70,37 +253,41 @@ impl LayerWeights {
         })
     }
 
-    /// Shapes implied by a layer spec, in the order of [`LayerWeights::named`].
-    pub fn expected_shapes(l: &LayerSpec, hidden: usize) -> [Vec<usize>; 9] {
-        let q = l.num_attention_heads * l.head_dim;
-        let kv = l.num_key_value_heads * l.head_dim;
-        let i = l.intermediate_size;
-        [
-            vec![hidden],
-            vec![q, hidden],
-            vec![kv, hidden],
-            vec![kv, hidden],
-            vec![hidden, q],
-            vec![hidden],
-            vec![i, hidden],
-            vec![i, hidden],
-            vec![hidden, i],
-        ]
+    /// The parts a layer of this architecture has, with their shapes for layer shape `l`.
+    pub fn expected_shapes(l: &LayerSpec, hidden: usize, arch: &Arch) -> Vec<(Part, Vec<usize>)> {
+        Part::ALL.iter().filter(|p| p.present(arch)).map(|&p| (p, p.shape(l, hidden))).collect()
     }
 
-    fn map(&self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Self> {
-        Ok(LayerWeights {
-            input_layernorm: f(&self.input_layernorm)?,
-            q_proj: f(&self.q_proj)?,
-            k_proj: f(&self.k_proj)?,
-            v_proj: f(&self.v_proj)?,
-            o_proj: f(&self.o_proj)?,
-            post_attention_layernorm: f(&self.post_attention_layernorm)?,
-            gate_proj: f(&self.gate_proj)?,
-            up_proj: f(&self.up_proj)?,
-            down_proj: f(&self.down_proj)?,
-        })
+    /// A layer whose every part is `f(part, [that part of each layer])`. The layers must have the same parts
+    /// (they come from one model); the first layer's set of parts is the result's.
+    pub fn zip_map(
+        layers: &[&LayerWeights],
+        mut f: impl FnMut(Part, &[&Tensor]) -> candle_core::Result<Tensor>,
+    ) -> Result<LayerWeights> {
+        let first = layers.first().ok_or_else(|| ModelError::InvalidArgument("zip_map of no layers".into()))?;
+        let mut out = (*first).clone();
+        for (part, _) in first.parts() {
+            let ts: Vec<&Tensor> = layers
+                .iter()
+                .map(|l| {
+                    l.get(part).ok_or_else(|| {
+                        ModelError::InvalidArgument(format!("layers of one window differ: one has no {part:?}"))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            out.set(part, f(part, &ts)?);
+        }
+        Ok(out)
     }
+
+    fn map(&self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
+        LayerWeights::zip_map(&[self], |_, ts| f(ts[0]))
+    }
+}
+
+enum SlotMut<'a> {
+    Required(&'a mut Tensor),
+    Optional(&'a mut Option<Tensor>),
 }
 
 #[derive(Debug, Clone)]
@@ -119,10 +306,10 @@ impl Weights {
     }
 
     /// Every tensor under its HF name.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+    pub fn named_tensors(&self, arch: &Arch) -> Vec<(String, Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
         for (i, layer) in self.layers.iter().enumerate() {
-            for (suffix, t) in layer.named() {
+            for (suffix, t) in layer.named(arch) {
                 out.push((format!("model.layers.{i}.{suffix}"), t.clone()));
             }
         }
@@ -154,19 +341,22 @@ impl Weights {
         let embed_tokens = take("model.embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(spec.layers.len());
         for (i, l) in spec.layers.iter().enumerate() {
-            let shapes = LayerWeights::expected_shapes(l, h);
-            let mut get = |k: usize, suffix: &str| take(&format!("model.layers.{i}.{suffix}"), &shapes[k]);
-            layers.push(LayerWeights {
-                input_layernorm: get(0, "input_layernorm.weight")?,
-                q_proj: get(1, "self_attn.q_proj.weight")?,
-                k_proj: get(2, "self_attn.k_proj.weight")?,
-                v_proj: get(3, "self_attn.v_proj.weight")?,
-                o_proj: get(4, "self_attn.o_proj.weight")?,
-                post_attention_layernorm: get(5, "post_attention_layernorm.weight")?,
-                gate_proj: get(6, "mlp.gate_proj.weight")?,
-                up_proj: get(7, "mlp.up_proj.weight")?,
-                down_proj: get(8, "mlp.down_proj.weight")?,
-            });
+            let mut get = |p: Part| take(&format!("model.layers.{i}.{}", p.hf_suffix(&spec.arch)), &p.shape(l, h));
+            let mut layer = LayerWeights::llama([
+                get(Part::AttnNorm)?,
+                get(Part::Q)?,
+                get(Part::K)?,
+                get(Part::V)?,
+                get(Part::O)?,
+                get(Part::MlpNorm)?,
+                get(Part::Gate)?,
+                get(Part::Up)?,
+                get(Part::Down)?,
+            ]);
+            for p in Part::ALL[9..].iter().filter(|p| p.present(&spec.arch)) {
+                layer.set(*p, get(*p)?);
+            }
+            layers.push(layer);
         }
         let norm = take("model.norm.weight", &[h])?;
         let lm_head = if spec.tie_word_embeddings {
@@ -193,7 +383,7 @@ impl Weights {
         let f = |t: &Tensor| t.to_device(device)?.to_dtype(dtype);
         Ok(Weights {
             embed_tokens: f(&self.embed_tokens)?,
-            layers: self.layers.iter().map(|l| l.map(f)).collect::<candle_core::Result<_>>()?,
+            layers: self.layers.iter().map(|l| l.map(f)).collect::<Result<_>>()?,
             norm: f(&self.norm)?,
             lm_head: self.lm_head.as_ref().map(f).transpose()?,
         })

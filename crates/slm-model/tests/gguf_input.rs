@@ -47,7 +47,7 @@ fn write_gguf(m: &Model, path: &std::path::Path, arch: &str) {
         ("llama.feed_forward_length", Value::U32(l.intermediate_size as u32)),
         ("llama.attention.head_count", Value::U32(l.num_attention_heads as u32)),
         ("llama.attention.head_count_kv", Value::U32(l.num_key_value_heads as u32)),
-        ("llama.rope.freq_base", Value::F32(s.rope_theta as f32)),
+        ("llama.rope.freq_base", Value::F32(s.arch.rope.theta as f32)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(s.rms_norm_eps as f32)),
         ("llama.context_length", Value::U32(s.max_position_embeddings as u32)),
         ("llama.vocab_size", Value::U32(s.vocab_size as u32)),
@@ -72,7 +72,9 @@ fn gguf_round_trip_recovers_hf_layout_and_logits() {
     assert_eq!(back.spec.layers, m.spec.layers);
     assert_eq!((back.spec.vocab_size, back.spec.hidden_size), (m.spec.vocab_size, m.spec.hidden_size));
     assert!((back.spec.rms_norm_eps - m.spec.rms_norm_eps).abs() < 1e-12, "eps is stored as f32");
-    for ((na, a), (_, b)) in m.weights.named_tensors().iter().zip(back.weights.named_tensors().iter()) {
+    for ((na, a), (_, b)) in
+        m.weights.named_tensors(&m.spec.arch).iter().zip(back.weights.named_tensors(&back.spec.arch).iter())
+    {
         assert_eq!(a.to_vec2::<f32>().ok(), b.to_vec2::<f32>().ok(), "{na}");
     }
     let ids = [1u32, 2, 3, 40, 50];
@@ -86,7 +88,7 @@ fn unsupported_architecture_is_a_clear_error() {
     let p = dir.path().join("gpt2.gguf");
     write_gguf(&tiny_model(1, 1), &p, "gpt2");
     let e = err_of(Model::load(&p, &Device::Cpu));
-    assert!(e.contains("gpt2.gguf") && e.contains("unsupported architecture `gpt2`"), "{e}");
+    assert!(e.contains("gpt2.gguf") && e.contains("`general.architecture` `gpt2` is not supported"), "{e}");
 }
 
 #[test]

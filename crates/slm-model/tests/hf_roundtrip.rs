@@ -24,8 +24,8 @@ fn export_reload_is_bit_exact_on_the_default_model() {
     }
     let back = Model::load(&out, &Device::Cpu).unwrap();
     assert_eq!(back.spec, model.spec);
-    let a = model.weights.named_tensors();
-    let b = back.weights.named_tensors();
+    let a = model.weights.named_tensors(&model.spec.arch);
+    let b = back.weights.named_tensors(&back.spec.arch);
     assert_eq!(a.len(), b.len());
     for ((na, ta), (nb, tb)) in a.iter().zip(b.iter()) {
         assert_eq!(na, nb);
@@ -92,7 +92,7 @@ fn layers_of_different_widths_save_reload_and_run() {
     assert_eq!(back.spec.layers[17].num_attention_heads, 3);
     assert_eq!(back.spec.layers[17].intermediate_size, 257);
     // Hand count: layer 17 keeps 3 query heads, 1 KV head (head_dim 64) and 257 channels of width 576.
-    assert_eq!(back.spec.layers[17].num_parameters(576), 2 * 576 + 576 * (2 * 192 + 2 * 64) + 3 * 576 * 257);
+    assert_eq!(back.spec.layer_parameters(&back.spec.layers[17]), 2 * 576 + 576 * (2 * 192 + 2 * 64) + 3 * 576 * 257);
     let ids = model.tokenizer().unwrap().encode("A model with uneven layers still runs.").unwrap();
     let a = logits(&model, &ids);
     assert_eq!(bits(&a), bits(&logits(&back, &ids)));

@@ -302,7 +302,7 @@ pub fn score_layer(
 ) -> Result<UnitScores> {
     if importance == Importance::Random {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (layer as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let attention = (0..l.num_key_value_heads).map(|_| rng.random::<f64>()).collect();
+        let attention = (0..AttentionUnit::count(l)).map(|_| rng.random::<f64>()).collect();
         let mlp = (0..l.intermediate_size).map(|_| rng.random::<f64>()).collect();
         return Ok(UnitScores { attention, mlp });
     }
@@ -320,8 +320,10 @@ pub fn score_layer(
                 .map(|t| {
                     let qs: f64 = u.query_heads.iter().map(|&h| q[h * hd + t]).sum();
                     let os: f64 = u.query_heads.iter().map(|&h| o[h * hd + t]).sum();
-                    let c = u.kv_channels[t];
-                    aggregation.combine(&[k[c], v[c], qs, os])
+                    match u.kv_channels.get(t) {
+                        Some(&c) => aggregation.combine(&[k[c], v[c], qs, os]),
+                        None => aggregation.combine(&[qs, os]), // a query-head unit: the KV head stays
+                    }
                 })
                 .sum()
         })

@@ -71,15 +71,10 @@ impl Ratios {
 
 /// The shape of layer `l` after removing `ratio` of its units.
 fn pruned_shape(l: &LayerSpec, ratio: Ratios) -> Result<LayerSpec> {
-    let kv = units_to_remove(l.num_key_value_heads, ratio.attention, "KV heads")?;
+    let n = AttentionUnit::count(l);
+    let units = units_to_remove(n, ratio.attention, AttentionUnit::what(l))?;
     let ch = units_to_remove(l.intermediate_size, ratio.mlp, "MLP channels")?;
-    let kept_kv = l.num_key_value_heads - kv;
-    Ok(LayerSpec {
-        num_attention_heads: kept_kv * l.group_size(),
-        num_key_value_heads: kept_kv,
-        head_dim: l.head_dim,
-        intermediate_size: l.intermediate_size - ch,
-    })
+    Ok(LayerSpec { intermediate_size: l.intermediate_size - ch, ..AttentionUnit::kept_shape(l, n - units) })
 }
 
 /// Parameters of the model after pruning `ratio` of the units of every layer in `range`.
@@ -111,8 +106,10 @@ pub fn ratio_for_target(spec: &slm_model::ModelSpec, range: &Range<usize>, targe
     let mut attention_levels: Vec<(Vec<usize>, f64, f64)> = Vec::new();
     for k in 0..10_000 {
         let r = grid(k);
-        let Ok(kv): Result<Vec<usize>> =
-            range.clone().map(|i| units_to_remove(spec.layers[i].num_key_value_heads, r, "KV heads")).collect()
+        let Ok(kv): Result<Vec<usize>> = range
+            .clone()
+            .map(|i| units_to_remove(AttentionUnit::count(&spec.layers[i]), r, "attention units"))
+            .collect()
         else {
             break;
         };
@@ -156,13 +153,17 @@ pub fn ratio_for_target(spec: &slm_model::ModelSpec, range: &Range<usize>, targe
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerPrune {
     pub layer: usize,
-    /// KV heads removed (each with its query heads), ascending.
-    pub kv_heads_removed: Vec<usize>,
+    /// Attention units removed, ascending: KV heads (each with its query heads), or query heads in a layer with
+    /// a single KV head (see [`AttentionUnit`]).
+    #[serde(alias = "kv_heads_removed")]
+    pub units_removed: Vec<usize>,
     /// The query heads that go with them, ascending.
     pub query_heads_removed: Vec<usize>,
     /// MLP channels removed, ascending.
     pub channels_removed: Vec<usize>,
-    pub kv_head_scores: Vec<f64>,
+    /// The score of every attention unit.
+    #[serde(alias = "kv_head_scores")]
+    pub unit_scores: Vec<f64>,
     pub channel_scores: Vec<f64>,
 }
 
@@ -234,16 +235,18 @@ pub fn plan_width(model: &Model, settings: &WidthSettings, grads: Option<&Gradie
             f,
             settings.seed,
         )?;
-        let kv =
-            lowest(&scores.attention, units_to_remove(l.num_key_value_heads, settings.ratio.attention, "KV heads")?);
+        let kv = lowest(
+            &scores.attention,
+            units_to_remove(AttentionUnit::count(l), settings.ratio.attention, AttentionUnit::what(l))?,
+        );
         let ch = lowest(&scores.mlp, units_to_remove(l.intermediate_size, settings.ratio.mlp, "MLP channels")?);
         let query_heads_removed = kv.iter().flat_map(|&g| AttentionUnit::new(l, g).query_heads).collect();
         layers.push(LayerPrune {
             layer: i,
-            kv_heads_removed: kv,
+            units_removed: kv,
             query_heads_removed,
             channels_removed: ch,
-            kv_head_scores: scores.attention,
+            unit_scores: scores.attention,
             channel_scores: scores.mlp,
         });
     }
@@ -288,27 +291,34 @@ pub fn apply(model: &Model, plan: &WidthPlan) -> Result<Model> {
             }
             Ok(())
         };
-        bad("KV heads", l.num_key_value_heads, &p.kv_heads_removed)?;
+        let n_units = AttentionUnit::count(&l);
+        bad(AttentionUnit::what(&l), n_units, &p.units_removed)?;
         bad("MLP channels", l.intermediate_size, &p.channels_removed)?;
-        let kept_kv: Vec<usize> = (0..l.num_key_value_heads).filter(|g| !p.kv_heads_removed.contains(g)).collect();
-        let units: Vec<AttentionUnit> = kept_kv.iter().map(|&g| AttentionUnit::new(&l, g)).collect();
+        let kept: Vec<usize> = (0..n_units).filter(|g| !p.units_removed.contains(g)).collect();
+        let units: Vec<AttentionUnit> = kept.iter().map(|&g| AttentionUnit::new(&l, g)).collect();
         let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), &model.device);
         let q_idx = idx(units.iter().flat_map(|u| u.q_channels.iter().map(|&c| c as u32)).collect())?;
-        let kv_idx = idx(units.iter().flat_map(|u| u.kv_channels.iter().map(|&c| c as u32)).collect())?;
+        let kv_idx = if AttentionUnit::per_query_head(&l) {
+            idx((0..l.head_dim as u32).collect())? // the one KV head stays
+        } else {
+            idx(units.iter().flat_map(|u| u.kv_channels.iter().map(|&c| c as u32)).collect())?
+        };
         let ch_idx = idx(keep_except(l.intermediate_size, &p.channels_removed))?;
         let w = &mut weights.layers[p.layer];
         w.q_proj = w.q_proj.index_select(&q_idx, 0)?;
         w.k_proj = w.k_proj.index_select(&kv_idx, 0)?;
         w.v_proj = w.v_proj.index_select(&kv_idx, 0)?;
         w.o_proj = w.o_proj.index_select(&q_idx, 1)?;
+        // Bias entries go with their rows; q/k norms act per head dimension and stay as they are.
+        w.q_bias = w.q_bias.as_ref().map(|b| b.index_select(&q_idx, 0)).transpose()?;
+        w.k_bias = w.k_bias.as_ref().map(|b| b.index_select(&kv_idx, 0)).transpose()?;
+        w.v_bias = w.v_bias.as_ref().map(|b| b.index_select(&kv_idx, 0)).transpose()?;
         w.gate_proj = w.gate_proj.index_select(&ch_idx, 0)?;
         w.up_proj = w.up_proj.index_select(&ch_idx, 0)?;
         w.down_proj = w.down_proj.index_select(&ch_idx, 1)?;
         spec.layers[p.layer] = LayerSpec {
-            num_attention_heads: kept_kv.len() * l.group_size(),
-            num_key_value_heads: kept_kv.len(),
-            head_dim: l.head_dim,
             intermediate_size: l.intermediate_size - p.channels_removed.len(),
+            ..AttentionUnit::kept_shape(&l, kept.len())
         };
     }
     Ok(Model::from_parts(spec, weights, model.tokenizer.clone(), &model.device)?)

@@ -55,10 +55,10 @@ fn removing_units_whose_output_weights_are_zero_leaves_the_logits_unchanged() {
         &m,
         vec![LayerPrune {
             layer: 1,
-            kv_heads_removed: vec![1],
+            units_removed: vec![1],
             query_heads_removed: vec![2, 3],
             channels_removed: vec![5, 40],
-            kv_head_scores: vec![],
+            unit_scores: vec![],
             channel_scores: vec![],
         }],
     );
@@ -66,14 +66,20 @@ fn removing_units_whose_output_weights_are_zero_leaves_the_logits_unchanged() {
     // One KV head left in layer 1: it still runs.
     assert_eq!(
         pruned.spec.layers[1],
-        LayerSpec { num_attention_heads: 2, num_key_value_heads: 1, head_dim: 8, intermediate_size: 46 }
+        LayerSpec {
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 8,
+            intermediate_size: 46,
+            sliding: false
+        }
     );
     let d = max_abs_diff(&before, &logits(&pruned));
     assert!(d <= 1e-5, "logits moved by {d}");
     // Removing a unit that does contribute changes them (the check above can fail).
     let other = plan_of(
         &m,
-        vec![LayerPrune { kv_heads_removed: vec![0], query_heads_removed: vec![0, 1], ..plan.layers[0].clone() }],
+        vec![LayerPrune { units_removed: vec![0], query_heads_removed: vec![0, 1], ..plan.layers[0].clone() }],
     );
     assert!(max_abs_diff(&before, &logits(&apply(&m, &other).unwrap())) > 1e-3);
 }
@@ -89,7 +95,7 @@ fn ratio_zero_is_the_identity() {
         seed: 0,
     };
     let plan = plan_width(&m, &settings, None).unwrap();
-    assert!(plan.layers.iter().all(|p| p.kv_heads_removed.is_empty() && p.channels_removed.is_empty()));
+    assert!(plan.layers.iter().all(|p| p.units_removed.is_empty() && p.channels_removed.is_empty()));
     let pruned = apply(&m, &plan).unwrap();
     assert_eq!(pruned.spec, m.spec);
     assert_eq!(max_abs_diff(&logits(&m), &logits(&pruned)), 0.0);
@@ -137,10 +143,10 @@ fn gqa_grouping_removes_a_kv_head_with_exactly_its_query_heads() {
         &m,
         vec![LayerPrune {
             layer: 0,
-            kv_heads_removed: vec![0],
+            units_removed: vec![0],
             query_heads_removed: vec![0, 1],
             channels_removed: vec![],
-            kv_head_scores: vec![],
+            unit_scores: vec![],
             channel_scores: vec![],
         }],
     );
@@ -216,22 +222,33 @@ fn constant(shape: &[usize], v: f32) -> Tensor {
     Tensor::full(v, shape, &Device::Cpu).unwrap()
 }
 
+/// The nine Llama part shapes of a layer of hidden size 32, in `Part::ALL` order.
+fn shapes(l: &LayerSpec) -> Vec<Vec<usize>> {
+    slm_model::Part::ALL[..9].iter().map(|p| p.shape(l, 32)).collect()
+}
+
 /// One layer of the tiny shape (4 query heads over 2 KV heads of dim 8, hidden 32, MLP 48) with every weight 2,
 /// every gradient `g` and Fisher 0.5.
 fn hand_layer(g: f32) -> (LayerSpec, slm_model::LayerWeights, Vec<Tensor>, Vec<Tensor>) {
-    let l = LayerSpec { num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8, intermediate_size: 48 };
-    let s = slm_model::LayerWeights::expected_shapes(&l, 32);
-    let w = slm_model::LayerWeights {
-        input_layernorm: constant(&s[0], 1.0),
-        q_proj: constant(&s[1], 2.0),
-        k_proj: constant(&s[2], 2.0),
-        v_proj: constant(&s[3], 2.0),
-        o_proj: constant(&s[4], 2.0),
-        post_attention_layernorm: constant(&s[5], 1.0),
-        gate_proj: constant(&s[6], 2.0),
-        up_proj: constant(&s[7], 2.0),
-        down_proj: constant(&s[8], 2.0),
+    let l = LayerSpec {
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        intermediate_size: 48,
+        sliding: false,
     };
+    let s = shapes(&l);
+    let w = slm_model::LayerWeights::llama([
+        constant(&s[0], 1.0),
+        constant(&s[1], 2.0),
+        constant(&s[2], 2.0),
+        constant(&s[3], 2.0),
+        constant(&s[4], 2.0),
+        constant(&s[5], 1.0),
+        constant(&s[6], 2.0),
+        constant(&s[7], 2.0),
+        constant(&s[8], 2.0),
+    ]);
     let proj = [1, 2, 3, 4, 6, 7, 8];
     let grads = proj.iter().map(|&k| constant(&s[k], g)).collect();
     let fisher = proj.iter().map(|&k| constant(&s[k], 0.5)).collect();
@@ -264,7 +281,7 @@ fn importance_scores_match_a_hand_computation() {
 fn vector_importance_takes_the_absolute_value_of_the_sum() {
     // Gradients alternating in sign along each row: element1 sees |±2| = 2 each, vector sees |Σ ±2| = 0 per row.
     let (l, w, _, f) = hand_layer(1.0);
-    let s = slm_model::LayerWeights::expected_shapes(&l, 32);
+    let s = shapes(&l);
     let alternating = |shape: &[usize]| {
         let n: usize = shape.iter().product();
         let c = shape[1];
@@ -312,7 +329,7 @@ fn plans_are_deterministic_and_prune_the_lowest_scores() {
     for p in &a.layers {
         // 48 - floor(36) = 12 channels, 2 - floor(1.5) = 1 KV head.
         assert_eq!(p.channels_removed.len(), 12);
-        assert_eq!(p.kv_heads_removed.len(), 1);
+        assert_eq!(p.units_removed.len(), 1);
         let worst_kept = (0..48)
             .filter(|i| !p.channels_removed.contains(i))
             .map(|i| p.channel_scores[i])
@@ -378,4 +395,91 @@ fn target_ratio_lands_within_one_channel_group_of_the_budget() {
     let r = slm_width::ratio_for_target(&spec, &range, 0.2).unwrap();
     assert_eq!(r.attention, r.mlp);
     assert!(slm_width::ratio_for_target(&spec, &range, 0.9).unwrap_err().to_string().contains("can remove at most"));
+}
+
+/// On every family: ratio 0 is the identity, removing units whose output columns are zero leaves the logits
+/// unchanged (q/k/v bias entries go with their rows), and a pruned model saves and reloads bit-exact. The tiny
+/// models have 2 KV heads of 2 query heads; a Gemma-3-shaped layer with one KV head prunes query heads.
+#[test]
+fn width_invariants_hold_on_every_family() {
+    use slm_model::Family;
+    for family in Family::ALL {
+        let mut m = slm_model::testing::tiny_model_of(family, 3, 5);
+        let settings = WidthSettings {
+            ratio: slm_width::Ratios::uniform(0.0),
+            importance: Importance::L2,
+            aggregation: Aggregation::Sum,
+            layers: 0..3,
+            seed: 0,
+        };
+        let pruned = apply(&m, &plan_width(&m, &settings, None).unwrap()).unwrap();
+        assert_eq!(pruned.spec, m.spec);
+        assert_eq!(max_abs_diff(&logits(&m), &logits(&pruned)), 0.0, "{family:?}");
+        let w = &mut m.weights.layers[1];
+        w.o_proj = zero_cols(&w.o_proj, &(16..32).collect::<Vec<_>>());
+        w.down_proj = zero_cols(&w.down_proj, &[5, 40]);
+        let before = logits(&m);
+        let prune = LayerPrune {
+            layer: 1,
+            units_removed: vec![1],
+            query_heads_removed: vec![2, 3],
+            channels_removed: vec![5, 40],
+            unit_scores: vec![],
+            channel_scores: vec![],
+        };
+        let pruned = apply(&m, &plan_of(&m, vec![prune])).unwrap();
+        assert_eq!((pruned.spec.layers[1].num_key_value_heads, pruned.spec.layers[1].intermediate_size), (1, 46));
+        let d = max_abs_diff(&before, &logits(&pruned));
+        assert!(d <= 1e-5, "{family:?}: logits moved by {d}");
+        if let Some(b) = &pruned.weights.layers[1].q_bias {
+            assert_eq!(b.dims(), [16], "q bias entries go with their rows");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        pruned.save(&dir.path().join("m"), slm_model::StorageDType::F32, &[]).unwrap();
+        let back = Model::load(&dir.path().join("m"), &Device::Cpu).unwrap();
+        assert_eq!(back.spec, pruned.spec);
+        assert_eq!(max_abs_diff(&logits(&back), &logits(&pruned)), 0.0, "{family:?}: export reload");
+    }
+}
+
+/// A layer with one KV head (Gemma-3-270M: 4 query heads over 1 KV head): its attention units are query heads,
+/// the KV head stays; removing a head whose o_proj columns are zero leaves the logits unchanged.
+#[test]
+fn single_kv_head_layers_prune_query_heads() {
+    let mut m = slm_model::testing::tiny_model_of(slm_model::Family::Gemma3, 2, 9);
+    // Rebuild layer 0 as 4 query heads over 1 KV head: k/v keep their first 8 rows (one head).
+    let l = LayerSpec { num_key_value_heads: 1, ..m.spec.layers[0] };
+    let w = &mut m.weights.layers[0];
+    w.k_proj = w.k_proj.narrow(0, 0, 8).unwrap();
+    w.v_proj = w.v_proj.narrow(0, 0, 8).unwrap();
+    let mut spec = m.spec.clone();
+    spec.layers[0] = l;
+    let mut m = Model::from_parts(spec, m.weights.clone(), None, &Device::Cpu).unwrap();
+    assert_eq!(slm_width::AttentionUnit::count(&m.spec.layers[0]), 4);
+    let w = &mut m.weights.layers[0];
+    w.o_proj = zero_cols(&w.o_proj, &(8..16).collect::<Vec<_>>()); // query head 1
+    let before = logits(&m);
+    let prune = LayerPrune {
+        layer: 0,
+        units_removed: vec![1],
+        query_heads_removed: vec![1],
+        channels_removed: vec![],
+        unit_scores: vec![],
+        channel_scores: vec![],
+    };
+    let pruned = apply(&m, &plan_of(&m, vec![prune])).unwrap();
+    assert_eq!((pruned.spec.layers[0].num_attention_heads, pruned.spec.layers[0].num_key_value_heads), (3, 1));
+    let d = max_abs_diff(&before, &logits(&pruned));
+    assert!(d <= 1e-5, "logits moved by {d}");
+    // The planner scores 4 units there and a ratio of 0.5 removes 2 query heads.
+    let settings = WidthSettings {
+        ratio: slm_width::Ratios::uniform(0.5),
+        importance: Importance::L2,
+        aggregation: Aggregation::Sum,
+        layers: 0..1,
+        seed: 0,
+    };
+    let plan = plan_width(&m, &settings, None).unwrap();
+    assert_eq!((plan.layers[0].unit_scores.len(), plan.layers[0].units_removed.len()), (4, 2));
+    assert_eq!(apply(&m, &plan).unwrap().spec.layers[0].num_attention_heads, 2);
 }

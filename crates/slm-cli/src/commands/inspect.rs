@@ -32,7 +32,8 @@ pub fn inspect_json(model: &Model) -> Value {
                 "num_key_value_heads": l.num_key_value_heads,
                 "head_dim": l.head_dim,
                 "intermediate_size": l.intermediate_size,
-                "num_parameters": l.num_parameters(spec.hidden_size),
+                "attention": if l.sliding { "sliding" } else { "global" },
+                "num_parameters": spec.layer_parameters(l),
             })
         })
         .collect();
@@ -52,24 +53,46 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     println!("vocab_size:   {}", s.vocab_size);
     println!("hidden_size:  {}", s.hidden_size);
     println!("layers:       {}", s.num_layers());
-    println!("rope_theta:   {}", s.rope_theta);
+    println!("family:       {} ({})", s.arch.family.model_type(), s.arch.family.architecture());
+    println!("rope_theta:   {} (scaling: {:?})", s.arch.rope.theta, s.arch.rope.scaling);
+    if let (Some(w), Some(local)) = (s.arch.sliding_window, s.arch.local_rope) {
+        println!("sliding:      window {w}, rope_theta {}", local.theta);
+    } else if let Some(w) = s.arch.sliding_window {
+        println!("sliding:      window {w}");
+    }
+    let a = &s.arch;
+    let features: Vec<&str> = [
+        (a.qkv_bias, "q/k/v biases"),
+        (a.qk_norm, "q/k norms"),
+        (a.norm_plus_one, "(1 + w) norms"),
+        (a.sandwich_norms, "norms after attention and MLP"),
+        (a.embed_scale, "embeddings × √hidden"),
+        (a.activation == slm_model::Activation::GeluTanh, "GeGLU (gelu_pytorch_tanh)"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    if !features.is_empty() {
+        println!("features:     {}", features.join(", "));
+    }
     println!("rms_norm_eps: {:e}", s.rms_norm_eps);
     println!("tied lm_head: {}", s.tie_word_embeddings);
     println!("parameters:   {} ({:.1} M)", s.num_parameters(), s.num_parameters() as f64 / 1e6);
     println!();
     println!(
-        "{:>5} {:>6} {:>8} {:>8} {:>12} {:>12}",
-        "layer", "heads", "kv_heads", "head_dim", "intermediate", "params"
+        "{:>5} {:>6} {:>8} {:>8} {:>12} {:>9} {:>12}",
+        "layer", "heads", "kv_heads", "head_dim", "intermediate", "attention", "params"
     );
     for (i, l) in s.layers.iter().enumerate() {
         println!(
-            "{:>5} {:>6} {:>8} {:>8} {:>12} {:>12}",
+            "{:>5} {:>6} {:>8} {:>8} {:>12} {:>9} {:>12}",
             i,
             l.num_attention_heads,
             l.num_key_value_heads,
             l.head_dim,
             l.intermediate_size,
-            l.num_parameters(s.hidden_size)
+            if l.sliding { "sliding" } else { "global" },
+            s.layer_parameters(l)
         );
     }
     Ok(())

@@ -93,8 +93,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let pruned = apply(&model, &plan)?;
 
     let (before, after) = (model.spec.num_parameters(), pruned.spec.num_parameters());
-    let layer_before: usize = range.clone().map(|i| model.spec.layers[i].num_parameters(model.spec.hidden_size)).sum();
-    let layer_after: usize = range.clone().map(|i| pruned.spec.layers[i].num_parameters(pruned.spec.hidden_size)).sum();
+    let layer_before: usize = range.clone().map(|i| model.spec.layer_parameters(&model.spec.layers[i])).sum();
+    let layer_after: usize = range.clone().map(|i| pruned.spec.layer_parameters(&pruned.spec.layers[i])).sum();
     let share = 1.0 - after as f64 / before as f64;
     // A depth-pruned input keeps its own plan (read through its type), so a joint schedule's output records both.
     let previous = super::plan_file::read_plan(&args.model)?.map(|p| p.to_value());

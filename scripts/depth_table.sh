@@ -21,9 +21,9 @@ for n in ${TARGETS:-13 8}; do
     rm -f "$work/$name/model.safetensors"   # keep config + plan; the weights are cheap to recompute
   done
 done
-python3 - "$work" <<'PY'
+python3 - "$work" "$dense_params" <<'PY'
 import glob, json, os, sys
-work = sys.argv[1]
+work, dense_params = sys.argv[1], sys.argv[2]
 rows = []
 for p in sorted(glob.glob(os.path.join(work, "*.ppl.json"))):
     name = os.path.basename(p)[:-len(".ppl.json")]
@@ -45,7 +45,7 @@ for name, plan, ppl, avg, per in rows:
                 f"{plan['threshold']:.4f}" if plan.get("threshold") is not None else "", f"{ppl:.1f}", f"{100 * avg:.2f}"]
         tail = [f"{plan['search']['seconds']:.1f}"]
     else:
-        head = [name, "0", "134.5M", "0%", "", f"{ppl:.1f}", f"{100 * avg:.2f}"]
+        head = [name, "0", dense_params, "0%", "", f"{ppl:.1f}", f"{100 * avg:.2f}"]
         tail = [""]
     print("| " + " | ".join(head + cells + tail) + " |")
 PY

@@ -1,4 +1,5 @@
 # Sourced by the comparison scripts (depth_table.sh, width_table.sh) after they set `work`: set-up, build, and
+# (MODEL=path to run on another model than the default; WORK=dir to put its results elsewhere)
 # evaluate_split, which writes WORK/NAME.eval.json (the seven tasks, first DOCS documents) and WORK/NAME.ppl.json
 # (WikiText-2 128-token windows, first PPL_WINDOWS), each with its log.
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -6,8 +7,10 @@ cd "$root"
 bash scripts/setup.sh >/dev/null
 cargo build --release -q -p slm-cli
 slm="${CARGO_TARGET_DIR:-$root/target}/release/slm"
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+work="${WORK:-$work}"
 mkdir -p "$work"
+dense_params="$("$slm" inspect "$model" --json 2>/dev/null | python3 -c 'import json, sys; print("%.1fM" % (json.load(sys.stdin)["num_parameters"] / 1e6))')"
 docs="${DOCS:-200}"
 ppl="${PPL_WINDOWS:-40}"
 

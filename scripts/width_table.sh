@@ -16,9 +16,9 @@ for t in ${TARGETS:-0.2 0.35}; do
     rm -f "$work/$name/model.safetensors"   # keep config + plan; the weights are cheap to recompute
   done
 done
-python3 - "$work" <<'PY'
+python3 - "$work" "$dense_params" <<'PY'
 import glob, json, os, sys
-work = sys.argv[1]
+work, dense_params = sys.argv[1], sys.argv[2]
 key = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 print("| model | pruning ratio | params | reduction | W2 PPL (128) | avg-7 | boolq | piqa | hellaswag(n) | winogrande | arc_e | arc_c(n) | obqa(n) | gradient pass s | peak RSS MiB |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -37,6 +37,6 @@ for p in sorted(glob.glob(os.path.join(work, "*.ppl.json"))):
         head = [name, rs, f"{plan['parameters_after'] / 1e6:.1f}M", f"{100 * plan['parameter_reduction']:.1f}%"]
         tail = [f"{g['seconds']:.1f}" if g else "", f"{g['peak_rss_mib']:.0f}" if g else ""]
     else:
-        head, tail = [name, "0", "134.5M", "0%"], ["", ""]
+        head, tail = [name, "0", dense_params, "0%"], ["", ""]
     print("| " + " | ".join(head + [f"{ppl:.1f}", f"{100 * avg:.2f}"] + cells + tail) + " |")
 PY

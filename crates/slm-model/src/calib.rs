@@ -40,7 +40,9 @@ pub fn read_jsonl_texts(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// `n` windows of exactly `len` tokens, deterministic in (`texts`, `tokenizer`, `n`, `len`, `seed`).
+/// `n` windows of exactly `len` tokens, deterministic in (`texts`, `tokenizer`, `n`, `len`, `seed`). A tokenizer
+/// that puts a BOS token first ([`Tokenizer::bos_to_prepend`], Gemma) gets it at the start of every window, as
+/// the model saw in training and as lm-eval scores it; the window is still `len` tokens.
 pub fn sample_windows(
     texts: &[String],
     tokenizer: &Tokenizer,
@@ -59,6 +61,14 @@ pub fn sample_windows(
             message: format!("{n} windows asked for, but the corpus has only {} documents", texts.len()),
         });
     }
+    let bos = tokenizer.bos_to_prepend();
+    let (len, full_len) = match bos {
+        Some(_) if len < 2 => {
+            return Err(ModelError::InvalidArgument("windows of a model that starts with BOS need len >= 2".into()))
+        }
+        Some(_) => (len - 1, len),
+        None => (len, len),
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.shuffle(&mut rng);
@@ -92,6 +102,10 @@ pub fn sample_windows(
             }
         }
         buf.truncate(len);
+        if let Some(b) = bos {
+            buf.insert(0, b);
+        }
+        debug_assert_eq!(buf.len(), full_len);
         windows.push(buf);
     }
     Ok(windows)

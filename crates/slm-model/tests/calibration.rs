@@ -21,6 +21,13 @@ fn windows_are_seeded_and_exact_length() {
     let texts = read_jsonl_texts(&corpus).unwrap();
     let head = tok.decode(&a[0][..20]).unwrap();
     assert!(texts.iter().any(|t| t.contains(head.trim())), "{head:?} not found in the corpus");
+    // A tokenizer that starts with BOS (Gemma's) gets it first in every window, same length, the rest the same
+    // sampling with one token less.
+    let with_bos = tok.clone().with_bos_to_prepend(Some(1));
+    let d = calibration_windows(&corpus, &with_bos, 10, 128, 1234).unwrap();
+    assert!(d.iter().all(|w| w.len() == 128 && w[0] == 1));
+    let e = calibration_windows(&corpus, tok, 10, 127, 1234).unwrap();
+    assert!(d.iter().zip(&e).all(|(d, e)| d[1..] == e[..]));
 }
 
 #[test]

@@ -1,11 +1,11 @@
-//! `slm`: make Llama-family models smaller and measure what they lost.
+//! `slm`: make decoder language models (Llama, Mistral, Qwen2, Qwen3, Gemma-3) smaller and measure what they lost.
 
 mod commands;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "slm", version, about = "Compress Llama-family models in depth and width, and measure the loss")]
+#[command(name = "slm", version, about = "Compress decoder language models (Llama, Mistral, Qwen2, Qwen3, Gemma-3) in depth and width, and measure the loss")]
 struct Cli {
     #[command(flatten)]
     common: commands::CommonArgs,
@@ -25,7 +25,7 @@ enum Command {
     Depth(commands::depth::Args),
     /// Layer×layer linear CKA and cosine matrices of a model's layer outputs on calibration text (JSON + heat-map PNGs).
     Similarity(commands::similarity::Args),
-    /// Width pruning (LLM-Pruner): remove attention units (a KV head with its query heads) and MLP channels by Taylor importance.
+    /// Width pruning (LLM-Pruner): remove attention units (a KV head with its query heads; a query head where a layer has one KV head) and MLP channels by Taylor importance.
     Width(commands::width::Args),
     /// Prefill and decode tokens/s and peak memory (batch 1, greedy, KV cache), optionally side by side.
     Bench(commands::bench::Args),

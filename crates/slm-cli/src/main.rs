@@ -5,7 +5,11 @@ mod commands;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "slm", version, about = "Compress decoder language models (Llama, Mistral, Qwen2, Qwen3, Gemma-3) in depth and width, and measure the loss")]
+#[command(
+    name = "slm",
+    version,
+    about = "Compress decoder language models (Llama, Mistral, Qwen2, Qwen3, Gemma-3) in depth and width, and measure the loss"
+)]
 struct Cli {
     #[command(flatten)]
     common: commands::CommonArgs,

@@ -127,4 +127,25 @@ fn every_command_runs_on_gemma3() {
     let tc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(export.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tc["add_bos_token"], true, "the export keeps Gemma's <bos>");
+
+    // A schedule: depth then width at a budget, evaluated; the report has the row.
+    let data = slm_model::testing::data_dir();
+    let out = d.join("run");
+    let schedule = format!(
+        "model = \"{}\"\nout = \"{}\"\n\n[calibration]\ncalib = \"{}\"\nsamples = 2\nseq_len = 16\n\n\
+         [defaults.eval]\ntasks = \"openbookqa\"\nlimit = 2\ndata_dir = \"{}\"\n\n[report]\ndecode_tokens = 2\n\
+         prompt_tokens = 8\n\n[[pipeline]]\nname = \"joint\"\nbudget = 0.95\ndepth_share = 0.5\n\
+         steps = [{{ step = \"depth\", method = \"shortgpt\" }}, {{ step = \"width\", importance = \"l2\" }}, {{ step = \"eval\" }}]\n",
+        gemma().display(),
+        out.display(),
+        data.join("lambada_openai.test.jsonl").display(),
+        data.display()
+    );
+    std::fs::write(d.join("s.toml"), schedule).unwrap();
+    run_ok(slm().arg("run").arg(d.join("s.toml")));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let row = &report["pipelines"][0];
+    assert!(row["error"].is_null() && row["tasks"]["openbookqa"]["value"].is_number(), "{row}");
+    let share = row["share_of_dense"].as_f64().unwrap();
+    assert!((share - 0.95).abs() < 0.01, "budget 95%: {share}");
 }

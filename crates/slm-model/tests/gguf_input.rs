@@ -20,7 +20,9 @@ fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
         .unwrap()
 }
 
-/// Writes `m` as a llama GGUF the way llama.cpp's converter would (f32 tensors, permuted Q/K).
+/// Writes `m` as a GGUF of architecture `arch` the way llama.cpp's converter would: f32 tensors, `{arch}.*` keys,
+/// Q/K rows permuted for `llama` only (Qwen uses the rotate-half "NEOX" rotary in llama.cpp), biases as
+/// `attn_q.bias`, q/k norms as `attn_q_norm.weight`.
 fn write_gguf(m: &Model, path: &std::path::Path, arch: &str) {
     let s = &m.spec;
     let l = s.layers[0];
@@ -31,28 +33,46 @@ fn write_gguf(m: &Model, path: &std::path::Path, arch: &str) {
     push("output.weight".into(), m.weights.lm_head.as_ref().unwrap());
     for (i, w) in m.weights.layers.iter().enumerate() {
         push(format!("blk.{i}.attn_norm.weight"), &w.input_layernorm);
-        push(format!("blk.{i}.attn_q.weight"), &llama_cpp_permute(&w.q_proj, l.num_attention_heads));
-        push(format!("blk.{i}.attn_k.weight"), &llama_cpp_permute(&w.k_proj, l.num_key_value_heads));
+        if arch == "llama" {
+            push(format!("blk.{i}.attn_q.weight"), &llama_cpp_permute(&w.q_proj, l.num_attention_heads));
+            push(format!("blk.{i}.attn_k.weight"), &llama_cpp_permute(&w.k_proj, l.num_key_value_heads));
+        } else {
+            push(format!("blk.{i}.attn_q.weight"), &w.q_proj);
+            push(format!("blk.{i}.attn_k.weight"), &w.k_proj);
+        }
         push(format!("blk.{i}.attn_v.weight"), &w.v_proj);
         push(format!("blk.{i}.attn_output.weight"), &w.o_proj);
         push(format!("blk.{i}.ffn_norm.weight"), &w.post_attention_layernorm);
         push(format!("blk.{i}.ffn_gate.weight"), &w.gate_proj);
         push(format!("blk.{i}.ffn_up.weight"), &w.up_proj);
         push(format!("blk.{i}.ffn_down.weight"), &w.down_proj);
+        for (name, t) in [
+            ("attn_q.bias", &w.q_bias),
+            ("attn_k.bias", &w.k_bias),
+            ("attn_v.bias", &w.v_bias),
+            ("attn_q_norm.weight", &w.q_norm),
+            ("attn_k_norm.weight", &w.k_norm),
+        ] {
+            if let Some(t) = t {
+                push(format!("blk.{i}.{name}"), t);
+            }
+        }
     }
-    let meta: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String(arch.into())),
-        ("llama.block_count", Value::U32(s.layers.len() as u32)),
-        ("llama.embedding_length", Value::U32(s.hidden_size as u32)),
-        ("llama.feed_forward_length", Value::U32(l.intermediate_size as u32)),
-        ("llama.attention.head_count", Value::U32(l.num_attention_heads as u32)),
-        ("llama.attention.head_count_kv", Value::U32(l.num_key_value_heads as u32)),
-        ("llama.rope.freq_base", Value::F32(s.arch.rope.theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(s.rms_norm_eps as f32)),
-        ("llama.context_length", Value::U32(s.max_position_embeddings as u32)),
-        ("llama.vocab_size", Value::U32(s.vocab_size as u32)),
+    let k = |key: &str| format!("{arch}.{key}");
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (k("block_count"), Value::U32(s.layers.len() as u32)),
+        (k("embedding_length"), Value::U32(s.hidden_size as u32)),
+        (k("feed_forward_length"), Value::U32(l.intermediate_size as u32)),
+        (k("attention.head_count"), Value::U32(l.num_attention_heads as u32)),
+        (k("attention.head_count_kv"), Value::U32(l.num_key_value_heads as u32)),
+        (k("attention.key_length"), Value::U32(l.head_dim as u32)),
+        (k("rope.freq_base"), Value::F32(s.arch.rope.theta as f32)),
+        (k("attention.layer_norm_rms_epsilon"), Value::F32(s.rms_norm_eps as f32)),
+        (k("context_length"), Value::U32(s.max_position_embeddings as u32)),
+        (k("vocab_size"), Value::U32(s.vocab_size as u32)),
     ];
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &meta_refs, &t_refs).unwrap();
@@ -120,66 +140,13 @@ fn truncated_gguf_is_a_clear_error() {
     assert!(e.contains("cut.gguf") && e.contains("invalid GGUF"), "{e}");
 }
 
-/// Writes a Qwen2 / Qwen3 model as llama.cpp's converter does: `{arch}.*` keys, Q/K rows NOT permuted (these
-/// architectures use the rotate-half "NEOX" rotary in llama.cpp), biases as `attn_q.bias`, q/k norms as
-/// `attn_q_norm.weight`.
-fn write_qwen_gguf(m: &Model, path: &std::path::Path, arch: &str) {
-    let s = &m.spec;
-    let l = s.layers[0];
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut push = |name: String, t: &Tensor| tensors.push((name, QTensor::quantize(t, GgmlDType::F32).unwrap()));
-    push("token_embd.weight".into(), &m.weights.embed_tokens);
-    push("output_norm.weight".into(), &m.weights.norm);
-    push("output.weight".into(), m.weights.lm_head.as_ref().unwrap());
-    for (i, w) in m.weights.layers.iter().enumerate() {
-        push(format!("blk.{i}.attn_norm.weight"), &w.input_layernorm);
-        push(format!("blk.{i}.attn_q.weight"), &w.q_proj);
-        push(format!("blk.{i}.attn_k.weight"), &w.k_proj);
-        push(format!("blk.{i}.attn_v.weight"), &w.v_proj);
-        push(format!("blk.{i}.attn_output.weight"), &w.o_proj);
-        push(format!("blk.{i}.ffn_norm.weight"), &w.post_attention_layernorm);
-        push(format!("blk.{i}.ffn_gate.weight"), &w.gate_proj);
-        push(format!("blk.{i}.ffn_up.weight"), &w.up_proj);
-        push(format!("blk.{i}.ffn_down.weight"), &w.down_proj);
-        for (name, t) in [
-            ("attn_q.bias", &w.q_bias),
-            ("attn_k.bias", &w.k_bias),
-            ("attn_v.bias", &w.v_bias),
-            ("attn_q_norm.weight", &w.q_norm),
-            ("attn_k_norm.weight", &w.k_norm),
-        ] {
-            if let Some(t) = t {
-                push(format!("blk.{i}.{name}"), t);
-            }
-        }
-    }
-    let k = |key: &str| format!("{arch}.{key}");
-    let meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        (k("block_count"), Value::U32(s.layers.len() as u32)),
-        (k("embedding_length"), Value::U32(s.hidden_size as u32)),
-        (k("feed_forward_length"), Value::U32(l.intermediate_size as u32)),
-        (k("attention.head_count"), Value::U32(l.num_attention_heads as u32)),
-        (k("attention.head_count_kv"), Value::U32(l.num_key_value_heads as u32)),
-        (k("attention.key_length"), Value::U32(l.head_dim as u32)),
-        (k("rope.freq_base"), Value::F32(s.arch.rope.theta as f32)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(s.rms_norm_eps as f32)),
-        (k("context_length"), Value::U32(s.max_position_embeddings as u32)),
-        (k("vocab_size"), Value::U32(s.vocab_size as u32)),
-    ];
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut f, &meta_refs, &t_refs).unwrap();
-}
-
 #[test]
 fn qwen2_and_qwen3_ggufs_load_with_their_biases_and_qk_norms() {
     for (arch, family) in [("qwen2", slm_model::Family::Qwen2), ("qwen3", slm_model::Family::Qwen3)] {
         let m = slm_model::testing::tiny_model_of(family, 2, 4);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(format!("{arch}.gguf"));
-        write_qwen_gguf(&m, &p, arch);
+        write_gguf(&m, &p, arch);
         let back = Model::load(&p, &Device::Cpu).unwrap();
         assert_eq!(back.spec.arch.family, family);
         assert_eq!(back.spec.layers, m.spec.layers);

@@ -84,9 +84,10 @@ impl ModelSpec {
         l.num_parameters(self.hidden_size, &self.arch)
     }
 
-    /// True when every layer has the same shape (a plain Llama config describes the model).
+    /// True when every layer has the same shape (the attention type may differ: `layer_types` carries it).
     pub fn is_uniform(&self) -> bool {
-        self.layers.windows(2).all(|w| w[0] == w[1])
+        let shape = |l: &LayerSpec| LayerSpec { sliding: false, ..*l };
+        self.layers.windows(2).all(|w| shape(&w[0]) == shape(&w[1]))
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -328,7 +329,9 @@ impl ModelSpec {
             obj.insert("rope_local_base_freq".into(), json!(local.theta));
         }
         if let Some(q) = a.query_pre_attn_scalar {
-            obj.insert("query_pre_attn_scalar".into(), json!(q));
+            // transformers types this field as an int and refuses 256.0; a whole number is written as one.
+            let v = if q.fract() == 0.0 && q.abs() < 1e15 { json!(q as i64) } else { json!(q) };
+            obj.insert("query_pre_attn_scalar".into(), v);
         }
         obj.insert("sliding_window".into(), json!(a.sliding_window));
         if matches!(a.family, Family::Qwen2 | Family::Qwen3 | Family::Gemma3) {

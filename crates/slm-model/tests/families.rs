@@ -105,6 +105,12 @@ fn every_family_exports_as_itself_and_reloads_bit_exact() {
         let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["model_type"], family.model_type(), "{name}");
         assert_eq!(cfg["architectures"][0], family.architecture(), "{name}");
+        // What transformers' strict config classes need: no slm-only key on a uniform model, integer fields as
+        // integers (transformers 5.24 refuses `query_pre_attn_scalar: 32.0`).
+        assert!(cfg.get("slm_layers").is_none(), "{name}: a uniform model needs no slm_layers");
+        if family == Family::Gemma3 {
+            assert!(cfg["query_pre_attn_scalar"].is_u64(), "{name}: {}", cfg["query_pre_attn_scalar"]);
+        }
         let back = Model::load(&dir, &Device::Cpu).unwrap();
         assert_eq!(back.spec, model.spec, "{name}");
         let (a, b) = (model.weights.named_tensors(&model.spec.arch), back.weights.named_tensors(&back.spec.arch));

@@ -51,6 +51,10 @@ impl TextEncoder for LmEvalEncoder<'_> {
             None => ids,
         })
     }
+
+    fn bos(&self) -> Option<u32> {
+        self.bos
+    }
 }
 
 /// Upper bound on `batch × heads × T²` (the attention score elements of one layer) per forward pass, so that

@@ -217,8 +217,20 @@ pub fn fixed_windows(tokens: &[u32], seq_len: usize) -> Result<Vec<TokenRequest>
         .collect())
 }
 
+/// Windows of `seq_len` tokens that each start with `bos`: context `[bos]`, continuation the next `seq_len - 1`
+/// text tokens (every text token scored once).
+pub fn bos_windows(text: &[u32], bos: u32, seq_len: usize) -> Result<Vec<TokenRequest>, EvalError> {
+    if seq_len < 2 {
+        return Err(EvalError::InvalidArgument(format!("perplexity windows need at least 2 tokens, got {seq_len}")));
+    }
+    Ok(text.chunks_exact(seq_len - 1).map(|w| TokenRequest { context: vec![bos], continuation: w.to_vec() }).collect())
+}
+
 /// The `wikitext2-128` requests: [`wikitext2_text`] encoded once, cut by [`fixed_windows`], the first `limit`
-/// kept. A limit of 0, or text too short for one window, is an error naming the data file.
+/// kept. For a model that starts every input with BOS ([`TextEncoder::bos`], Gemma) each window is that BOS and
+/// the next `seq_len - 1` text tokens, all of them scored (without it such a model sees most windows start
+/// mid-text with no BOS, and its perplexity says more about that than about the text); the other models' windows
+/// are unchanged. A limit of 0, or text too short for one window, is an error naming the data file.
 pub fn wikitext2_windows(
     encoder: &impl TextEncoder,
     data_dir: &Path,
@@ -231,7 +243,10 @@ pub fn wikitext2_windows(
         return Err(EvalError::nothing(TASK, &path, no_records_problem(limit, "windows")));
     }
     let tokens = encoder.encode(&wikitext2_text(data_dir)?)?;
-    let mut windows = fixed_windows(&tokens, seq_len)?;
+    let mut windows = match encoder.bos() {
+        Some(bos) => bos_windows(tokens.strip_prefix(&[bos]).unwrap_or(&tokens), bos, seq_len)?,
+        None => fixed_windows(&tokens, seq_len)?,
+    };
     if windows.is_empty() {
         let problem =
             format!("the text tokenises to {} tokens, fewer than one {seq_len}-token window needs", tokens.len());
@@ -348,6 +363,10 @@ mod tests {
             window_perplexity(&[], &[]).unwrap_err().to_string(),
             "invalid argument: wikitext2-128: no windows to score (a perplexity needs at least one window)"
         );
+        // With a BOS: each window is [bos] + 3 text tokens, all scored.
+        let bw = bos_windows(&t, 99, 4).unwrap();
+        assert_eq!(bw.len(), 3);
+        assert_eq!((bw[1].context.clone(), bw[1].continuation.clone()), (vec![99], vec![3, 4, 5]));
         // Too few tokens for one window: no windows (the data-file error is `wikitext2_windows`'s).
         assert!(fixed_windows(&t[..3], 4).unwrap().is_empty());
         for bad in [f64::NAN, f64::NEG_INFINITY] {

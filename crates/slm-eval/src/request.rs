@@ -5,15 +5,24 @@ use crate::error::EvalError;
 use crate::task::Doc;
 use crate::text::py_rstrip;
 
-/// Text → token ids, adding no special tokens (no BOS: lm-eval ≤0.4.9.1's policy, and the
-/// default model's tokenizer adds none anyway).
+/// Text → token ids as lm-eval encodes them: no special tokens (the default model's tokenizer adds none), or
+/// the BOS first where lm-eval adds it ([`TextEncoder::bos`]: Gemma).
 pub trait TextEncoder {
     fn encode(&self, text: &str) -> Result<Vec<u32>, EvalError>;
+
+    /// The BOS token `encode` puts first, if any.
+    fn bos(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl<T: TextEncoder + ?Sized> TextEncoder for &T {
     fn encode(&self, text: &str) -> Result<Vec<u32>, EvalError> {
         (**self).encode(text)
+    }
+
+    fn bos(&self) -> Option<u32> {
+        (**self).bos()
     }
 }
 

@@ -95,8 +95,7 @@ pub fn merge_window(
         _ => {}
     }
     // Shapes must agree; the attention type may not (Gemma-3 mixes sliding and global layers).
-    let shape = |s: &LayerSpec| LayerSpec { sliding: false, ..*s };
-    if let Some(k) = specs.iter().position(|s| shape(s) != shape(&specs[0])) {
+    if let Some(k) = specs.iter().position(|s| !s.same_shape(&specs[0])) {
         return Err(DepthError::Incompatible {
             lo,
             hi,

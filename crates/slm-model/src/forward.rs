@@ -158,19 +158,12 @@ impl Batch {
             Ok(Tensor::from_vec(mask, (b, 1, 1, t, t), device)?)
         };
         let mask = build_mask(None)?;
-        let sliding_mask = match spec.arch.sliding_window {
-            Some(w) if spec.layers.iter().any(|l| l.sliding) => Some(build_mask(Some(w))?),
-            _ => None,
-        };
+        let sliding_mask = spec.sliding_window_in_use().map(|w| build_mask(Some(w))).transpose()?;
         let ids = Tensor::from_vec(ids, (b, t), device)?;
         let mut rotary: Vec<(usize, Rope, Tensor, Tensor)> = Vec::new();
-        for l in &spec.layers {
-            let rope = spec.arch.rope_of(l.sliding);
-            if rotary.iter().any(|(d, r, _, _)| *d == l.head_dim && *r == rope) {
-                continue;
-            }
-            let half = l.head_dim / 2;
-            let (cos, sin) = rotary_tables(l.head_dim, t.max(max_pos + 1), &rope);
+        for (head_dim, rope) in rotary_kinds(spec) {
+            let half = head_dim / 2;
+            let (cos, sin) = rotary_tables(head_dim, t.max(max_pos + 1), &rope);
             let (cos, sin) = if per_sequence_positions {
                 let gather = |table: &[f32]| {
                     let mut out = vec![0f32; b * t * half];
@@ -187,7 +180,7 @@ impl Batch {
                 let n = cos.len() / half;
                 (Tensor::from_vec(cos, (n, half), device)?, Tensor::from_vec(sin, (n, half), device)?)
             };
-            rotary.push((l.head_dim, rope, cos, sin));
+            rotary.push((head_dim, rope, cos, sin));
         }
         Ok(Batch { ids, lengths, seq_len: t, mask, sliding_mask, rotary })
     }
@@ -199,11 +192,9 @@ impl Batch {
     /// What attention needs for a layer of shape `l` on the batch's first `t` positions: cos/sin (`[t, hd/2]`
     /// or `[B, t, hd/2]`) of its rotary embedding and its mask (`[B, 1, 1, t, t]`, sliding or global).
     pub fn attend(&self, l: &LayerSpec, arch: &Arch, t: usize) -> Result<Attend<'static>> {
-        let rope = arch.rope_of(l.sliding);
-        let (_, _, cos, sin) =
-            self.rotary.iter().find(|(d, r, _, _)| *d == l.head_dim && *r == rope).ok_or_else(|| {
-                ModelError::InvalidArgument(format!("no rotary table for head_dim {} of this batch", l.head_dim))
-            })?;
+        let (cos, sin) = rotary_of(&self.rotary, l, arch).ok_or_else(|| {
+            ModelError::InvalidArgument(format!("no rotary table for head_dim {} of this batch", l.head_dim))
+        })?;
         let (cos, sin) = match cos.rank() {
             2 => (cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?),
             _ => (cos.narrow(1, 0, t)?.contiguous()?, sin.narrow(1, 0, t)?.contiguous()?),
@@ -238,6 +229,28 @@ pub struct Attend<'a> {
 pub struct KvCache {
     pub k: Option<Tensor>,
     pub v: Option<Tensor>,
+}
+
+/// The distinct rotary embeddings of a model's layers, `(head_dim, rope)` in layer order: one cos/sin table each.
+pub(crate) fn rotary_kinds(spec: &ModelSpec) -> Vec<(usize, Rope)> {
+    let mut kinds = Vec::new();
+    for l in &spec.layers {
+        let kind = (l.head_dim, spec.arch.rope_of(l.sliding));
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    kinds
+}
+
+/// The cos/sin of layer `l` among tables built for [`rotary_kinds`].
+pub(crate) fn rotary_of<'t>(
+    tables: &'t [(usize, Rope, Tensor, Tensor)],
+    l: &LayerSpec,
+    arch: &Arch,
+) -> Option<(&'t Tensor, &'t Tensor)> {
+    let rope = arch.rope_of(l.sliding);
+    tables.iter().find(|(d, r, _, _)| *d == l.head_dim && *r == rope).map(|(_, _, c, s)| (c, s))
 }
 
 /// cos/sin tables (row-major `[T, head_dim/2]`) for HF's (non-interleaved, rotate-half) rotary embedding.

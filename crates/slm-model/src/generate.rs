@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::{Tensor, D};
 
 use crate::error::{ModelError, Result};
-use crate::forward::{layer, rotary_tables, Attend, KvCache, Mode, NoAdapter};
+use crate::forward::{layer, rotary_kinds, rotary_of, rotary_tables, Attend, KvCache, Mode, NoAdapter};
 use crate::spec::Rope;
 use crate::Model;
 
@@ -48,18 +48,15 @@ impl Model {
             )));
         }
         let mut rotary: Vec<(usize, Rope, Tensor, Tensor)> = Vec::new();
-        for l in &self.spec.layers {
-            let rope = self.spec.arch.rope_of(l.sliding);
-            if rotary.iter().all(|(d, r, _, _)| *d != l.head_dim || *r != rope) {
-                let (cos, sin) = rotary_tables(l.head_dim, total, &rope);
-                let half = l.head_dim / 2;
-                rotary.push((
-                    l.head_dim,
-                    rope,
-                    Tensor::from_vec(cos, (total, half), &self.device)?,
-                    Tensor::from_vec(sin, (total, half), &self.device)?,
-                ));
-            }
+        for (head_dim, rope) in rotary_kinds(&self.spec) {
+            let (cos, sin) = rotary_tables(head_dim, total, &rope);
+            let half = head_dim / 2;
+            rotary.push((
+                head_dim,
+                rope,
+                Tensor::from_vec(cos, (total, half), &self.device)?,
+                Tensor::from_vec(sin, (total, half), &self.device)?,
+            ));
         }
         let n = self.spec.num_layers();
         let mut cache = Cache { layers: (0..n).map(|_| KvCache::default()).collect(), rotary };
@@ -108,14 +105,12 @@ impl Model {
             Ok(Some(Tensor::from_vec(m, (t, s), &self.device)?))
         };
         let global = mask(None)?;
-        let sliding = match self.spec.arch.sliding_window {
-            Some(w) if self.spec.layers.iter().any(|l| l.sliding) => mask(Some(w))?,
-            _ => None,
+        let sliding = match self.spec.sliding_window_in_use() {
+            Some(w) => mask(Some(w))?,
+            None => None,
         };
         for (i, (w, l)) in self.weights.layers.iter().zip(&self.spec.layers).enumerate() {
-            let rope = self.spec.arch.rope_of(l.sliding);
-            let (_, _, cos, sin) =
-                cache.rotary.iter().find(|(d, r, _, _)| *d == l.head_dim && *r == rope).expect("a table per layer");
+            let (cos, sin) = rotary_of(&cache.rotary, l, &self.spec.arch).expect("a table per layer");
             let mut att = Attend {
                 cos: cos.narrow(0, pos, t)?,
                 sin: sin.narrow(0, pos, t)?,

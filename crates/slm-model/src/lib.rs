@@ -1,7 +1,7 @@
 //! `slm-model`: the decoder model core of slm (Llama, Mistral, Qwen2, Qwen3, Gemma-3).
 //!
 //! Shapes ([`ModelSpec`], one [`LayerSpec`] per layer, so layers may differ in width), plain weights
-//! ([`Weights`]), the batched forward pass ([`forward`]), loading an HF directory or a llama GGUF, the tokenizer,
+//! ([`Weights`]), the batched forward pass ([`forward`]), loading an HF directory or a GGUF, the tokenizer,
 //! saving an HF directory atomically, and calibration sampling. It knows nothing about pruning methods.
 
 pub mod arch;

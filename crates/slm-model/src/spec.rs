@@ -35,6 +35,11 @@ pub struct LayerSpec {
 }
 
 impl LayerSpec {
+    /// Whether `other` has this layer's shape (the attention type, sliding or global, may differ).
+    pub fn same_shape(&self, other: &LayerSpec) -> bool {
+        LayerSpec { sliding: false, ..*self } == LayerSpec { sliding: false, ..*other }
+    }
+
     /// Query heads per KV head (grouped-query attention).
     pub fn group_size(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
@@ -79,6 +84,11 @@ impl ModelSpec {
         self.layers.len()
     }
 
+    /// The sliding window when some layer uses it (a window in the config that no layer uses is None here).
+    pub fn sliding_window_in_use(&self) -> Option<usize> {
+        self.arch.sliding_window.filter(|_| self.layers.iter().any(|l| l.sliding))
+    }
+
     /// Parameters of layer shape `l` in this model.
     pub fn layer_parameters(&self, l: &LayerSpec) -> usize {
         l.num_parameters(self.hidden_size, &self.arch)
@@ -86,8 +96,7 @@ impl ModelSpec {
 
     /// True when every layer has the same shape (the attention type may differ: `layer_types` carries it).
     pub fn is_uniform(&self) -> bool {
-        let shape = |l: &LayerSpec| LayerSpec { sliding: false, ..*l };
-        self.layers.windows(2).all(|w| shape(&w[0]) == shape(&w[1]))
+        self.layers.windows(2).all(|w| w[0].same_shape(&w[1]))
     }
 
     pub fn num_parameters(&self) -> usize {

@@ -106,20 +106,16 @@ pub fn tiny_model_of(family: crate::spec::Family, num_layers: usize, seed: u64) 
         .layers
         .iter()
         .map(|l| {
-            let mut w: Option<crate::LayerWeights> = None;
-            for (part, shape) in crate::LayerWeights::expected_shapes(l, h, &spec.arch) {
-                let t = match part.kind() {
-                    crate::weights::PartKind::Norm => rand_t(&shape, 0.1, 1.0),
-                    crate::weights::PartKind::Bias => rand_t(&shape, 0.1, 0.0),
-                    crate::weights::PartKind::Projection => rand_t(&shape, 0.3, 0.0),
-                };
-                match &mut w {
-                    Some(w) => w.set(part, t),
-                    // The first part is the attention norm; the others are set over this placeholder layer.
-                    None => w = Some(crate::LayerWeights::llama(std::array::from_fn(|_| t.clone()))),
-                }
-            }
-            w.expect("a layer has parts")
+            let built: std::result::Result<_, std::convert::Infallible> =
+                crate::LayerWeights::build(&spec.arch, |part| {
+                    let shape = part.shape(l, h);
+                    Ok(match part.kind() {
+                        crate::weights::PartKind::Norm => rand_t(&shape, 0.1, 1.0),
+                        crate::weights::PartKind::Bias => rand_t(&shape, 0.1, 0.0),
+                        crate::weights::PartKind::Projection => rand_t(&shape, 0.3, 0.0),
+                    })
+                });
+            built.unwrap_or_else(|e| match e {})
         })
         .collect();
     let weights = crate::Weights {

@@ -178,6 +178,28 @@ impl LayerWeights {
         }
     }
 
+    /// A layer of architecture `arch` whose every part ([`Part::present`], in [`Part::ALL`] order) is `f(part)`.
+    pub fn build<E>(
+        arch: &Arch,
+        mut f: impl FnMut(Part) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Self, E> {
+        let mut layer = LayerWeights::llama([
+            f(Part::AttnNorm)?,
+            f(Part::Q)?,
+            f(Part::K)?,
+            f(Part::V)?,
+            f(Part::O)?,
+            f(Part::MlpNorm)?,
+            f(Part::Gate)?,
+            f(Part::Up)?,
+            f(Part::Down)?,
+        ]);
+        for &p in Part::ALL[9..].iter().filter(|p| p.present(arch)) {
+            layer.set(p, f(p)?);
+        }
+        Ok(layer)
+    }
+
     /// The tensor of `part`, if the layer has it.
     pub fn get(&self, part: Part) -> Option<&Tensor> {
         match part {
@@ -341,22 +363,9 @@ impl Weights {
         let embed_tokens = take("model.embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(spec.layers.len());
         for (i, l) in spec.layers.iter().enumerate() {
-            let mut get = |p: Part| take(&format!("model.layers.{i}.{}", p.hf_suffix(&spec.arch)), &p.shape(l, h));
-            let mut layer = LayerWeights::llama([
-                get(Part::AttnNorm)?,
-                get(Part::Q)?,
-                get(Part::K)?,
-                get(Part::V)?,
-                get(Part::O)?,
-                get(Part::MlpNorm)?,
-                get(Part::Gate)?,
-                get(Part::Up)?,
-                get(Part::Down)?,
-            ]);
-            for p in Part::ALL[9..].iter().filter(|p| p.present(&spec.arch)) {
-                layer.set(*p, get(*p)?);
-            }
-            layers.push(layer);
+            layers.push(LayerWeights::build(&spec.arch, |p| {
+                take(&format!("model.layers.{i}.{}", p.hf_suffix(&spec.arch)), &p.shape(l, h))
+            })?);
         }
         let norm = take("model.norm.weight", &[h])?;
         let lm_head = if spec.tie_word_embeddings {

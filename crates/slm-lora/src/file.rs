@@ -59,12 +59,8 @@ impl LoraRunFile {
     /// Reads `DIR/slm_lora.json`; another kind or version, or a field the type does not accept, is an error
     /// naming the file.
     pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(Self::NAME);
-        let bytes = slm_model::files::read_regular_file(&path, 256 << 20)
-            .map_err(|e| LoraError::InvalidArgument(format!("{}: {e}", path.display())))?;
-        let v: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| LoraError::InvalidArgument(format!("{}: not valid JSON: {e}", path.display())))?;
-        slm_model::output::from_stamped_json(v, OutputKind::LoraRun, &path).map_err(LoraError::InvalidArgument)
+        slm_model::output::read_stamped_json(&dir.join(Self::NAME), OutputKind::LoraRun)
+            .map_err(LoraError::InvalidArgument)
     }
 
     /// The file's bytes (pretty JSON).

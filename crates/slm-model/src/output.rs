@@ -205,6 +205,17 @@ pub fn from_stamped_json<T: serde::de::DeserializeOwned>(
     serde_json::from_value(v).map_err(|e| at(format!("not a valid {} file: {e}", kind.name())))
 }
 
+/// Reads a JSON file that slm wrote between steps (a regular file of at most 256 MiB) as the typed record of
+/// `kind` ([`from_stamped_json`]). Every message names `path`.
+pub fn read_stamped_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    kind: OutputKind,
+) -> std::result::Result<T, String> {
+    let bytes = crate::files::read_regular_file(path, 256 << 20).map_err(|e| e.to_string())?;
+    let v = serde_json::from_slice(&bytes).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
+    from_stamped_json(v, kind, path)
+}
+
 /// Checks an output path before any work: not an input, not inside one, not containing one; an existing output
 /// only when `replace` allows it (see the module docs). `inputs` that do not exist are ignored.
 pub fn check_output(out: &Path, kind: OutputKind, inputs: &[&Path], replace: Replace) -> Result<()> {

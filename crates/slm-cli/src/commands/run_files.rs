@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use slm_model::output::{from_stamped_json, OutputKind, OutputStamp};
+use slm_model::output::{read_stamped_json, OutputKind, OutputStamp};
 
 /// Written into a step's directory when it finishes: its key (model and the arguments of every step up to it).
 /// A later run of the schedule keeps a step whose marker has the same key instead of recomputing it.
@@ -32,7 +32,7 @@ impl StepMarker {
     pub fn read(dir: &Path) -> Option<Result<Self, String>> {
         let path = dir.join(Self::NAME);
         path.symlink_metadata().ok()?;
-        Some(read_json(&path).and_then(|v| from_stamped_json(v, OutputKind::StepMarker, &path)))
+        Some(read_stamped_json(&path, OutputKind::StepMarker))
     }
 }
 
@@ -96,11 +96,6 @@ pub struct RunReport {
 impl RunReport {
     /// File name inside the run's output directory.
     pub const NAME: &'static str = "report.json";
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value, String> {
-    let bytes = slm_model::files::read_regular_file(path, 256 << 20).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))
 }
 
 #[cfg(test)]

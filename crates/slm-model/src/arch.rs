@@ -139,6 +139,85 @@ impl Rope {
         }
     }
 
+    /// The rotary that a GGUF's `rope_freqs.weight` describes: llama.cpp's converter stores Llama-3.1's scaling
+    /// as one divisor per frequency (`[head_dim / 2]`; 1 for kept frequencies, `factor` for divided ones, the
+    /// blend between), and divides `theta^(-2k/d)` by it. The divisors determine `factor` (the largest) and the two
+    /// wavelength bounds relative to `original_max_position_embeddings` (a line through the blended ones; the
+    /// absolute value is not determined, so `low_freq_factor` is taken as 1, Meta's value, and the others follow;
+    /// the frequencies are the same whatever the choice). With one blended entry Meta's ratio (high 4 for low 1)
+    /// fixes the line through it; with none, Meta's published bounds (low 1, high 4, 8192 positions) are tried. The result is accepted only if it reproduces every divisor to
+    /// 1e-4 relative; otherwise the message says why, and the caller refuses the file.
+    pub fn from_gguf_factors(theta: f64, head_dim: usize, factors: &[f32]) -> Result<Rope, String> {
+        let plain = Rope { theta, scaling: RopeScaling::Default };
+        if factors.len() != head_dim / 2 {
+            return Err(format!("has {} entries, but head_dim {head_dim} needs {}", factors.len(), head_dim / 2));
+        }
+        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f >= 1.0 - 1e-6)) {
+            return Err(format!("holds {bad}; Llama-3 divisors are finite and at least 1"));
+        }
+        let factor = factors.iter().fold(1.0f64, |m, &f| m.max(f as f64));
+        if factor <= 1.0 + 1e-6 {
+            return Ok(plain);
+        }
+        let base = plain.inv_freq(head_dim);
+        // Blended entry k: 1/f_k = (1 - s)/factor + s, s = old/wavelen_k/(high - low) - low/(high - low).
+        let blended: Vec<(f64, f64)> = factors
+            .iter()
+            .zip(&base)
+            .filter(|(f, _)| (**f as f64) > 1.0 + 1e-4 && (**f as f64) < factor * (1.0 - 1e-4))
+            .map(|(&f, &b)| {
+                let inv_wavelen = b as f64 / (2.0 * std::f64::consts::PI);
+                (inv_wavelen, (factor / f as f64 - 1.0) / (factor - 1.0))
+            })
+            .collect();
+        let mut candidates = Vec::new();
+        if blended.len() >= 2 {
+            // Least squares s = a x + b; low/old = -b/a, high/old = (1 - b)/a; with low = 1: old = -a/b.
+            let n = blended.len() as f64;
+            let (sx, sy) = blended.iter().fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x, sy + y));
+            let (mx, my) = (sx / n, sy / n);
+            let sxx: f64 = blended.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+            let sxy: f64 = blended.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+            let a = sxy / sxx;
+            let b = my - a * mx;
+            if a > 0.0 && b < 0.0 {
+                let old = (-a / b).round();
+                let high = (((1.0 - b) / a) * old * 1e6).round() / 1e6;
+                candidates.push((1.0, high, old));
+            }
+        }
+        if let Some(&(x, s)) = blended.first() {
+            // One point: Meta's ratio high/low = 4 with low = 1, old through that point.
+            candidates.push((1.0, 4.0, ((3.0 * s + 1.0) / x).round()));
+        }
+        candidates.push((1.0, 4.0, 8192.0));
+        for (low, high, old) in candidates {
+            if !((1.0..1e12).contains(&old) && high > low) {
+                continue;
+            }
+            let rope = Rope {
+                theta,
+                scaling: RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: old as usize,
+                },
+            };
+            let got = rope.inv_freq(head_dim);
+            let fits = base.iter().zip(&got).zip(factors).all(|((&b, &g), &f)| {
+                let implied = b as f64 / g as f64;
+                (implied - f as f64).abs() <= 1e-4 * f as f64
+            });
+            if fits {
+                return Ok(rope);
+            }
+        }
+        Err("is not Llama-3.1's frequency scaling (no factor, low_freq_factor, high_freq_factor and \
+             original_max_position_embeddings reproduce it)"
+            .into())
+    }
+
     /// Checks the numbers (finite, positive; Llama-3's `high_freq_factor > low_freq_factor`); the message names
     /// the key.
     pub fn validate(&self, key: &str) -> Result<(), String> {
@@ -269,6 +348,58 @@ mod tests {
         let linear = Rope { theta: 10_000.0, scaling: RopeScaling::Linear { factor: 4.0 } };
         let base = Rope { theta: 10_000.0, scaling: RopeScaling::Default };
         assert_eq!(linear.inv_freq(8)[1], base.inv_freq(8)[1] / 4.0);
+    }
+
+    /// llama.cpp's converter writes `rope_freqs.weight` as `1 / ((1 - s)/factor + s)` per blended frequency, 1
+    /// or `factor` outside (convert_hf_to_gguf.py, LlamaModel): the inference recovers a scaling with the same
+    /// frequencies, for Llama-3.1-8B's and Llama-3.2-1B's published values and for non-Meta bounds; an arbitrary
+    /// vector is refused.
+    #[test]
+    fn llama3_scaling_is_recovered_from_gguf_factors() {
+        let gguf_factors = |theta: f64, d: usize, factor: f64, low: f64, high: f64, old: f64| -> Vec<f32> {
+            let (lw, hw) = (old / low, old / high);
+            (0..d / 2)
+                .map(|k| {
+                    let freq = (1.0 / theta.powf(2.0 * k as f64 / d as f64)) as f32 as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    (if wavelen < hw {
+                        1.0
+                    } else if wavelen > lw {
+                        factor
+                    } else {
+                        let s = (old / wavelen - low) / (high - low);
+                        1.0 / ((1.0 - s) / factor + s)
+                    }) as f32
+                })
+                .collect()
+        };
+        for (factor, low, high, old) in [(8.0, 1.0, 4.0, 8192.0), (32.0, 1.0, 4.0, 8192.0), (16.0, 2.0, 6.0, 4096.0)] {
+            let want = Rope {
+                theta: 500_000.0,
+                scaling: RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: old as usize,
+                },
+            };
+            let f = gguf_factors(500_000.0, 128, factor, low, high, old);
+            let got = Rope::from_gguf_factors(500_000.0, 128, &f).unwrap();
+            let (a, b) = (got.inv_freq(128), want.inv_freq(128));
+            for k in 0..64 {
+                assert!((a[k] - b[k]).abs() <= 1e-5 * b[k], "factor {factor} k {k}: {} vs {}", a[k], b[k]);
+            }
+            if low == 1.0 {
+                assert_eq!(got, want, "Meta's bounds come back exactly");
+            }
+        }
+        let ones = vec![1.0f32; 64];
+        assert_eq!(Rope::from_gguf_factors(10_000.0, 128, &ones).unwrap().scaling, RopeScaling::Default);
+        let mut odd = gguf_factors(500_000.0, 128, 8.0, 1.0, 4.0, 8192.0);
+        odd[2] = 3.0;
+        assert!(Rope::from_gguf_factors(500_000.0, 128, &odd).unwrap_err().contains("not Llama-3.1"));
+        assert!(Rope::from_gguf_factors(500_000.0, 128, &ones[..10]).unwrap_err().contains("10 entries"));
+        assert!(Rope::from_gguf_factors(500_000.0, 128, &[f32::NAN; 64]).is_err());
     }
 
     #[test]

@@ -97,13 +97,14 @@ pub fn gguf_arch(c: &Content, path: &Path) -> Result<(String, Family)> {
     }
 }
 
-/// The model's dimensions and architecture from GGUF metadata (keys `{arch}.*`, as llama.cpp writes them).
-pub fn spec_from_gguf(c: &Content, path: &Path) -> Result<ModelSpec> {
+/// The tensor in which llama.cpp stores Llama-3.1's rotary scaling, one divisor per frequency.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The model's dimensions and architecture from GGUF metadata (keys `{arch}.*`, as llama.cpp writes them), and
+/// from the `rope_freqs.weight` tensor where there is one (read from `reader`; see [`Rope::from_gguf_factors`]).
+pub fn spec_from_gguf(c: &Content, reader: &mut BufReader<File>, path: &Path) -> Result<ModelSpec> {
     let (name, family) = gguf_arch(c, path)?;
     let key = |k: &str| format!("{name}.{k}");
-    if c.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(gguf_err(path, "tensor `rope_freqs.weight` (Llama-3 rotary scaling in a GGUF) is not supported"));
-    }
     for k in ["expert_count", "vision.block_count"] {
         if meta(c, &key(k)).and_then(value_usize).is_some_and(|n| n > 0) {
             return Err(gguf_err(path, format!("metadata `{}`: experts / vision towers are not supported", key(k))));
@@ -184,6 +185,27 @@ pub fn spec_from_gguf(c: &Content, path: &Path) -> Result<ModelSpec> {
     }
     if family == Family::Gemma3 {
         arch.query_pre_attn_scalar = Some(layers[0].head_dim as f64);
+    }
+    if let Some(info) = c.tensor_infos.get(ROPE_FREQS) {
+        let head_dim = layers[0].head_dim;
+        let refuse = |why: String| gguf_err(path, format!("tensor `{ROPE_FREQS}` {why}"));
+        if arch.rope.scaling != RopeScaling::Default {
+            return Err(refuse(format!("comes with `{}` as well: two rotary scalings", key("rope.scaling.type"))));
+        }
+        if layers.iter().any(|l| l.head_dim != head_dim) {
+            return Err(refuse("needs one head_dim for all layers".into()));
+        }
+        // Checked against head_dim before it is read (its byte size was checked against the file already).
+        if info.shape.dims() != [head_dim / 2] {
+            return Err(refuse(format!(
+                "has shape {:?}, but head_dim {head_dim} needs [{}]",
+                info.shape.dims(),
+                head_dim / 2
+            )));
+        }
+        let q = c.tensor(reader, ROPE_FREQS, &Device::Cpu).map_err(|e| refuse(e.to_string()))?;
+        let factors: Vec<f32> = dequantize_qtensor(&q, ROPE_FREQS, path)?.to_vec1()?;
+        arch.rope = Rope::from_gguf_factors(arch.rope.theta, head_dim, &factors).map_err(refuse)?;
     }
     let spec = ModelSpec {
         vocab_size,
@@ -302,10 +324,10 @@ pub fn dequantize_raw(dtype: GgmlDType, raw: &[u8], dims: &[usize], name: &str, 
 /// norm weights as `1 + w` (the 1 is taken off again, as transformers' GGUF loader does).
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Content)> {
     let (content, mut reader) = read_content(path)?;
-    let spec = spec_from_gguf(&content, path)?;
+    let spec = spec_from_gguf(&content, &mut reader, path)?;
     let expected = expected_shapes(&spec);
     let mut tensors = HashMap::new();
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    let mut names: Vec<&String> = content.tensor_infos.keys().filter(|n| *n != ROPE_FREQS).collect();
     names.sort();
     for name in names {
         let (hf, layer_part) = hf_name(name, &spec.arch).ok_or_else(|| {

@@ -10,10 +10,12 @@ use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::Split;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{ModelError, Result};
@@ -110,11 +112,64 @@ impl Tokenizer {
     }
 }
 
+/// Llama-3's pre-tokenizer regex (its `tokenizer.json`; llama.cpp's `llama-bpe`): contractions, a letter run
+/// with at most one non-letter before it, digits in groups of up to three, punctuation runs, newlines, spaces.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's (Qwen2/2.5/3; llama.cpp's `qwen2`): Llama-3's with every digit on its own.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The pre-tokenizer names of a byte-level GGUF vocabulary (`tokenizer.ggml.pre`) that slm rebuilds.
+const BYTE_LEVEL_PRES: &str = "smollm, gpt2, llama-bpe (llama3, llama-v3, smaug-bpe), qwen2 (deepseek-r1-qwen)";
+
+/// Whether a byte-level pre-tokenizer name stands for Llama-3's pipeline: its regex, then byte-level mapping
+/// without a regex; whole words found in the vocabulary are not merged again (`ignore_merges`, as Llama-3's
+/// `tokenizer.json` and llama.cpp do). Qwen2's adds the NFC normalisation of its `tokenizer.json`.
+enum BytePre {
+    Smollm,
+    Gpt2,
+    Llama3,
+    Qwen2,
+}
+
+impl BytePre {
+    fn of(name: &str) -> Option<Self> {
+        Some(match name {
+            "smollm" => BytePre::Smollm,
+            "gpt2" | "default" => BytePre::Gpt2,
+            "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => BytePre::Llama3,
+            "qwen2" | "deepseek-r1-qwen" => BytePre::Qwen2,
+            _ => return None,
+        })
+    }
+
+    /// The pre-tokenizer, as the model's `tokenizer.json` builds it.
+    fn pre_tokenizer(&self) -> std::result::Result<PreTokenizerWrapper, String> {
+        let split = |re: &str| {
+            Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| e.to_string())
+        };
+        Ok(match self {
+            BytePre::Smollm => {
+                Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
+            }
+            BytePre::Gpt2 => ByteLevel::new(false, true, true).into(),
+            BytePre::Llama3 => {
+                Sequence::new(vec![split(LLAMA3_SPLIT)?.into(), ByteLevel::new(false, true, false).into()]).into()
+            }
+            BytePre::Qwen2 => {
+                Sequence::new(vec![split(QWEN2_SPLIT)?.into(), ByteLevel::new(false, true, false).into()]).into()
+            }
+        })
+    }
+}
+
 /// The byte-level BPE tokenizer of a `gpt2` GGUF, from its vocabulary, merges and pre-tokenizer name.
 ///
 /// `smollm` is SmolLM's own pipeline (its `tokenizer.json`): digits split one by one, then GPT-2's byte-level
-/// regex without a prefix space. `gpt2` (or no name) is plain GPT-2. Other names are refused rather than
-/// silently tokenised the wrong way.
+/// regex without a prefix space. `gpt2` (or no name) is plain GPT-2; `llama-bpe` and `qwen2` are Llama-3's and
+/// Qwen2's ([`BytePre`]). Other names are refused rather than silently tokenised the wrong way.
 fn byte_level_bpe(c: &Content, path: &Path) -> Result<tokenizers::Tokenizer> {
     let pre = match c.metadata.get("tokenizer.ggml.pre") {
         Some(Value::String(s)) => s.clone(),
@@ -139,24 +194,23 @@ fn byte_level_bpe(c: &Content, path: &Path) -> Result<tokenizers::Tokenizer> {
             builder = builder.unk_token(tok.clone());
         }
     }
+    let kind = BytePre::of(&pre).ok_or_else(|| {
+        tok_err(
+            path,
+            format!(
+                "`tokenizer.ggml.pre` `{pre}` is not supported ({BYTE_LEVEL_PRES}); export the model with its \
+                 tokenizer.json"
+            ),
+        )
+    })?;
+    if matches!(kind, BytePre::Llama3) {
+        builder = builder.ignore_merges(true);
+    }
     let bpe = builder.build().map_err(|e| tok_err(path, e.to_string()))?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
-    let byte_level = ByteLevel::new(false, true, true);
-    match pre.as_str() {
-        "smollm" => {
-            inner.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), byte_level.into()])));
-        }
-        "gpt2" | "default" => {
-            inner.with_pre_tokenizer(Some(byte_level));
-        }
-        other => {
-            return Err(tok_err(
-                path,
-                format!(
-                    "pre-tokenizer `{other}` is not supported (smollm, gpt2); export the model with its tokenizer.json"
-                ),
-            ))
-        }
+    inner.with_pre_tokenizer(Some(kind.pre_tokenizer().map_err(|e| tok_err(path, e))?));
+    if matches!(kind, BytePre::Qwen2) {
+        inner.with_normalizer(Some(NFC)).map_err(|e| tok_err(path, e.to_string()))?;
     }
     inner.with_decoder(Some(ByteLevelDecoder::default()));
     // Control tokens (type 3) such as <|endoftext|> and <|im_start|> are matched whole, as HF does.
@@ -369,5 +423,34 @@ impl Tokenizer {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         self.inner.save(path, false).map_err(|e| tok_err(path, e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        let p = BytePre::of(pre).unwrap().pre_tokenizer().unwrap();
+        let mut s = PreTokenizedString::from(text);
+        p.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Char).into_iter().map(|(t, _, _)| t.to_string()).collect()
+    }
+
+    /// Llama-3's and Qwen2's splits, worked out by hand from their regexes: contractions case-insensitively,
+    /// one leading non-letter joins a word, digits by three (Llama-3) or one by one (Qwen2), a newline run alone,
+    /// and of a run of spaces before a word all but the last (which joins the word). Pieces are in byte-level
+    /// form (space = `Ġ`, newline = `Ċ`).
+    #[test]
+    fn llama3_and_qwen2_pre_tokenizers_split_as_their_regexes() {
+        let text = "I'M here 12345\n\n  ok!?";
+        assert_eq!(pieces("llama-bpe", text), ["I", "'M", "Ġhere", "Ġ", "123", "45", "ĊĊ", "Ġ", "Ġok", "!?"]);
+        assert_eq!(pieces("qwen2", text), ["I", "'M", "Ġhere", "Ġ", "1", "2", "3", "4", "5", "ĊĊ", "Ġ", "Ġok", "!?"]);
+        // A non-letter (here a quote) joins the word after it; SmolLM's and GPT-2's regex keep it apart.
+        assert_eq!(pieces("llama-bpe", "\"quoted"), ["\"quoted"]);
+        assert_eq!(pieces("gpt2", "\"quoted"), ["\"", "quoted"]);
+        assert_eq!(pieces("smollm", "a 12"), ["a", "Ġ", "1", "2"]);
+        assert!(BytePre::of("tekken").is_none());
     }
 }

@@ -24,6 +24,11 @@ fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
 /// Q/K rows permuted for `llama` only (Qwen uses the rotate-half "NEOX" rotary in llama.cpp), biases as
 /// `attn_q.bias`, q/k norms as `attn_q_norm.weight`.
 fn write_gguf(m: &Model, path: &std::path::Path, arch: &str) {
+    write_gguf_with(m, path, arch, &[])
+}
+
+/// [`write_gguf`] with extra top-level tensors (such as `rope_freqs.weight`).
+fn write_gguf_with(m: &Model, path: &std::path::Path, arch: &str, extra: &[(&str, Tensor)]) {
     let s = &m.spec;
     let l = s.layers[0];
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -31,6 +36,9 @@ fn write_gguf(m: &Model, path: &std::path::Path, arch: &str) {
     push("token_embd.weight".into(), &m.weights.embed_tokens);
     push("output_norm.weight".into(), &m.weights.norm);
     push("output.weight".into(), m.weights.lm_head.as_ref().unwrap());
+    for (name, t) in extra {
+        push(name.to_string(), t);
+    }
     for (i, w) in m.weights.layers.iter().enumerate() {
         push(format!("blk.{i}.attn_norm.weight"), &w.input_layernorm);
         if arch == "llama" {
@@ -156,4 +164,67 @@ fn qwen2_and_qwen3_ggufs_load_with_their_biases_and_qk_norms() {
         let d = slm_model::testing::max_abs_diff(&m.logits_all(&ids).unwrap(), &back.logits_all(&ids).unwrap());
         assert_eq!(d, 0.0, "{arch}");
     }
+}
+
+/// llama.cpp's `rope_freqs.weight` for Llama-3.1 scaling (convert_hf_to_gguf.py, LlamaModel): per frequency of
+/// `theta^(-2k/d)` (computed in f32 as torch does), 1 below the high-frequency wavelength, `factor` above the
+/// low-frequency one, `1 / ((1 - s)/factor + s)` between.
+fn llama_cpp_rope_factors(theta: f64, d: usize, factor: f64, low: f64, high: f64, old: f64) -> Tensor {
+    let f: Vec<f32> = (0..d / 2)
+        .map(|k| {
+            let freq = (1.0 / theta.powf(2.0 * k as f64 / d as f64)) as f32 as f64;
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            (if wavelen < old / high {
+                1.0
+            } else if wavelen > old / low {
+                factor
+            } else {
+                let s = (old / wavelen - low) / (high - low);
+                1.0 / ((1.0 - s) / factor + s)
+            }) as f32
+        })
+        .collect();
+    Tensor::new(f, &Device::Cpu).unwrap()
+}
+
+/// A Llama-3.x GGUF carries its rotary scaling as the `rope_freqs.weight` tensor: the golden tiny Llama-3 (factor
+/// 32, low 1, high 4, 64 original positions) written that way loads with the same scaling and the same logits as
+/// its HF directory, which match transformers. A divisor vector that is no Llama-3 scaling, or of the wrong
+/// length, is refused naming the tensor.
+#[test]
+fn llama3_gguf_rope_freqs_give_the_hf_scaling_and_logits() {
+    let hf = Model::load(&slm_model::testing::golden_dir().join("archs/llama3"), &Device::Cpu).unwrap();
+    let slm_model::RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } =
+        hf.spec.arch.rope.scaling
+    else {
+        panic!("the golden llama3 model has llama3 scaling")
+    };
+    let (theta, d) = (hf.spec.arch.rope.theta, hf.spec.layers[0].head_dim);
+    let factors = llama_cpp_rope_factors(
+        theta,
+        d,
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings as f64,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("llama3.gguf");
+    write_gguf_with(&hf, &p, "llama", &[("rope_freqs.weight", factors.clone())]);
+    let back = Model::load(&p, &Device::Cpu).unwrap();
+    assert_eq!(back.spec.arch.rope, hf.spec.arch.rope);
+    let ids = [1u32, 7, 300, 42, 5, 9, 77, 100];
+    let d_logits = slm_model::testing::max_abs_diff(&hf.logits_all(&ids).unwrap(), &back.logits_all(&ids).unwrap());
+    assert_eq!(d_logits, 0.0);
+
+    let mut bad = factors.to_vec1::<f32>().unwrap();
+    bad[1] = 30.0;
+    let p2 = dir.path().join("odd.gguf");
+    write_gguf_with(&hf, &p2, "llama", &[("rope_freqs.weight", Tensor::new(bad, &Device::Cpu).unwrap())]);
+    let e = err_of(Model::load(&p2, &Device::Cpu));
+    assert!(e.contains("odd.gguf") && e.contains("rope_freqs.weight") && e.contains("not Llama-3.1"), "{e}");
+    let p3 = dir.path().join("short.gguf");
+    write_gguf_with(&hf, &p3, "llama", &[("rope_freqs.weight", Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap())]);
+    let e = err_of(Model::load(&p3, &Device::Cpu));
+    assert!(e.contains("rope_freqs.weight") && e.contains("shape [2]"), "{e}");
 }

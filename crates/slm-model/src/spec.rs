@@ -526,7 +526,12 @@ fn sliding_layers(
         }
         Family::Mistral => vec![window.is_some(); n],
         Family::Qwen2 | Family::Qwen3 if obj.get("use_sliding_window").is_some_and(|v| v == true) => {
-            return Err("`use_sliding_window: true` without `layer_types` is not supported".into())
+            // transformers' Qwen2/Qwen3 configs: layers from `max_window_layers` (default 28) on are sliding.
+            let from = match obj.get("max_window_layers") {
+                None => 28,
+                Some(v) => v.as_u64().ok_or_else(|| format!("`max_window_layers` {v} is not an integer"))? as usize,
+            };
+            (0..n).map(|i| window.is_some() && i >= from).collect()
         }
         _ => vec![false; n],
     })
@@ -570,6 +575,30 @@ mod tests {
         let v = het.to_hf_config("float32");
         assert_eq!(v["slm_layers"].as_array().unwrap().len(), 30);
         assert_eq!(ModelSpec::from_hf_value(&v, p).unwrap(), het);
+    }
+
+    /// Qwen2's published config style: `use_sliding_window` with `max_window_layers` and no `layer_types` makes
+    /// the layers from `max_window_layers` on sliding (transformers' Qwen2Config); without it no layer slides.
+    #[test]
+    fn qwen_use_sliding_window_slides_from_max_window_layers() {
+        let p = crate::testing::golden_dir().join("archs/qwen2/config.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("layer_types");
+        obj.insert("sliding_window".into(), json!(8));
+        obj.insert("max_window_layers".into(), json!(1));
+        obj.insert("use_sliding_window".into(), json!(true));
+        let s = ModelSpec::from_hf_value(&v, &p).unwrap();
+        assert_eq!(s.layers.iter().map(|l| l.sliding).collect::<Vec<_>>(), [false, true, true]);
+        assert_eq!(s.arch.sliding_window, Some(8));
+        assert_eq!(ModelSpec::from_hf_value(&s.to_hf_config("float32"), &p).unwrap(), s, "exported as it was read");
+        v["use_sliding_window"] = json!(false);
+        let s = ModelSpec::from_hf_value(&v, &p).unwrap();
+        assert!(s.layers.iter().all(|l| !l.sliding) && s.arch.sliding_window.is_none());
+        v["use_sliding_window"] = json!(true);
+        v["max_window_layers"] = json!("two");
+        let e = ModelSpec::from_hf_value(&v, &p).unwrap_err().to_string();
+        assert!(e.contains("max_window_layers"), "{e}");
     }
 
     #[test]

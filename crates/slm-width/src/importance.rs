@@ -184,8 +184,158 @@ pub fn lm_loss(model: &Model, windows: &[Vec<u32>]) -> Result<Tensor> {
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
 }
 
-/// Runs the gradient pass. `on_pass` is called after each backward pass (for a progress bar).
+/// Positions scored in each LM-head chunk of [`gradients`]: `CHUNK × vocab` logits (and their gradient) at a
+/// time instead of every position's (a 49,152-way log-softmax at 1,270 positions is 250 MB per copy).
+pub const LOSS_CHUNK: usize = 128;
+
+/// The gradient of the mean next-token cross-entropy over `windows` with respect to every layer's output and
+/// the projections of `layers`, by a backward pass layer by layer with recomputation: a forward pass stores the
+/// input of each layer from the lowest of `layers` up (no graph kept); the loss gradient with respect to the last
+/// hidden state comes from the final norm and the LM head in chunks of [`LOSS_CHUNK`] positions; then, from the
+/// top, each layer is recomputed with its input (and, for a layer of `layers`, its projections) as variables,
+/// and `Σ out ⊙ ∂L/∂out` is pushed back through it alone. Peak memory: the stored inputs, one layer's graph and
+/// one chunk of logits. Returns the loss and its gradients for the projections of `layers` (in that order).
+fn layerwise_gradients(model: &Model, windows: &[Vec<u32>], layers: &[usize]) -> Result<(f64, Vec<Vec<Tensor>>)> {
+    if windows.iter().any(|w| w.len() < 2) {
+        return Err(WidthError::InvalidArgument("calibration windows need at least 2 tokens".into()));
+    }
+    let n_layers = model.spec.num_layers();
+    if let Some(&bad) = layers.iter().find(|&&i| i >= n_layers) {
+        return Err(WidthError::InvalidArgument(format!("layer {bad} is out of range (the model has {n_layers})")));
+    }
+    let lowest = layers.iter().copied().min().unwrap_or(n_layers);
+    let batch = Batch::new(&model.spec, windows, &model.device)?;
+    let mode = Mode::Differentiable;
+    // Inputs of layers lowest..L, then the last hidden state.
+    let mut x = model.embed(&batch)?;
+    if lowest > 0 {
+        x = model.run_layers(x, 0..lowest, &batch, mode)?;
+    }
+    let mut inputs = Vec::with_capacity(n_layers - lowest + 1);
+    for i in lowest..n_layers {
+        let next = model.run_layers(x.clone(), i..i + 1, &batch, mode)?;
+        inputs.push(x);
+        x = next;
+    }
+    let last = x;
+    let (b, t, h) = last.dims3()?;
+    // The rows (sequence s, position p < len - 1) that predict a token, and those tokens.
+    let rows: Vec<u32> = (0..b).flat_map(|s| (0..batch.lengths[s] - 1).map(move |p| (s * t + p) as u32)).collect();
+    let targets: Vec<u32> = windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
+    let n = rows.len();
+    let flat = last.reshape((b * t, h))?;
+    let mut grad_out = Tensor::zeros((b * t, h), flat.dtype(), flat.device())?;
+    let mut loss_sum = 0.0f64;
+    for start in (0..n).step_by(LOSS_CHUNK) {
+        let end = (start + LOSS_CHUNK).min(n);
+        let idx = Tensor::new(&rows[start..end], flat.device())?;
+        let tgt = Tensor::new(&targets[start..end], flat.device())?;
+        let xv = Var::from_tensor(&flat.index_select(&idx, 0)?)?;
+        let logits = model.final_norm(xv.as_tensor(), mode)?.matmul(&model.weights.lm_head().t()?)?;
+        // Sum of this chunk's cross-entropies over all n positions: the chunk's share of the mean.
+        let part = (candle_nn::loss::cross_entropy(&logits, &tgt)? * ((end - start) as f64 / n as f64))?;
+        loss_sum += part.to_scalar::<f32>()? as f64;
+        let store = part.backward()?;
+        let g = store.get(xv.as_tensor()).ok_or_else(|| no_gradient("the last hidden state"))?;
+        grad_out = grad_out.index_add(&idx, g, 0)?;
+    }
+    let mut grad_out = grad_out.reshape((b, t, h))?;
+    let mut grads: Vec<Option<Vec<Tensor>>> = vec![None; layers.len()];
+    for i in (lowest..n_layers).rev() {
+        let input = &inputs[i - lowest];
+        let need_input = i > lowest;
+        let xv = if need_input { Some(Var::from_tensor(input)?) } else { None };
+        let x_in = xv.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| input.clone());
+        let slot = layers.iter().position(|&k| k == i);
+        let mut w = model.weights.layers[i].clone();
+        let mut vars = Vec::new();
+        if slot.is_some() {
+            for p in projections_mut(&mut w) {
+                let v = Var::from_tensor(p)?;
+                *p = v.as_tensor().clone();
+                vars.push(v);
+            }
+        }
+        let ctx = model.layer_ctx(i, mode, &slm_model::NoAdapter);
+        let out = slm_model::forward::decoder_layer(&x_in, &w, &model.spec.layers[i], &batch, &ctx)?;
+        let store = (out * &grad_out)?.sum_all()?.backward()?;
+        if let Some(k) = slot {
+            let g = vars
+                .iter()
+                .map(|v| store.get(v.as_tensor()).cloned().ok_or_else(|| no_gradient("a projection")))
+                .collect::<Result<Vec<_>>>()?;
+            grads[k] = Some(g);
+        }
+        if let Some(v) = &xv {
+            grad_out = store.get(v.as_tensor()).ok_or_else(|| no_gradient("a layer input"))?.clone();
+        }
+    }
+    let grads = grads.into_iter().map(|g| g.ok_or_else(|| no_gradient("a pruned layer"))).collect::<Result<_>>()?;
+    Ok((loss_sum, grads))
+}
+
+fn no_gradient(what: &str) -> WidthError {
+    WidthError::InvalidArgument(format!("{what} received no gradient (detached kernel in the forward pass?)"))
+}
+
+/// Runs the gradient pass ([`layerwise_gradients`]: layer by layer, the LM-head loss in chunks). `on_pass` is
+/// called after each backward pass (for a progress bar). The same numbers as [`gradients_whole_graph`] up to
+/// float summation order.
 pub fn gradients(
+    model: &Model,
+    windows: &[Vec<u32>],
+    layers: &[usize],
+    fisher: bool,
+    on_pass: &mut dyn FnMut(),
+) -> Result<Gradients> {
+    if windows.is_empty() {
+        return Err(WidthError::InvalidArgument("the gradient pass needs at least one calibration window".into()));
+    }
+    let mut passes = 0;
+    let fisher = if fisher {
+        let mut acc: Option<Vec<Vec<Tensor>>> = None;
+        for w in windows {
+            let (_, g) = layerwise_gradients(model, std::slice::from_ref(w), layers)?;
+            passes += 1;
+            let g2 = g
+                .into_iter()
+                .map(|ts| ts.into_iter().map(|t| t.sqr()).collect::<candle_core::Result<Vec<_>>>())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            acc = Some(match acc {
+                None => g2,
+                Some(a) => a
+                    .into_iter()
+                    .zip(g2)
+                    .map(|(x, y)| x.into_iter().zip(y).map(|(x, y)| x + y).collect::<candle_core::Result<Vec<_>>>())
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            });
+            on_pass();
+        }
+        let n = windows.len() as f64;
+        Some(
+            acc.unwrap_or_default()
+                .into_iter()
+                .map(|ts| ts.into_iter().map(|t| t / n).collect::<candle_core::Result<Vec<_>>>())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    let (loss, grad) = layerwise_gradients(model, windows, layers)?;
+    if !loss.is_finite() {
+        return Err(WidthError::InvalidArgument(format!(
+            "the calibration loss is {loss}: the model's activations are not finite on the calibration windows, so \
+             no importance can be computed"
+        )));
+    }
+    passes += 1;
+    on_pass();
+    Ok(Gradients { layers: layers.to_vec(), grad, fisher, loss, backward_passes: passes })
+}
+
+/// The gradient pass through the whole graph at once (every position's logits, one backward pass): the
+/// reference that [`gradients`] is tested against; memory grows with positions × vocabulary.
+pub fn gradients_whole_graph(
     model: &Model,
     windows: &[Vec<u32>],
     layers: &[usize],

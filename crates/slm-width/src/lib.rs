@@ -18,7 +18,7 @@ pub mod plan;
 
 pub use file::WidthPlanFile;
 pub use groups::{units_to_remove, AttentionUnit};
-pub use importance::{gradients, Aggregation, Gradients, Importance, UnitScores};
+pub use importance::{gradients, gradients_whole_graph, Aggregation, Gradients, Importance, UnitScores};
 pub use plan::{
     apply, check_layer_range, default_layer_range, parameters_after, parse_layer_range, plan_width, ratio_for_target,
     LayerPrune, Ratios, WidthPlan, WidthSettings,

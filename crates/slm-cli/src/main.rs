@@ -37,6 +37,8 @@ enum Command {
     Run(commands::run::Args),
     /// LoRA recovery training (optionally distilled from the dense model); PEFT adapter files, optional merge.
     Lora(commands::lora::Args),
+    /// Write a Llama-shaped HF directory of any size with seeded random weights (bf16, sharded), for scale tests.
+    Synth(commands::synth::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +54,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(&cli.common, a),
         Command::Export(a) => commands::export::run(&cli.common, a),
+        Command::Synth(a) => commands::synth::run(&cli.common, a),
         Command::Eval(a) => commands::eval::run(&cli.common, a),
         Command::Depth(a) => commands::depth::run(&cli.common, a),
         Command::Similarity(a) => commands::similarity::run(&cli.common, a),

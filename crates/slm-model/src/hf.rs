@@ -194,14 +194,25 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
     Ok((spec, weights))
 }
 
-/// Writes `files` (name → bytes), the weights and the model stamp (`slm_output.json`) into `dir` atomically:
+/// The weights [`write_dir_atomically`] writes: their names and shapes in order, the stored dtype, the largest
+/// shard, and the producer of each tensor (called once per entry, in order, so that only one tensor beyond the
+/// model is in memory at a time).
+pub struct Tensors<'a> {
+    pub entries: Vec<crate::shards::TensorEntry>,
+    pub dtype: DType,
+    pub max_shard_bytes: u64,
+    pub produce: &'a mut dyn FnMut(&crate::shards::TensorEntry) -> Result<Tensor>,
+}
+
+/// Writes `files` (name → bytes), the weights (one `model.safetensors`, or shards and their index above
+/// `max_shard_bytes`; [`crate::shards::write_sharded`]) and the model stamp (`slm_output.json`) into `dir` atomically:
 /// everything goes into a temporary sibling directory that is renamed into place at the end, so a reader never
 /// sees a half-written model. The output is checked first ([`output::check_output`]): never the input model
 /// `protect` or a path inside or around it; an existing `dir` only as `replace` allows. Temporaries that a killed
 /// run left beside `dir` are removed.
 pub fn write_dir_atomically(
     dir: &Path,
-    tensors: &HashMap<String, Tensor>,
+    tensors: Tensors<'_>,
     files: &[(&str, Vec<u8>)],
     protect: Option<&Path>,
     replace: Replace,
@@ -215,8 +226,7 @@ pub fn write_dir_atomically(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     let result = (|| -> Result<()> {
-        let st = tmp.join("model.safetensors");
-        candle_core::safetensors::save(tensors, &st).map_err(|e| st_err(&st, e.to_string()))?;
+        crate::shards::write_sharded(&tmp, &tensors.entries, tensors.dtype, tensors.max_shard_bytes, tensors.produce)?;
         let stamp = OutputStamp::new(OutputKind::Model).file_bytes();
         for (fname, bytes) in files.iter().chain(std::iter::once(&(output::STAMP_FILE, stamp))) {
             let p = tmp.join(fname);

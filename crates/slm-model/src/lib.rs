@@ -16,7 +16,9 @@ pub mod gguf;
 pub mod gguf_header;
 pub mod hf;
 pub mod output;
+pub mod shards;
 pub mod spec;
+pub mod synth;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
@@ -119,46 +121,71 @@ impl Model {
         extra_files: &[(&str, Vec<u8>)],
         replace: output::Replace,
     ) -> Result<()> {
-        let _span = tracing::info_span!("save", dir = %dir.display()).entered();
-        let mut tensors = HashMap::new();
-        for (name, t) in self.weights.named_tensors(&self.spec.arch) {
-            let t = t.to_device(&Device::Cpu)?.to_dtype(dtype.dtype())?.contiguous()?;
-            tensors.insert(name, t);
-        }
-        let config = serde_json::to_vec_pretty(&self.spec.to_hf_config(dtype.torch_name()))
-            .map_err(|e| ModelError::InvalidArgument(format!("cannot serialise config: {e}")))?;
-        let mut files: Vec<(&str, Vec<u8>)> = vec![("config.json", config)];
-        if let Some(tok) = &self.tokenizer {
-            let json = tok
-                .inner()
-                .to_string(false)
-                .map_err(|e| ModelError::Tokenize(format!("cannot serialise tokenizer: {e}")))?;
-            files.push(("tokenizer.json", json.into_bytes()));
-            files.push(("tokenizer_config.json", self.tokenizer_config().into_bytes()));
-        }
-        files.extend(extra_files.iter().map(|(n, b)| (*n, b.clone())));
-        hf::write_dir_atomically(dir, &tensors, &files, self.source.as_deref(), replace)
+        self.save_sharded(dir, dtype, shards::DEFAULT_SHARD_BYTES, extra_files, replace)
     }
 
-    /// A minimal `tokenizer_config.json` so transformers' `AutoTokenizer` picks the fast tokenizer without BOS.
-    fn tokenizer_config(&self) -> String {
-        let tok = self.tokenizer.as_ref();
-        let name = |id: Option<u32>| id.and_then(|i| tok.and_then(|t| t.inner().id_to_token(i)));
-        serde_json::json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "add_bos_token": self.tokenizer.as_ref().and_then(|t| t.bos_to_prepend()).is_some(),
-            "add_eos_token": false,
-            "bos_token": name(self.spec.bos_token_id),
-            "eos_token": name(self.spec.eos_token_id),
-            "model_max_length": self.spec.max_position_embeddings,
-        })
-        .to_string()
+    /// [`Model::save_replacing`] with shards of at most `max_shard_bytes` of tensor data (one
+    /// `model.safetensors` when everything fits). Tensors are converted and written one at a time.
+    pub fn save_sharded(
+        &self,
+        dir: &Path,
+        dtype: StorageDType,
+        max_shard_bytes: u64,
+        extra_files: &[(&str, Vec<u8>)],
+        replace: output::Replace,
+    ) -> Result<()> {
+        let _span = tracing::info_span!("save", dir = %dir.display()).entered();
+        let named = self.weights.named_tensors(&self.spec.arch);
+        let entries: Vec<shards::TensorEntry> =
+            named.iter().map(|(n, t)| shards::TensorEntry { name: n.clone(), shape: t.dims().to_vec() }).collect();
+        let mut next = named.into_iter();
+        let mut produce = |e: &shards::TensorEntry| -> Result<candle_core::Tensor> {
+            match next.next() {
+                Some((n, t)) if n == e.name => Ok(t),
+                _ => Err(ModelError::InvalidArgument(format!("tensor `{}` out of order while saving", e.name))),
+            }
+        };
+        let tensors = hf::Tensors { entries, dtype: dtype.dtype(), max_shard_bytes, produce: &mut produce };
+        let mut files = hf_side_files(&self.spec, self.tokenizer.as_ref(), dtype)?;
+        files.extend(extra_files.iter().map(|(n, b)| (*n, b.clone())));
+        hf::write_dir_atomically(dir, tensors, &files, self.source.as_deref(), replace)
     }
 
     /// The same model with weights on `device` in f32.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         Ok(Model { weights: self.weights.to(device, DType::F32)?, device: device.clone(), ..self.clone() })
     }
+}
+
+/// The files of an HF directory besides the weights: `config.json` (stored dtype `dtype`) and, with a tokenizer,
+/// `tokenizer.json` and a minimal `tokenizer_config.json` (so that transformers' `AutoTokenizer` picks the fast
+/// tokenizer, with or without BOS as the model wants).
+pub(crate) fn hf_side_files(
+    spec: &ModelSpec,
+    tokenizer: Option<&Tokenizer>,
+    dtype: StorageDType,
+) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let config = serde_json::to_vec_pretty(&spec.to_hf_config(dtype.torch_name()))
+        .map_err(|e| ModelError::InvalidArgument(format!("cannot serialise config: {e}")))?;
+    let mut files: Vec<(&str, Vec<u8>)> = vec![("config.json", config)];
+    if let Some(tok) = tokenizer {
+        let json = tok
+            .inner()
+            .to_string(false)
+            .map_err(|e| ModelError::Tokenize(format!("cannot serialise tokenizer: {e}")))?;
+        let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i));
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": tok.bos_to_prepend().is_some(),
+            "add_eos_token": false,
+            "bos_token": name(spec.bos_token_id),
+            "eos_token": name(spec.eos_token_id),
+            "model_max_length": spec.max_position_embeddings,
+        });
+        files.push(("tokenizer.json", json.into_bytes()));
+        files.push(("tokenizer_config.json", config.to_string().into_bytes()));
+    }
+    Ok(files)
 }
 
 /// The BOS token an HF directory's tokenizer puts first: `bos_token_id` when `tokenizer_config.json` says

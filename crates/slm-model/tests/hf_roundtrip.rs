@@ -40,6 +40,46 @@ fn export_reload_is_bit_exact_on_the_default_model() {
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
+/// Above the shard size an export is split like transformers' `save_pretrained`: numbered shards of at most
+/// that many bytes of data (a larger tensor alone) and an index whose `weight_map` names every tensor and whose
+/// `total_size` is their bytes; it reloads bit-exact, and saving twice gives the same bytes.
+#[test]
+fn sharded_export_reloads_bit_exact() {
+    let model = Model::load(&default_model_path(), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let shard = 60_000_000u64;
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for out in [&a, &b] {
+        model.save_sharded(out, StorageDType::F32, shard, &[], Replace::SlmOutputOfSameKind).unwrap();
+    }
+    assert!(!a.join("model.safetensors").exists());
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    let named = model.weights.named_tensors(&model.spec.arch);
+    assert_eq!(map.len(), named.len());
+    let total: u64 = named.iter().map(|(_, t)| t.elem_count() as u64 * 4).sum();
+    assert_eq!(index["metadata"]["total_size"].as_u64().unwrap(), total);
+    let mut files: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    files.sort();
+    files.dedup();
+    let n = files.len();
+    assert!(n >= 3, "{files:?}");
+    for (k, f) in files.iter().enumerate() {
+        assert_eq!(*f, format!("model-{:05}-of-{n:05}.safetensors", k + 1));
+        let bytes = std::fs::read(a.join(f)).unwrap();
+        assert_eq!(bytes, std::fs::read(b.join(f)).unwrap(), "{f}: same inputs, same bytes");
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let data: u64 = st.tensors().iter().map(|(_, v)| v.data().len() as u64).sum();
+        assert!(data <= shard || st.len() == 1, "{f}: {data} bytes in {} tensors", st.len());
+    }
+    let back = Model::load(&a, &Device::Cpu).unwrap();
+    for ((na, ta), (nb, tb)) in named.iter().zip(back.weights.named_tensors(&back.spec.arch).iter()) {
+        assert_eq!(na, nb);
+        assert!(bits(ta) == bits(tb), "{na} is not bit-identical after the sharded round trip");
+    }
+}
+
 #[test]
 fn half_precision_exports_reload_close() {
     let model = tiny_model(2, 7);

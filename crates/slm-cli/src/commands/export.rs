@@ -17,13 +17,17 @@ pub struct Args {
     /// Storage dtype of the saved weights: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: StorageDType,
+    /// Largest shard (bytes of tensor data; suffixes KB, MB, GB, KiB, MiB, GiB): above it the weights go into
+    /// `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`.
+    #[arg(long, default_value = "5GB", value_parser = super::byte_size)]
+    pub shard_size: u64,
 }
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let dtype = args.dtype;
     common.check_output("--out", &args.out, OutputKind::Model, &[&args.model])?;
     let model = Model::load(&args.model, &common.device()?)?;
-    model.save_replacing(&args.out, dtype, &[], common.replace())?;
+    model.save_sharded(&args.out, dtype, args.shard_size, &[], common.replace())?;
     println!(
         "exported {} ({} layers, {} parameters, {}) to {}",
         args.model.display(),

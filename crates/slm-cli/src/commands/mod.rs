@@ -11,6 +11,7 @@ pub mod run;
 pub mod run_files;
 pub mod schedule;
 pub mod similarity;
+pub mod synth;
 pub mod width;
 
 use std::path::Path;
@@ -82,6 +83,29 @@ pub fn positive_usize(s: &str) -> Result<usize, String> {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
+/// A byte count: a whole number with an optional suffix KB/MB/GB (powers of 1000) or KiB/MiB/GiB (of 1024).
+pub fn byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (such as 5GB, 500MB, 2GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (B, KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("must be at least 1 byte".into()),
+        Some(b) => Ok(b),
+        None => Err(format!("`{s}` is too large")),
     }
 }
 

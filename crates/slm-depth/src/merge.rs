@@ -68,7 +68,10 @@ fn combine(
         if part.kind() == PartKind::Norm && !merge_norms {
             Ok(norms_from.get(part).expect("layers of one model have the same parts").clone())
         } else {
-            f(ts)
+            // Computed in f32 whatever the stored dtype, and stored back in the first layer's dtype.
+            let stored = ts[0].dtype();
+            let up = ts.iter().map(|t| t.to_dtype(candle_core::DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+            f(&up.iter().collect::<Vec<_>>())?.to_dtype(stored)
         }
     })?)
 }

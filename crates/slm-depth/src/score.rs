@@ -15,6 +15,9 @@ use slm_model::{Batch, LayerSpec, LayerWeights, Mode, Model};
 use crate::error::{DepthError, Result};
 use crate::merge::{merge_window, MergeOp};
 
+/// Positions whose logits are computed at a time (KL, NLL): `LM_CHUNK × V` log-probabilities per chunk.
+pub const LM_CHUNK: usize = 512;
+
 /// How similar a candidate's output is to the dense model's, in (−1, 1]; higher is more similar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -99,9 +102,10 @@ pub struct Calibration<'m> {
     pub dense_hidden: Vec<Tensor>,
     /// The dense model's final-norm output `[B, T, d]`.
     pub dense_final: Tensor,
-    dense_logp: Option<Tensor>,
     operator: MergeOp,
     merged: HashMap<(usize, usize), (LayerSpec, LayerWeights)>,
+    merged_order: std::collections::VecDeque<(usize, usize)>,
+    merged_bytes: usize,
     memo: HashMap<(Candidate, Quantity), f64>,
     /// Run every candidate from the embeddings (the reference loop's cost), for comparison and tests.
     pub incremental: bool,
@@ -129,9 +133,10 @@ impl<'m> Calibration<'m> {
             windows,
             dense_hidden: out.hidden,
             dense_final,
-            dense_logp: None,
             operator,
             merged: HashMap::new(),
+            merged_order: std::collections::VecDeque::new(),
+            merged_bytes: 0,
             memo: HashMap::new(),
             incremental: true,
             layer_forwards: l,
@@ -157,13 +162,29 @@ impl<'m> Calibration<'m> {
         self.model.spec.num_layers()
     }
 
-    fn merged_layer(&mut self, lo: usize, hi: usize) -> Result<&(LayerSpec, LayerWeights)> {
-        if !self.merged.contains_key(&(lo, hi)) {
-            let m = &self.model;
-            let layer = merge_window(&m.weights.layers[lo..=hi], &m.spec.layers[lo..=hi], lo, self.operator)?;
-            self.merged.insert((lo, hi), layer);
+    /// The fused layer of window `[lo, hi]`, from a cache of at most a quarter of the model's layer bytes
+    /// (oldest out first): slm-dp fuses O(L × window) windows, which held at once would be several times the
+    /// model. The cache changes speed only, never a result.
+    fn merged_layer(&mut self, lo: usize, hi: usize) -> Result<(LayerSpec, LayerWeights)> {
+        if let Some(hit) = self.merged.get(&(lo, hi)) {
+            return Ok(hit.clone());
         }
-        Ok(&self.merged[&(lo, hi)])
+        let m = &self.model;
+        let layer = merge_window(&m.weights.layers[lo..=hi], &m.spec.layers[lo..=hi], lo, self.operator)?;
+        let bytes = layer_bytes(&layer.1);
+        let budget = m.weights.layers.iter().map(layer_bytes).sum::<usize>() / 4;
+        while self.merged_bytes + bytes > budget {
+            let Some(old) = self.merged_order.pop_front() else { break };
+            if let Some(gone) = self.merged.remove(&old) {
+                self.merged_bytes -= layer_bytes(&gone.1);
+            }
+        }
+        if bytes <= budget {
+            self.merged.insert((lo, hi), layer.clone());
+            self.merged_order.push_back((lo, hi));
+            self.merged_bytes += bytes;
+        }
+        Ok(layer)
     }
 
     /// The candidate's final-norm output `[B, T, d]`.
@@ -182,7 +203,7 @@ impl<'m> Calibration<'m> {
         let mut i = start;
         while i < l {
             if let Some(&[lo, hi]) = c.merges.iter().find(|w| w[0] == i) {
-                let (spec, w) = self.merged_layer(lo, hi)?.clone();
+                let (spec, w) = self.merged_layer(lo, hi)?;
                 x = decoder_layer(&x, &w, &spec, &self.batch, &ctx.at(lo))?;
                 self.layer_forwards += 1;
                 i = hi + 1;
@@ -200,12 +221,32 @@ impl<'m> Calibration<'m> {
         Ok(self.model.final_norm(&x, Mode::Inference)?)
     }
 
-    /// Log-probabilities `[B·(T−1), V]` at every position that predicts a next token.
-    fn log_probs(&self, fin: &Tensor) -> Result<Tensor> {
+    /// The final-norm rows `[B·(T−1), d]` of the positions that predict a next token.
+    fn predicting_rows(fin: &Tensor) -> Result<Tensor> {
         let (b, t, d) = fin.dims3()?;
-        let x = fin.narrow(1, 0, t - 1)?.reshape((b * (t - 1), d))?;
-        let logits = x.matmul(&self.model.weights.lm_head().t()?)?;
+        Ok(fin.narrow(1, 0, t - 1)?.reshape((b * (t - 1), d))?)
+    }
+
+    /// Log-probabilities `[n, V]` of `n` final-norm rows.
+    fn log_probs(&self, rows: &Tensor) -> Result<Tensor> {
+        let logits = rows.matmul(&self.model.weights.lm_head().t()?)?;
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+
+    /// Mean over predicting positions of KL(p_dense ‖ p_candidate), the LM head applied [`LM_CHUNK`] rows at a
+    /// time to both (no `[positions, V]` tensor is held: 1 GB for slm-dp's 40 × 128 calibration tokens).
+    fn mean_kl(&self, fin: &Tensor) -> Result<f64> {
+        let (dense, cand) = (Self::predicting_rows(&self.dense_final)?, Self::predicting_rows(fin)?);
+        let n = dense.dim(0)?;
+        let mut sum = 0f64;
+        for start in (0..n).step_by(LM_CHUNK) {
+            let len = LM_CHUNK.min(n - start);
+            let p = self.log_probs(&dense.narrow(0, start, len)?)?;
+            let q = self.log_probs(&cand.narrow(0, start, len)?)?;
+            let kl = (p.exp()? * (p - &q)?)?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all()?;
+            sum += kl.to_scalar::<f64>()?;
+        }
+        Ok(sum / n as f64)
     }
 
     /// The candidate's similarity to the dense model (memoised).
@@ -236,15 +277,7 @@ impl<'m> Calibration<'m> {
                 mean_row_cosine(&a, &f)?
             }
             Criterion::TokenCosine => mean_token_cosine(&self.dense_final, &fin)?,
-            Criterion::Kl => {
-                if self.dense_logp.is_none() {
-                    self.dense_logp = Some(self.log_probs(&self.dense_final)?);
-                }
-                let p = self.dense_logp.as_ref().expect("set above");
-                let q = self.log_probs(&fin)?;
-                let kl = (p.exp()? * (p - &q)?)?.sum(D::Minus1)?.to_dtype(DType::F64)?.mean_all()?;
-                (-kl.to_scalar::<f64>()?).exp()
-            }
+            Criterion::Kl => (-self.mean_kl(&fin)?).exp(),
         };
         let v = finite(v, || format!("the {} similarity of candidate {c:?}", criterion.name()))?;
         self.memo.insert(key, v);
@@ -268,7 +301,7 @@ impl<'m> Calibration<'m> {
         let out = if self.operator == MergeOp::Delete {
             self.dense_hidden[lo + 1].clone()
         } else {
-            let (spec, w) = self.merged_layer(lo, hi)?.clone();
+            let (spec, w) = self.merged_layer(lo, hi)?;
             self.layer_forwards += 1;
             self.full_layer_forwards += 1;
             let ctx = LayerCtx::new(&self.model.spec, Mode::Inference).at(lo);
@@ -295,14 +328,18 @@ impl<'m> Calibration<'m> {
         if let Some(&v) = self.memo.get(&key) {
             return Ok(v);
         }
-        let fin = self.candidate_final(c)?;
-        let logp = self.log_probs(&fin)?;
+        let rows = Self::predicting_rows(&self.candidate_final(c)?)?;
         let targets: Vec<u32> = self.windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
         let n = targets.len();
-        let idx = Tensor::from_vec(targets, (n, 1), logp.device())?;
-        let lp: Vec<f32> = logp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
-        let v =
-            finite(-lp.iter().map(|&x| x as f64).sum::<f64>(), || format!("the calibration NLL of candidate {c:?}"))?;
+        let mut total = 0f64;
+        for start in (0..n).step_by(LM_CHUNK) {
+            let len = LM_CHUNK.min(n - start);
+            let logp = self.log_probs(&rows.narrow(0, start, len)?)?;
+            let idx = Tensor::new(&targets[start..start + len], logp.device())?.reshape((len, 1))?;
+            let lp: Vec<f32> = logp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
+            total -= lp.iter().map(|&x| x as f64).sum::<f64>();
+        }
+        let v = finite(total, || format!("the calibration NLL of candidate {c:?}"))?;
         self.memo.insert(key, v);
         Ok(v)
     }
@@ -312,6 +349,11 @@ impl<'m> Calibration<'m> {
         let n: usize = self.windows.iter().map(|w| w.len() - 1).sum();
         Ok((self.nll(c)? / n as f64).exp())
     }
+}
+
+/// Bytes of a layer's tensors as stored.
+fn layer_bytes(w: &LayerWeights) -> usize {
+    w.parts().iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).sum()
 }
 
 /// `v`, or an error naming what it is when it is NaN or infinite.

@@ -190,7 +190,9 @@ fn default_calibration(model: &Model, n: usize, len: usize) -> Vec<Vec<u32>> {
 #[test]
 fn incremental_scores_equal_full_recomputation_on_the_default_model() {
     let model = Model::load(&default_model_path(), &Device::Cpu).unwrap();
-    let windows = default_calibration(&model, 4, 64);
+    // 10 × 63 = 630 predicting positions: more than one LM-head chunk for KL and NLL.
+    let windows = default_calibration(&model, 10, 64);
+    assert!(windows.len() * 63 > slm_depth::score::LM_CHUNK);
     let mut inc = Calibration::new(&model, windows.clone(), MergeOp::Reference).unwrap();
     let mut full = Calibration::new(&model, windows.clone(), MergeOp::Reference).unwrap();
     full.incremental = false;
@@ -216,6 +218,29 @@ fn incremental_scores_equal_full_recomputation_on_the_default_model() {
     let out = pruned.forward(&windows, &vec![vec![]; windows.len()], true, Mode::Inference).unwrap();
     let fin = inc.candidate_final(&Candidate::merges(vec![[20, 24]])).unwrap();
     assert!(max_abs_diff(&fin, &out.final_hidden.unwrap()) <= 1e-4);
+    // KL and NLL (computed in chunks of positions) equal the same sums over the whole models' log-softmax.
+    let pos: Vec<Vec<usize>> = windows.iter().map(|w| (0..w.len() - 1).collect()).collect();
+    let logp = |m: &Model| {
+        let l = m.forward(&windows, &pos, false, Mode::Inference).unwrap().logits.unwrap();
+        candle_nn::ops::log_softmax(&l, candle_core::D::Minus1).unwrap().to_dtype(candle_core::DType::F64).unwrap()
+    };
+    let (p, q) = (logp(&model), logp(&pruned));
+    let kl = (p.exp().unwrap() * (&p - &q).unwrap())
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let got = inc.similarity(Criterion::Kl, &Candidate::merges(vec![[20, 24]])).unwrap();
+    assert!((got - (-kl).exp()).abs() <= 1e-5, "kl similarity {got} vs {}", (-kl).exp());
+    let targets: Vec<u32> = windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
+    let n = targets.len();
+    let idx = Tensor::from_vec(targets, (n, 1), &Device::Cpu).unwrap();
+    let nll = -q.gather(&idx, 1).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let got = inc.nll(&Candidate::merges(vec![[20, 24]])).unwrap();
+    assert!((got - nll).abs() / nll <= 1e-5, "nll {got} vs {nll}");
     // The dense model is its own perfect match.
     assert!((inc.similarity(Criterion::Cosine, &Candidate::default()).unwrap() - 1.0).abs() < 1e-9);
 }

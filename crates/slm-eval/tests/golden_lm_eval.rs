@@ -162,3 +162,49 @@ fn wikitext2_128_perplexity_equals_direct_token_loss() {
     let direct = (nll / n as f64).exp();
     assert!((ppl - direct).abs() / direct < 1e-5, "engine {ppl} vs direct {direct}");
 }
+
+/// Scores of every document of `name` (first 25) with `model`: per document its log-likelihoods, acc, acc_norm.
+fn scores(model: &Model, name: &str) -> Vec<(Vec<f64>, f64, Option<f64>)> {
+    let task = Task::from_name(name).unwrap();
+    let docs = task.load_docs(&data_dir(), Some(25)).unwrap();
+    let tok = slm_eval::LmEvalEncoder::for_model(model).unwrap();
+    let doc_requests = build_token_requests(&tok, &docs, model.spec.max_position_embeddings).unwrap();
+    let flat: Vec<TokenRequest> = doc_requests.iter().flat_map(|d| d.requests.clone()).collect();
+    let results = Engine::new(model, 16).unwrap().score(&flat, &mut |_| {}).unwrap();
+    let mut it = results.into_iter();
+    let per_doc: Vec<Vec<_>> = doc_requests.iter().map(|d| it.by_ref().take(d.requests.len()).collect()).collect();
+    score_docs(&task, &docs, &per_doc).unwrap().into_iter().map(|s| (s.loglikelihoods, s.acc, s.acc_norm)).collect()
+}
+
+/// A bf16 HF directory keeps its layer weights in bf16 (no f32 copy of the model: they are upcast while a layer
+/// runs) and evaluates like the same weights held in f32: log-likelihoods within 1e-3, the same acc and acc_norm
+/// on every golden document of every task.
+#[test]
+fn bf16_storage_evaluates_like_f32_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bf16");
+    Model::load(&default_model_path(), &candle_core::Device::Cpu)
+        .unwrap()
+        .save(&out, slm_model::StorageDType::BF16, &[])
+        .unwrap();
+    let bf16 = Model::load(&out, &candle_core::Device::Cpu).unwrap();
+    for l in &bf16.weights.layers {
+        for (part, t) in l.parts() {
+            assert_eq!(t.dtype(), candle_core::DType::BF16, "{part:?} is not kept in its stored dtype");
+        }
+    }
+    let f32 = bf16.to_device(&candle_core::Device::Cpu).unwrap();
+    assert_eq!(f32.weights.layers[0].q_proj.dtype(), candle_core::DType::F32);
+    let mut worst = 0f64;
+    for name in ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] {
+        let (a, b) = (scores(&bf16, name), scores(&f32, name));
+        for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+            for (p, q) in x.0.iter().zip(&y.0) {
+                worst = worst.max((p - q).abs());
+            }
+            assert_eq!((x.1, x.2), (y.1, y.2), "{name} doc {k}: acc / acc_norm");
+        }
+    }
+    eprintln!("bf16 storage against f32 storage: worst |ll difference| = {worst:.2e}");
+    assert!(worst <= 1e-3, "worst |ll difference| = {worst:.2e}");
+}

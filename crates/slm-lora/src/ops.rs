@@ -42,6 +42,8 @@ impl CustomOp1 for FrozenLinear {
 /// `x @ w^T` for `x: [..., in]`, `w: [out, in]`, with the gradient flowing to `x` only. Off the CPU (no custom
 /// kernel) it falls back to a plain matmul, whose backward also computes the unused weight gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    // A weight kept in its stored dtype (bf16, f16) is upcast while it is used.
+    let w = &if w.dtype() == x.dtype() { w.clone() } else { w.to_dtype(x.dtype())? };
     if !x.device().is_cpu() || !x.track_op() {
         return plain_linear(x, w);
     }

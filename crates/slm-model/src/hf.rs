@@ -1,5 +1,6 @@
 //! HF directories: `config.json` + `model.safetensors` (or shards with `model.safetensors.index.json`) +
-//! `tokenizer.json`. Loading accepts f32/f16/bf16 and computes in f32; saving is atomic.
+//! `tokenizer.json`. Loading accepts f32/f16/bf16, keeps layer weights in their stored dtype and computes in f32;
+//! saving is atomic.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -72,12 +73,26 @@ fn check_safetensors_header(bytes: &[u8], path: &Path) -> Result<()> {
         .map_err(|k| st_err(path, format!("tensor name (header key) {k} appears twice in the header")))
 }
 
-/// Reads every tensor of one safetensors file as f32 on `device`. Refuses a non-regular file, a header with a
-/// repeated tensor name, and NaN/Inf weights (naming the tensor).
+/// Reads every tensor of one safetensors file as f32 on `device` ([`read_safetensors_stored`], converted).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = crate::files::read_regular_file(path, u64::MAX)?;
-    check_safetensors_header(&bytes, path)?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+    read_safetensors_stored(path, device)?.into_iter().map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?))).collect()
+}
+
+/// Reads every tensor of one safetensors file on `device` in its stored dtype (f32, f16 or bf16). The file is
+/// memory-mapped, not read into memory: only the tensors themselves are copied out of it. Refuses a non-regular
+/// file, a header with a repeated tensor name, and NaN/Inf weights (naming the tensor). (A file that another
+/// process truncates while it is mapped ends the process with SIGBUS, as with every mmap-based loader.)
+pub fn read_safetensors_stored(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let (file, len) = crate::files::open_regular_file(path)?;
+    if len < 8 {
+        return Err(st_err(path, format!("{len} bytes: too short for the 8-byte header length")));
+    }
+    // SAFETY: the map is read-only and private to this function; the file is a regular file checked above. A
+    // concurrent truncation by another process is the one hazard, as for every mmap-based model loader.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    let bytes: &[u8] = &map;
+    check_safetensors_header(bytes, path)?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
         let detail = e.to_string();
         st_err(path, format!("cannot parse the file (truncated or corrupt?): {detail}"))
     })?;
@@ -95,7 +110,7 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
                 })
             }
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?.to_dtype(DType::F32)?;
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
         crate::files::check_finite(&t, &name, path)?;
         out.insert(name, t.to_device(device)?);
     }
@@ -173,7 +188,10 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
     check_weight_bytes(&spec, &config, &files)?;
     let mut tensors = HashMap::new();
     for f in &files {
-        for (name, t) in read_safetensors(f, device)? {
+        for (name, t) in read_safetensors_stored(f, device)? {
+            // Layer weights stay in their stored dtype (upcast while a layer runs); the embeddings, the final
+            // norm and the LM head, used at every position, are kept in f32.
+            let t = if name.starts_with("model.layers.") { t } else { t.to_dtype(DType::F32)? };
             if tensors.insert(name.clone(), t).is_some() {
                 return Err(st_err(f, format!("tensor `{name}` is also in another shard")));
             }

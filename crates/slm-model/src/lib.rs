@@ -102,6 +102,16 @@ impl Model {
         })
     }
 
+    /// The dtype the layer weights are stored in (an HF directory's; f32 for a GGUF, dequantised on load): what
+    /// outputs are written in unless asked otherwise.
+    pub fn storage_dtype(&self) -> StorageDType {
+        match self.weights.layers.first().map(|l| l.q_proj.dtype()) {
+            Some(DType::BF16) => StorageDType::BF16,
+            Some(DType::F16) => StorageDType::F16,
+            _ => StorageDType::F32,
+        }
+    }
+
     pub fn num_parameters(&self) -> usize {
         self.spec.num_parameters()
     }

@@ -62,8 +62,10 @@ fn synthetic_models_are_deterministic_sharded_and_loadable() {
     assert_eq!(m.tokenizer().unwrap().encode(text).unwrap(), tok.encode(text).unwrap());
     // Norms are 1; the rest uniform on ±0.02·√3 (std 0.02, mean 0), up to bf16 rounding.
     let w = &m.weights.layers[1];
-    assert_eq!(w.input_layernorm.min(0).unwrap().to_scalar::<f32>().unwrap(), 1.0);
-    let q = w.q_proj.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(w.q_proj.dtype(), candle_core::DType::BF16, "layer weights stay in their stored dtype");
+    let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    assert_eq!(f32(&w.input_layernorm).min(0).unwrap().to_scalar::<f32>().unwrap(), 1.0);
+    let q = f32(&w.q_proj).flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let a_max = 0.02f32 * 3f32.sqrt() * 1.004;
     assert!(q.iter().all(|x| x.abs() <= a_max));
     let n = q.len() as f64;

@@ -25,9 +25,12 @@ fn main() -> anyhow::Result<()> {
     let layers: Vec<usize> = slm_width::default_layer_range(model.spec.num_layers()).collect();
     let before = status_kib("VmHWM:").unwrap_or(0);
     let t = Instant::now();
-    let g = match how.as_str() {
-        "layerwise" => slm_width::gradients(&model, &windows, &layers, fisher, &mut || {})?,
-        "whole" => slm_width::gradients_whole_graph(&model, &windows, &layers, fisher, &mut || {})?,
+    let importance = if fisher { slm_width::Importance::Element2 } else { slm_width::Importance::Element1 };
+    let agg = slm_width::Aggregation::Sum;
+    // `layerwise` is `slm width`'s path: scores folded layer by layer; `whole` the earlier whole-graph pass.
+    let loss = match how.as_str() {
+        "layerwise" => slm_width::gradient_scores(&model, &windows, importance, agg, &layers, &mut || {})?.loss,
+        "whole" => slm_width::gradients_whole_graph(&model, &windows, &layers, fisher, &mut || {})?.loss,
         _ => anyhow::bail!(usage),
     };
     let secs = t.elapsed().as_secs_f64();
@@ -37,7 +40,7 @@ fn main() -> anyhow::Result<()> {
          \"rss_before_mib\": {:.0}, \"loss\": {:.6}}}",
         peak as f64 / 1024.0,
         before as f64 / 1024.0,
-        g.loss
+        loss
     );
     Ok(())
 }

@@ -161,7 +161,7 @@ fn with_variables(model: &Model, layers: &[usize]) -> Result<(Model, Vec<Vec<Var
     for &i in layers {
         let mut vs = Vec::with_capacity(7);
         for t in projections_mut(&mut m.weights.layers[i]) {
-            let v = Var::from_tensor(t)?;
+            let v = Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?;
             *t = v.as_tensor().clone();
             vs.push(v);
         }
@@ -188,14 +188,83 @@ pub fn lm_loss(model: &Model, windows: &[Vec<u32>]) -> Result<Tensor> {
 /// time instead of every position's (a 49,152-way log-softmax at 1,270 positions is 250 MB per copy).
 pub const LOSS_CHUNK: usize = 128;
 
-/// The gradient of the mean next-token cross-entropy over `windows` with respect to every layer's output and
-/// the projections of `layers`, by a backward pass layer by layer with recomputation: a forward pass stores the
-/// input of each layer from the lowest of `layers` up (no graph kept); the loss gradient with respect to the last
-/// hidden state comes from the final norm and the LM head in chunks of [`LOSS_CHUNK`] positions; then, from the
-/// top, each layer is recomputed with its input (and, for a layer of `layers`, its projections) as variables,
-/// and `Σ out ⊙ ∂L/∂out` is pushed back through it alone. Peak memory: the stored inputs, one layer's graph and
-/// one chunk of logits. Returns the loss and its gradients for the projections of `layers` (in that order).
-fn layerwise_gradients(model: &Model, windows: &[Vec<u32>], layers: &[usize]) -> Result<(f64, Vec<Vec<Tensor>>)> {
+/// One group of calibration windows in the layer-by-layer pass: its batch, the stored input of every layer from
+/// the lowest pruned one, and the gradient of its mean loss with respect to the current layer's output.
+struct Group {
+    batch: Batch,
+    inputs: Vec<Tensor>,
+    grad_out: Tensor,
+    /// Its positions' share of all positions: the weight of its mean loss in the total mean.
+    share: f64,
+    loss: f64,
+}
+
+impl Group {
+    /// Runs the forward pass (no graph kept), storing layer inputs from `lowest`, and the LM-head loss of the
+    /// group's mean next-token cross-entropy in chunks of [`LOSS_CHUNK`] positions with its gradient.
+    fn new(model: &Model, windows: &[Vec<u32>], lowest: usize, total_positions: usize) -> Result<Self> {
+        let n_layers = model.spec.num_layers();
+        let batch = Batch::new(&model.spec, windows, &model.device)?;
+        let mode = Mode::Differentiable;
+        let mut x = model.embed(&batch)?;
+        if lowest > 0 {
+            x = model.run_layers(x, 0..lowest, &batch, mode)?;
+        }
+        let mut inputs = Vec::with_capacity(n_layers - lowest);
+        for i in lowest..n_layers {
+            let next = model.run_layers(x.clone(), i..i + 1, &batch, mode)?;
+            inputs.push(x);
+            x = next;
+        }
+        let (b, t, h) = x.dims3()?;
+        // The rows (sequence s, position p < len - 1) that predict a token, and those tokens.
+        let rows: Vec<u32> = (0..b).flat_map(|s| (0..batch.lengths[s] - 1).map(move |p| (s * t + p) as u32)).collect();
+        let targets: Vec<u32> = windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
+        let n = rows.len();
+        let flat = x.reshape((b * t, h))?;
+        let mut grad_out = Tensor::zeros((b * t, h), flat.dtype(), flat.device())?;
+        let mut loss = 0.0f64;
+        for start in (0..n).step_by(LOSS_CHUNK) {
+            let end = (start + LOSS_CHUNK).min(n);
+            let idx = Tensor::new(&rows[start..end], flat.device())?;
+            let tgt = Tensor::new(&targets[start..end], flat.device())?;
+            let xv = Var::from_tensor(&flat.index_select(&idx, 0)?)?;
+            let logits = model.final_norm(xv.as_tensor(), mode)?.matmul(&model.weights.lm_head().t()?)?;
+            // This chunk's share of the group's mean cross-entropy.
+            let part = (candle_nn::loss::cross_entropy(&logits, &tgt)? * ((end - start) as f64 / n as f64))?;
+            loss += part.to_scalar::<f32>()? as f64;
+            let store = part.backward()?;
+            let g = store.get(xv.as_tensor()).ok_or_else(|| no_gradient("the last hidden state"))?;
+            grad_out = grad_out.index_add(&idx, g, 0)?;
+        }
+        let grad_out = grad_out.reshape((b, t, h))?;
+        Ok(Group { batch, inputs, grad_out, share: n as f64 / total_positions as f64, loss })
+    }
+}
+
+/// The backward pass layer by layer with recomputation. A forward pass stores the input of each layer from the
+/// lowest of `layers` up (no graph kept); the gradient of the mean loss with respect to the last hidden state
+/// comes from the final norm and the LM head in chunks of [`LOSS_CHUNK`] positions; then, from the top, each
+/// layer is recomputed with its input (and, for a layer of `layers`, its projections, in f32) as variables, and
+/// `Σ out ⊙ ∂L/∂out` is pushed back through it alone.
+///
+/// With `per_window`, every window is its own group (its own chain), which gives each window's gradient: the
+/// Fisher diagonal `(1/N)·Σₙ (∂Lₙ/∂W)²` and, weighted by positions, the gradient of the total mean. Otherwise
+/// all windows go as one batch.
+///
+/// `on_layer(i, grad, fisher)` gets the seven projection gradients of each layer of `layers` (and their Fisher
+/// diagonal with `per_window`) as soon as they are known, from the top; nothing of them is kept afterwards. Peak
+/// memory: the stored inputs, one layer's graph and gradients, and one chunk of logits. Returns the mean loss.
+fn layerwise_pass(
+    model: &Model,
+    windows: &[Vec<u32>],
+    layers: &[usize],
+    per_window: bool,
+    on_layer: &mut dyn FnMut(usize, Vec<Tensor>, Option<Vec<Tensor>>) -> Result<()>,
+) -> Result<f64> {
+    if windows.is_empty() {
+        return Err(WidthError::InvalidArgument("the gradient pass needs at least one calibration window".into()));
+    }
     if windows.iter().any(|w| w.len() < 2) {
         return Err(WidthError::InvalidArgument("calibration windows need at least 2 tokens".into()));
     }
@@ -204,83 +273,90 @@ fn layerwise_gradients(model: &Model, windows: &[Vec<u32>], layers: &[usize]) ->
         return Err(WidthError::InvalidArgument(format!("layer {bad} is out of range (the model has {n_layers})")));
     }
     let lowest = layers.iter().copied().min().unwrap_or(n_layers);
-    let batch = Batch::new(&model.spec, windows, &model.device)?;
+    let total: usize = windows.iter().map(|w| w.len() - 1).sum();
+    let mut groups = if per_window {
+        windows.iter().map(|w| Group::new(model, std::slice::from_ref(w), lowest, total)).collect::<Result<Vec<_>>>()?
+    } else {
+        vec![Group::new(model, windows, lowest, total)?]
+    };
+    let loss: f64 = groups.iter().map(|g| g.share * g.loss).sum();
     let mode = Mode::Differentiable;
-    // Inputs of layers lowest..L, then the last hidden state.
-    let mut x = model.embed(&batch)?;
-    if lowest > 0 {
-        x = model.run_layers(x, 0..lowest, &batch, mode)?;
-    }
-    let mut inputs = Vec::with_capacity(n_layers - lowest + 1);
-    for i in lowest..n_layers {
-        let next = model.run_layers(x.clone(), i..i + 1, &batch, mode)?;
-        inputs.push(x);
-        x = next;
-    }
-    let last = x;
-    let (b, t, h) = last.dims3()?;
-    // The rows (sequence s, position p < len - 1) that predict a token, and those tokens.
-    let rows: Vec<u32> = (0..b).flat_map(|s| (0..batch.lengths[s] - 1).map(move |p| (s * t + p) as u32)).collect();
-    let targets: Vec<u32> = windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
-    let n = rows.len();
-    let flat = last.reshape((b * t, h))?;
-    let mut grad_out = Tensor::zeros((b * t, h), flat.dtype(), flat.device())?;
-    let mut loss_sum = 0.0f64;
-    for start in (0..n).step_by(LOSS_CHUNK) {
-        let end = (start + LOSS_CHUNK).min(n);
-        let idx = Tensor::new(&rows[start..end], flat.device())?;
-        let tgt = Tensor::new(&targets[start..end], flat.device())?;
-        let xv = Var::from_tensor(&flat.index_select(&idx, 0)?)?;
-        let logits = model.final_norm(xv.as_tensor(), mode)?.matmul(&model.weights.lm_head().t()?)?;
-        // Sum of this chunk's cross-entropies over all n positions: the chunk's share of the mean.
-        let part = (candle_nn::loss::cross_entropy(&logits, &tgt)? * ((end - start) as f64 / n as f64))?;
-        loss_sum += part.to_scalar::<f32>()? as f64;
-        let store = part.backward()?;
-        let g = store.get(xv.as_tensor()).ok_or_else(|| no_gradient("the last hidden state"))?;
-        grad_out = grad_out.index_add(&idx, g, 0)?;
-    }
-    let mut grad_out = grad_out.reshape((b, t, h))?;
-    let mut grads: Vec<Option<Vec<Tensor>>> = vec![None; layers.len()];
     for i in (lowest..n_layers).rev() {
-        let input = &inputs[i - lowest];
-        let need_input = i > lowest;
-        let xv = if need_input { Some(Var::from_tensor(input)?) } else { None };
-        let x_in = xv.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| input.clone());
-        let slot = layers.iter().position(|&k| k == i);
-        let mut w = model.weights.layers[i].clone();
-        let mut vars = Vec::new();
-        if slot.is_some() {
-            for p in projections_mut(&mut w) {
-                let v = Var::from_tensor(p)?;
-                *p = v.as_tensor().clone();
-                vars.push(v);
+        let pruned = layers.contains(&i);
+        let mut grad: Option<Vec<Tensor>> = None;
+        let mut fisher: Option<Vec<Tensor>> = None;
+        for g in groups.iter_mut() {
+            let input = &g.inputs[i - lowest];
+            let need_input = i > lowest;
+            let xv = if need_input { Some(Var::from_tensor(input)?) } else { None };
+            let x_in = xv.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| input.clone());
+            let mut w = model.weights.layers[i].clone();
+            let mut vars = Vec::new();
+            if pruned {
+                for p in projections_mut(&mut w) {
+                    let v = Var::from_tensor(&p.to_dtype(candle_core::DType::F32)?)?;
+                    *p = v.as_tensor().clone();
+                    vars.push(v);
+                }
+            }
+            let ctx = model.layer_ctx(i, mode, &slm_model::NoAdapter);
+            let out = slm_model::forward::decoder_layer(&x_in, &w, &model.spec.layers[i], &g.batch, &ctx)?;
+            let store = (out * &g.grad_out)?.sum_all()?.backward()?;
+            if pruned {
+                let gs = vars
+                    .iter()
+                    .map(|v| store.get(v.as_tensor()).cloned().ok_or_else(|| no_gradient("a projection")))
+                    .collect::<Result<Vec<_>>>()?;
+                let weighted = gs.iter().map(|t| t * g.share).collect::<candle_core::Result<Vec<_>>>()?;
+                grad = Some(match grad {
+                    None => weighted,
+                    Some(acc) => acc.iter().zip(&weighted).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
+                });
+                if per_window {
+                    let sq = gs.iter().map(|t| t.sqr()).collect::<candle_core::Result<Vec<_>>>()?;
+                    fisher = Some(match fisher {
+                        None => sq,
+                        Some(acc) => acc.iter().zip(&sq).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
+                    });
+                }
+            }
+            if let Some(v) = &xv {
+                g.grad_out = store.get(v.as_tensor()).ok_or_else(|| no_gradient("a layer input"))?.clone();
             }
         }
-        let ctx = model.layer_ctx(i, mode, &slm_model::NoAdapter);
-        let out = slm_model::forward::decoder_layer(&x_in, &w, &model.spec.layers[i], &batch, &ctx)?;
-        let store = (out * &grad_out)?.sum_all()?.backward()?;
-        if let Some(k) = slot {
-            let g = vars
-                .iter()
-                .map(|v| store.get(v.as_tensor()).cloned().ok_or_else(|| no_gradient("a projection")))
-                .collect::<Result<Vec<_>>>()?;
-            grads[k] = Some(g);
-        }
-        if let Some(v) = &xv {
-            grad_out = store.get(v.as_tensor()).ok_or_else(|| no_gradient("a layer input"))?.clone();
+        if pruned {
+            let n = windows.len() as f64;
+            let fisher =
+                fisher.map(|f| f.into_iter().map(|t| t / n).collect::<candle_core::Result<Vec<_>>>()).transpose()?;
+            on_layer(i, grad.ok_or_else(|| no_gradient("a pruned layer"))?, fisher)?;
         }
     }
-    let grads = grads.into_iter().map(|g| g.ok_or_else(|| no_gradient("a pruned layer"))).collect::<Result<_>>()?;
-    Ok((loss_sum, grads))
+    Ok(loss)
 }
 
 fn no_gradient(what: &str) -> WidthError {
     WidthError::InvalidArgument(format!("{what} received no gradient (detached kernel in the forward pass?)"))
 }
 
-/// Runs the gradient pass ([`layerwise_gradients`]: layer by layer, the LM-head loss in chunks). `on_pass` is
-/// called after each backward pass (for a progress bar). The same numbers as [`gradients_whole_graph`] up to
-/// float summation order.
+fn finite_loss(loss: f64) -> Result<f64> {
+    if loss.is_finite() {
+        Ok(loss)
+    } else {
+        Err(WidthError::InvalidArgument(format!(
+            "the calibration loss is {loss}: the model's activations are not finite on the calibration windows, so \
+             no importance can be computed"
+        )))
+    }
+}
+
+/// One layer's seven projection gradients and, when asked for, their Fisher diagonal.
+type LayerGradients = (Vec<Tensor>, Option<Vec<Tensor>>);
+
+/// The gradients of the calibration loss for the projections of `layers` (and the Fisher diagonal), by the
+/// layer-by-layer pass ([`layerwise_pass`]: one chain over the batch, or one per window with `fisher`), all held
+/// in memory: for tests and small models; [`gradient_scores`] folds them into unit scores layer by layer instead.
+/// `on_pass` is called after each layer's backward step. The same numbers as [`gradients_whole_graph`] up to float
+/// summation order.
 pub fn gradients(
     model: &Model,
     windows: &[Vec<u32>],
@@ -288,49 +364,72 @@ pub fn gradients(
     fisher: bool,
     on_pass: &mut dyn FnMut(),
 ) -> Result<Gradients> {
-    if windows.is_empty() {
-        return Err(WidthError::InvalidArgument("the gradient pass needs at least one calibration window".into()));
-    }
-    let mut passes = 0;
-    let fisher = if fisher {
-        let mut acc: Option<Vec<Vec<Tensor>>> = None;
-        for w in windows {
-            let (_, g) = layerwise_gradients(model, std::slice::from_ref(w), layers)?;
-            passes += 1;
-            let g2 = g
-                .into_iter()
-                .map(|ts| ts.into_iter().map(|t| t.sqr()).collect::<candle_core::Result<Vec<_>>>())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            acc = Some(match acc {
-                None => g2,
-                Some(a) => a
-                    .into_iter()
-                    .zip(g2)
-                    .map(|(x, y)| x.into_iter().zip(y).map(|(x, y)| x + y).collect::<candle_core::Result<Vec<_>>>())
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-            });
-            on_pass();
+    let mut got: Vec<Option<LayerGradients>> = vec![None; layers.len()];
+    let loss = layerwise_pass(model, windows, layers, fisher, &mut |i, g, f| {
+        if let Some(k) = layers.iter().position(|&x| x == i) {
+            got[k] = Some((g, f));
         }
-        let n = windows.len() as f64;
-        Some(
-            acc.unwrap_or_default()
-                .into_iter()
-                .map(|ts| ts.into_iter().map(|t| t / n).collect::<candle_core::Result<Vec<_>>>())
-                .collect::<candle_core::Result<Vec<_>>>()?,
-        )
-    } else {
-        None
-    };
-    let (loss, grad) = layerwise_gradients(model, windows, layers)?;
-    if !loss.is_finite() {
-        return Err(WidthError::InvalidArgument(format!(
-            "the calibration loss is {loss}: the model's activations are not finite on the calibration windows, so \
-             no importance can be computed"
-        )));
+        on_pass();
+        Ok(())
+    })?;
+    let loss = finite_loss(loss)?;
+    let mut grad = Vec::with_capacity(layers.len());
+    let mut fish = Vec::with_capacity(layers.len());
+    for g in got {
+        let (g, f) = g.ok_or_else(|| no_gradient("a pruned layer"))?;
+        grad.push(g);
+        fish.extend(f);
     }
-    passes += 1;
-    on_pass();
-    Ok(Gradients { layers: layers.to_vec(), grad, fisher, loss, backward_passes: passes })
+    Ok(Gradients {
+        layers: layers.to_vec(),
+        grad,
+        fisher: fisher.then_some(fish),
+        loss,
+        backward_passes: if fisher { windows.len() } else { 1 },
+    })
+}
+
+/// What [`gradient_scores`] returns: every pruned layer's unit scores, in `layers` order, and the loss.
+#[derive(Debug, Clone)]
+pub struct ScoredGradients {
+    pub layers: Vec<usize>,
+    pub scores: Vec<UnitScores>,
+    pub loss: f64,
+    /// Backward chains run: 1, or one per window for the Fisher diagonal (each also gives its share of the
+    /// gradient).
+    pub backward_passes: usize,
+}
+
+/// Unit scores of every layer in `settings.layers` from the gradient of the calibration loss, each layer's
+/// gradients folded into its scores ([`score_layer`]) as soon as the layer-by-layer pass produces them and then
+/// dropped: memory holds one layer's gradients, not the model's. `on_layer` is called after each layer.
+pub fn gradient_scores(
+    model: &Model,
+    windows: &[Vec<u32>],
+    importance: Importance,
+    aggregation: Aggregation,
+    layers: &[usize],
+    on_layer: &mut dyn FnMut(),
+) -> Result<ScoredGradients> {
+    if !importance.needs_gradient() {
+        return Err(WidthError::InvalidArgument(format!("importance {} needs no gradient pass", importance.as_str())));
+    }
+    let mut got: Vec<Option<UnitScores>> = vec![None; layers.len()];
+    let per_window = importance.needs_fisher();
+    let loss = layerwise_pass(model, windows, layers, per_window, &mut |i, g, f| {
+        let k = layers.iter().position(|&x| x == i).expect("only pruned layers are reported");
+        let l = &model.spec.layers[i];
+        got[k] = Some(score_layer(importance, aggregation, i, l, &model.weights.layers[i], Some(&g), f.as_deref(), 0)?);
+        on_layer();
+        Ok(())
+    })?;
+    let scores = got.into_iter().map(|s| s.ok_or_else(|| no_gradient("a pruned layer"))).collect::<Result<_>>()?;
+    Ok(ScoredGradients {
+        layers: layers.to_vec(),
+        scores,
+        loss: finite_loss(loss)?,
+        backward_passes: if per_window { windows.len() } else { 1 },
+    })
 }
 
 /// The gradient pass through the whole graph at once (every position's logits, one backward pass): the
@@ -419,6 +518,7 @@ fn member_scores(
     fisher: Option<&Tensor>,
     axis: usize,
 ) -> Result<Vec<f64>> {
+    let w = &w.to_dtype(candle_core::DType::F32)?; // a stored bf16/f16 weight, upcast
     let need = |t: Option<&Tensor>, what: &str| {
         t.cloned()
             .ok_or_else(|| WidthError::InvalidArgument(format!("importance {} needs {what}", importance.as_str())))

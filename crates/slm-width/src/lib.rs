@@ -18,10 +18,12 @@ pub mod plan;
 
 pub use file::WidthPlanFile;
 pub use groups::{units_to_remove, AttentionUnit};
-pub use importance::{gradients, gradients_whole_graph, Aggregation, Gradients, Importance, UnitScores};
+pub use importance::{
+    gradient_scores, gradients, gradients_whole_graph, Aggregation, Gradients, Importance, ScoredGradients, UnitScores,
+};
 pub use plan::{
-    apply, check_layer_range, default_layer_range, parameters_after, parse_layer_range, plan_width, ratio_for_target,
-    LayerPrune, Ratios, WidthPlan, WidthSettings,
+    apply, check_layer_range, default_layer_range, parameters_after, parse_layer_range, plan_width, plan_width_scored,
+    ratio_for_target, LayerPrune, Ratios, WidthPlan, WidthSettings,
 };
 
 /// Everything that can go wrong while planning or applying width pruning.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use slm_model::{LayerSpec, Model};
 
 use crate::groups::{check_ratio, units_to_remove, AttentionUnit};
-use crate::importance::{score_layer, Aggregation, Gradients, Importance};
+use crate::importance::{score_layer, Aggregation, Gradients, Importance, ScoredGradients, UnitScores};
 use crate::{Result, WidthError};
 
 /// LLM-Pruner keeps the first 4 and the last 2 of LLaMA-7B's 32 layers dense (`--block_*_layer_start 4
@@ -203,38 +203,60 @@ fn lowest(scores: &[f64], n: usize) -> Vec<usize> {
 /// Scores the units of every layer in `settings.layers` and picks the ones to remove. `grads` must come from
 /// [`crate::gradients`] over the same layers when the importance needs gradients.
 pub fn plan_width(model: &Model, settings: &WidthSettings, grads: Option<&Gradients>) -> Result<WidthPlan> {
-    check_ratio(settings.ratio.attention)?;
-    check_ratio(settings.ratio.mlp)?;
-    check_layer_range(&settings.layers, model.spec.num_layers())?;
+    check_settings(model, settings)?;
     if settings.importance.needs_gradient() && grads.is_none() {
         return Err(WidthError::InvalidArgument(format!(
             "importance {} needs a gradient pass",
             settings.importance.as_str()
         )));
     }
-    let mut layers = Vec::new();
+    let mut scores = Vec::new();
     for i in settings.layers.clone() {
-        let l = &model.spec.layers[i];
         let (g, f) = match grads {
             Some(gr) if settings.importance.needs_gradient() => {
-                let k =
-                    gr.layers.iter().position(|&x| x == i).ok_or_else(|| {
-                        WidthError::InvalidArgument(format!("the gradient pass did not cover layer {i}"))
-                    })?;
+                let k = gr.layers.iter().position(|&x| x == i).ok_or_else(|| not_covered(i))?;
                 (Some(gr.grad[k].as_slice()), gr.fisher.as_ref().map(|f| f[k].as_slice()))
             }
             _ => (None, None),
         };
-        let scores = score_layer(
-            settings.importance,
-            settings.aggregation,
-            i,
-            l,
-            &model.weights.layers[i],
-            g,
-            f,
-            settings.seed,
-        )?;
+        let w = &model.weights.layers[i];
+        let l = &model.spec.layers[i];
+        scores.push(score_layer(settings.importance, settings.aggregation, i, l, w, g, f, settings.seed)?);
+    }
+    select(model, settings, scores)
+}
+
+/// [`plan_width`] from unit scores that the layer-by-layer gradient pass already folded
+/// ([`crate::importance::gradient_scores`], run with the same importance, aggregation and layers).
+pub fn plan_width_scored(model: &Model, settings: &WidthSettings, scored: &ScoredGradients) -> Result<WidthPlan> {
+    check_settings(model, settings)?;
+    let scores = settings
+        .layers
+        .clone()
+        .map(|i| {
+            let k = scored.layers.iter().position(|&x| x == i).ok_or_else(|| not_covered(i))?;
+            Ok(scored.scores[k].clone())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    select(model, settings, scores)
+}
+
+fn not_covered(i: usize) -> WidthError {
+    WidthError::InvalidArgument(format!("the gradient pass did not cover layer {i}"))
+}
+
+fn check_settings(model: &Model, settings: &WidthSettings) -> Result<()> {
+    check_ratio(settings.ratio.attention)?;
+    check_ratio(settings.ratio.mlp)?;
+    check_layer_range(&settings.layers, model.spec.num_layers())
+}
+
+/// The units to remove of every layer in `settings.layers`, given their scores (in that order): the lowest
+/// scores, as many as the ratios say.
+fn select(model: &Model, settings: &WidthSettings, scores: Vec<UnitScores>) -> Result<WidthPlan> {
+    let mut layers = Vec::new();
+    for (i, scores) in settings.layers.clone().zip(scores) {
+        let l = &model.spec.layers[i];
         let kv = lowest(
             &scores.attention,
             units_to_remove(AttentionUnit::count(l), settings.ratio.attention, AttentionUnit::what(l))?,

@@ -1,11 +1,13 @@
 //! The layer-by-layer gradient pass (recomputation, LM-head loss in chunks) against the whole-graph one on the
 //! default model: the same loss, the same gradients and Fisher diagonals up to float summation order, the same
-//! unit scores within 1e-4 relative and the same units chosen, for every gradient importance.
+//! unit scores within 1e-4 relative and the same units chosen, for every gradient importance, both from the
+//! gradients held whole and from the scores folded layer by layer (the CLI's path).
 
 use candle_core::Device;
 use slm_model::Model;
 use slm_width::{
-    default_layer_range, gradients, gradients_whole_graph, plan_width, Aggregation, Importance, WidthSettings,
+    default_layer_range, gradient_scores, gradients, gradients_whole_graph, plan_width, plan_width_scored, Aggregation,
+    Importance, WidthSettings,
 };
 
 #[test]
@@ -20,7 +22,7 @@ fn layerwise_gradients_equal_the_whole_graph_on_the_default_model() {
     let layers: Vec<usize> = range.clone().collect();
     let a = gradients(&model, &windows, &layers, true, &mut || {}).unwrap();
     let b = gradients_whole_graph(&model, &windows, &layers, true, &mut || {}).unwrap();
-    assert_eq!(a.backward_passes, b.backward_passes);
+    assert_eq!((a.backward_passes, b.backward_passes), (windows.len(), windows.len() + 1));
     assert!((a.loss - b.loss).abs() <= 1e-5 * b.loss, "loss {} vs {}", a.loss, b.loss);
     let rel = |x: &candle_core::Tensor, y: &candle_core::Tensor| -> f64 {
         let d = slm_model::testing::max_abs_diff(x, y) as f64;
@@ -43,8 +45,12 @@ fn layerwise_gradients_equal_the_whole_graph_on_the_default_model() {
             layers: range.clone(),
             seed: 0,
         };
-        let pa = plan_width(&model, &s, Some(&a)).unwrap();
+        // The CLI's path: every layer's gradients folded into its scores as the pass goes, then dropped.
+        let scored = gradient_scores(&model, &windows, importance, Aggregation::Sum, &layers, &mut || {}).unwrap();
+        assert!((scored.loss - b.loss).abs() <= 1e-5 * b.loss);
+        let pa = plan_width_scored(&model, &s, &scored).unwrap();
         let pb = plan_width(&model, &s, Some(&b)).unwrap();
+        assert_eq!(plan_width(&model, &s, Some(&a)).unwrap().layers.len(), pa.layers.len());
         for (la, lb) in pa.layers.iter().zip(&pb.layers) {
             for (xs, ys) in [(&la.unit_scores, &lb.unit_scores), (&la.channel_scores, &lb.channel_scores)] {
                 // Element scores are sums of magnitudes: relative to themselves. A vector score |Σ W·g| can

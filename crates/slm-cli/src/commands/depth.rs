@@ -56,9 +56,10 @@ pub struct Args {
     /// calibration activations (λ = RIDGE · mean diagonal of AᵀA). Off unless given; 0.1 is a good start.
     #[arg(long, value_name = "RIDGE", value_parser = super::finite_f64)]
     pub refit: Option<f64>,
-    /// Storage dtype of the output: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: StorageDType,
+    /// Storage dtype of the output: f32, f16 or bf16 [default: the input's: its stored dtype for an HF
+    /// directory, f32 for a GGUF (dequantised)].
+    #[arg(long)]
+    pub dtype: Option<StorageDType>,
 }
 
 /// slm-dp's calibration unless given: 40 windows of 32 tokens (the reference's 1280 tokens in short windows).
@@ -154,7 +155,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         source_model: args.model.display().to_string(),
     };
     let plan_bytes = plan_file.to_bytes();
-    pruned.save_replacing(&args.out, dtype, &[("slm_plan.json", plan_bytes)], common.replace())?;
+    pruned.save_replacing(
+        &args.out,
+        dtype.unwrap_or(model.storage_dtype()),
+        &[("slm_plan.json", plan_bytes)],
+        common.replace(),
+    )?;
 
     println!(
         "method:      {}{}",

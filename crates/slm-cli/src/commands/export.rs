@@ -14,9 +14,10 @@ pub struct Args {
     /// Output HF directory (written atomically).
     #[arg(long)]
     pub out: PathBuf,
-    /// Storage dtype of the saved weights: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: StorageDType,
+    /// Storage dtype of the output: f32, f16 or bf16 [default: the input's: its stored dtype for an HF
+    /// directory, f32 for a GGUF (dequantised)].
+    #[arg(long)]
+    pub dtype: Option<StorageDType>,
     /// Largest shard (bytes of tensor data; suffixes KB, MB, GB, KiB, MiB, GiB): above it the weights go into
     /// `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`.
     #[arg(long, default_value = "5GB", value_parser = super::byte_size)]
@@ -24,9 +25,9 @@ pub struct Args {
 }
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
-    let dtype = args.dtype;
     common.check_output("--out", &args.out, OutputKind::Model, &[&args.model])?;
     let model = Model::load(&args.model, &common.device()?)?;
+    let dtype = args.dtype.unwrap_or(model.storage_dtype());
     model.save_sharded(&args.out, dtype, args.shard_size, &[], common.replace())?;
     println!(
         "exported {} ({} layers, {} parameters, {}) to {}",

@@ -87,9 +87,10 @@ pub struct Args {
     /// Also write the merged model (W ← W₀ + (α/r)·B·A, in f32) as an HF directory OUT/merged.
     #[arg(long)]
     pub merge: bool,
-    /// Storage dtype of the merged model: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: StorageDType,
+    /// Storage dtype of the output: f32, f16 or bf16 [default: the input's: its stored dtype for an HF
+    /// directory, f32 for a GGUF (dequantised)].
+    #[arg(long)]
+    pub dtype: Option<StorageDType>,
 }
 
 /// The teacher for `--distill`: `--teacher`, or the source recorded in the pruned model's slm_plan.json.
@@ -214,7 +215,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         let merged = lora.merge(&model)?;
         let dir = args.out.join("merged");
         let plan = merged_plan(&args.model, &run)?;
-        merged.save_replacing(&dir, dtype, &[("slm_plan.json", plan)], common.replace())?;
+        merged.save_replacing(
+            &dir,
+            dtype.unwrap_or(model.storage_dtype()),
+            &[("slm_plan.json", plan)],
+            common.replace(),
+        )?;
         println!("merged:      {}", dir.display());
     }
     println!("trainable:   {} parameters (r {}, alpha {})", lora.num_parameters(), args.rank, args.alpha);

@@ -11,8 +11,8 @@ use slm_model::output::{OutputKind, OutputStamp};
 use slm_model::{Model, StorageDType};
 use slm_width::file::{GradientPassRecord, WidthPlanFile};
 use slm_width::{
-    apply, default_layer_range, gradients, parse_layer_range, plan_width, ratio_for_target, Aggregation, Importance,
-    Ratios, WidthSettings,
+    apply, default_layer_range, gradient_scores, parse_layer_range, plan_width, plan_width_scored, ratio_for_target,
+    Aggregation, Importance, Ratios, WidthSettings,
 };
 
 use super::CommonArgs;
@@ -42,9 +42,10 @@ pub struct Args {
     pub layers: Option<String>,
     #[command(flatten)]
     pub calib: super::CalibArgs,
-    /// Storage dtype of the output: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: StorageDType,
+    /// Storage dtype of the output: f32, f16 or bf16 [default: the input's: its stored dtype for an HF
+    /// directory, f32 for a GGUF (dequantised)].
+    #[arg(long)]
+    pub dtype: Option<StorageDType>,
 }
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
@@ -71,16 +72,23 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 
     let start = Instant::now();
     let rss_before = super::memory_mib();
-    let (grads, windows) = if importance.needs_gradient() {
+    let settings = WidthSettings { ratio, importance, aggregation, layers: range.clone(), seed: calib.seed };
+    let (scored, windows) = if importance.needs_gradient() {
         let windows = calib.windows(&model)?;
-        let passes = 1 + if importance.needs_fisher() { windows.len() } else { 0 };
-        let bar = ProgressBar::new(passes as u64);
+        // Layers the backward pass goes through: from the top down to the lowest pruned one.
+        let steps = model.spec.num_layers() - range.start;
+        let bar = ProgressBar::new(layers.len() as u64);
         bar.set_style(
-            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} backward passes [{elapsed} < {eta}]")
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers scored [{elapsed} < {eta}]")
                 .expect("valid template"),
         );
-        bar.set_message(format!("gradients on {} windows of {} tokens", windows.len(), calib.seq_len));
-        let g = gradients(&model, &windows, &layers, importance.needs_fisher(), &mut || bar.inc(1))?;
+        let chains = if importance.needs_fisher() { ", one backward chain per window" } else { "" };
+        bar.set_message(format!(
+            "gradients on {} windows of {} tokens ({steps} layers back{chains})",
+            windows.len(),
+            calib.seq_len
+        ));
+        let g = gradient_scores(&model, &windows, importance, aggregation, &layers, &mut || bar.inc(1))?;
         bar.finish_and_clear();
         (Some(g), windows.len())
     } else {
@@ -88,8 +96,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     };
     let grad_seconds = start.elapsed().as_secs_f64();
     let rss_after = super::memory_mib();
-    let settings = WidthSettings { ratio, importance, aggregation, layers: range.clone(), seed: calib.seed };
-    let plan = plan_width(&model, &settings, grads.as_ref())?;
+    let plan = match &scored {
+        Some(s) => plan_width_scored(&model, &settings, s)?,
+        None => plan_width(&model, &settings, None)?,
+    };
     let pruned = apply(&model, &plan)?;
 
     let (before, after) = (model.spec.num_parameters(), pruned.spec.num_parameters());
@@ -112,8 +122,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         parameters_after: after,
         parameter_reduction: share,
         parameter_reduction_in_pruned_layers: 1.0 - layer_after as f64 / layer_before as f64,
-        calibration: grads.is_some().then(|| calib.record()),
-        gradient_pass: grads.as_ref().map(|g| GradientPassRecord {
+        calibration: scored.is_some().then(|| calib.record()),
+        gradient_pass: scored.as_ref().map(|g| GradientPassRecord {
             loss: g.loss,
             backward_passes: g.backward_passes,
             seconds: grad_seconds,
@@ -124,7 +134,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         source_model: args.model.display().to_string(),
         previous_plan: previous,
     };
-    pruned.save_replacing(&args.out, dtype, &[("slm_plan.json", plan_file.to_bytes())], common.replace())?;
+    pruned.save_replacing(
+        &args.out,
+        dtype.unwrap_or(model.storage_dtype()),
+        &[("slm_plan.json", plan_file.to_bytes())],
+        common.replace(),
+    )?;
 
     println!("importance:  {} (aggregation {})", importance.as_str(), aggregation.as_str());
     let ratio_text = if ratio.attention == ratio.mlp {
@@ -153,7 +168,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         100.0 * share,
         100.0 * (1.0 - layer_after as f64 / layer_before as f64)
     );
-    if let Some(g) = &grads {
+    if let Some(g) = &scored {
         let peak = rss_after
             .map(|m| format!(", peak RSS {:.0} MiB (RSS {:.0} MiB before)", m.1, rss_before.map_or(0.0, |b| b.0)))
             .unwrap_or_default();

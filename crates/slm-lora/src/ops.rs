@@ -34,7 +34,10 @@ impl CustomOp1 for FrozenLinear {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let out = self.w.dim(0)?;
         let rows = grad.elem_count() / out;
-        let g = grad.reshape((rows, out))?.matmul(&self.w)?;
+        // The weight stays in its stored dtype in the graph (a bf16 7B's f32 copies of every layer would not fit),
+        // upcast here only while the gradient is formed.
+        let w = if self.w.dtype() == grad.dtype() { self.w.clone() } else { self.w.to_dtype(grad.dtype())? };
+        let g = grad.reshape((rows, out))?.matmul(&w)?;
         Ok(Some(g.reshape(arg.shape())?))
     }
 }
@@ -42,8 +45,7 @@ impl CustomOp1 for FrozenLinear {
 /// `x @ w^T` for `x: [..., in]`, `w: [out, in]`, with the gradient flowing to `x` only. Off the CPU (no custom
 /// kernel) it falls back to a plain matmul, whose backward also computes the unused weight gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    // A weight kept in its stored dtype (bf16, f16) is upcast while it is used.
-    let w = &if w.dtype() == x.dtype() { w.clone() } else { w.to_dtype(x.dtype())? };
+    // A weight kept in its stored dtype (bf16, f16) is upcast while it is used ([`plain_linear`], the backward).
     if !x.device().is_cpu() || !x.track_op() {
         return plain_linear(x, w);
     }

@@ -180,7 +180,16 @@ fn check_weight_bytes(spec: &ModelSpec, config: &Path, files: &[PathBuf]) -> Res
     Ok(())
 }
 
-/// Loads spec and f32 weights from an HF directory. Errors name the offending file.
+/// The spec of an HF directory from its config, checked against the weight files' sizes (no tensor is read).
+pub fn load_hf_spec(dir: &Path) -> Result<ModelSpec> {
+    let config = dir.join("config.json");
+    let spec = ModelSpec::from_hf_config(&config)?;
+    check_weight_bytes(&spec, &config, &weight_files(dir)?)?;
+    Ok(spec)
+}
+
+/// Loads the spec and the weights of an HF directory: layer weights in their stored dtype, the rest in f32.
+/// Errors name the offending file.
 pub fn load_hf(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
     let config = dir.join("config.json");
     let spec = ModelSpec::from_hf_config(&config)?;

@@ -47,7 +47,27 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads an HF directory or a `.gguf` file, dequantised / converted to f32 on `device`.
+    /// The spec of an HF directory or a `.gguf` file without reading its weights (the config, or the GGUF header
+    /// and its `rope_freqs` tensor), checked as [`Model::load`] checks it, the weight files' sizes included.
+    pub fn load_spec(path: &Path) -> Result<ModelSpec> {
+        if !path.exists() {
+            return Err(ModelError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model path does not exist"),
+            ));
+        }
+        if path.is_file() && is_gguf(path) {
+            let (content, mut reader) = gguf::read_content(path)?;
+            gguf::spec_from_gguf(&content, &mut reader, path)
+        } else if path.is_dir() && path.join("config.json").exists() {
+            hf::load_hf_spec(path)
+        } else {
+            Err(ModelError::UnknownFormat { path: path.to_path_buf() })
+        }
+    }
+
+    /// Loads an HF directory or a `.gguf` file on `device`: GGUF tensors dequantised to f32, HF layer weights in
+    /// their stored dtype (see [`hf::load_hf`]).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let _span = tracing::info_span!("load", path = %path.display()).entered();
         if !path.exists() {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
-use slm_model::Model;
+use slm_model::{Model, ModelSpec};
 
 use super::CommonArgs;
 
@@ -17,8 +17,7 @@ pub struct Args {
 }
 
 /// The JSON view: HF config fields, per-layer shapes with parameter counts, and the total.
-pub fn inspect_json(model: &Model) -> Value {
-    let spec = &model.spec;
+pub fn inspect_json(spec: &ModelSpec) -> Value {
     let mut v = spec.to_hf_config("float32");
     let obj = v.as_object_mut().expect("config is an object");
     obj.remove("slm_layers");
@@ -43,12 +42,14 @@ pub fn inspect_json(model: &Model) -> Value {
 }
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
-    let model = Model::load(&args.model, &common.device()?)?;
+    // The spec alone (config or GGUF header): inspecting a 13B model reads no weights.
+    let _ = common.device()?;
+    let spec = Model::load_spec(&args.model)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&inspect_json(&model))?);
+        println!("{}", serde_json::to_string_pretty(&inspect_json(&spec))?);
         return Ok(());
     }
-    let s = &model.spec;
+    let s = &spec;
     println!("model:        {}", args.model.display());
     println!("vocab_size:   {}", s.vocab_size);
     println!("hidden_size:  {}", s.hidden_size);

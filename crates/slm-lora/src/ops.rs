@@ -36,8 +36,7 @@ impl CustomOp1 for FrozenLinear {
         let rows = grad.elem_count() / out;
         // The weight stays in its stored dtype in the graph (a bf16 7B's f32 copies of every layer would not fit),
         // upcast here only while the gradient is formed.
-        let w = if self.w.dtype() == grad.dtype() { self.w.clone() } else { self.w.to_dtype(grad.dtype())? };
-        let g = grad.reshape((rows, out))?.matmul(&w)?;
+        let g = grad.reshape((rows, out))?.matmul(&self.w.to_dtype(grad.dtype())?)?;
         Ok(Some(g.reshape(arg.shape())?))
     }
 }

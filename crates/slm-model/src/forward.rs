@@ -290,15 +290,11 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<T
     })
 }
 
-/// `w` in the dtype of `x`: a weight kept in its stored dtype (bf16, f16) is upcast to the compute dtype only
-/// while it is used; an f32 weight is returned as it is (a shared handle, no copy).
-pub fn in_dtype_of(w: &Tensor, x: &Tensor) -> Result<Tensor> {
-    Ok(if w.dtype() == x.dtype() { w.clone() } else { w.to_dtype(x.dtype())? })
-}
-
-/// `x @ w^T` for `x: [..., in]`, `w: [out, in]` (in any stored dtype; computed in `x`'s).
+/// `x @ w^T` for `x: [..., in]`, `w: [out, in]` (in any stored dtype; computed in `x`'s). A weight kept in its
+/// stored dtype (bf16, f16) is upcast only while it is used; `to_dtype` hands back the same tensor, no copy, when
+/// the dtypes already match.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let w = &in_dtype_of(w, x)?;
+    let w = &w.to_dtype(x.dtype())?;
     let dims = x.dims();
     let inner = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -355,7 +351,7 @@ impl<'a> LayerCtx<'a> {
 
     /// RMSNorm with the architecture's convention (`w`, or Gemma's `1 + w`).
     pub fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let w = in_dtype_of(w, x)?;
+        let w = w.to_dtype(x.dtype())?;
         if self.arch.norm_plus_one {
             rms_norm(x, &(w + 1.0)?, self.eps, self.mode)
         } else {
@@ -366,7 +362,7 @@ impl<'a> LayerCtx<'a> {
     fn project(&self, name: &'static str, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let y = self.adapter.project(self.index, name, x, w)?;
         Ok(match bias {
-            Some(b) => y.broadcast_add(&in_dtype_of(b, &y)?)?,
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         })
     }

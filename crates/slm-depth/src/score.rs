@@ -106,6 +106,8 @@ pub struct Calibration<'m> {
     merged: HashMap<(usize, usize), (LayerSpec, LayerWeights)>,
     merged_order: std::collections::VecDeque<(usize, usize)>,
     merged_bytes: usize,
+    /// The cache's limit: a quarter of the model's layer bytes.
+    merged_budget: usize,
     memo: HashMap<(Candidate, Quantity), f64>,
     /// Run every candidate from the embeddings (the reference loop's cost), for comparison and tests.
     pub incremental: bool,
@@ -137,6 +139,7 @@ impl<'m> Calibration<'m> {
             merged: HashMap::new(),
             merged_order: std::collections::VecDeque::new(),
             merged_bytes: 0,
+            merged_budget: model.weights.layers.iter().map(layer_bytes).sum::<usize>() / 4,
             memo: HashMap::new(),
             incremental: true,
             layer_forwards: l,
@@ -172,7 +175,7 @@ impl<'m> Calibration<'m> {
         let m = &self.model;
         let layer = merge_window(&m.weights.layers[lo..=hi], &m.spec.layers[lo..=hi], lo, self.operator)?;
         let bytes = layer_bytes(&layer.1);
-        let budget = m.weights.layers.iter().map(layer_bytes).sum::<usize>() / 4;
+        let budget = self.merged_budget;
         while self.merged_bytes + bytes > budget {
             let Some(old) = self.merged_order.pop_front() else { break };
             if let Some(gone) = self.merged.remove(&old) {

@@ -349,8 +349,24 @@ fn finite_loss(loss: f64) -> Result<f64> {
     }
 }
 
-/// One layer's seven projection gradients and, when asked for, their Fisher diagonal.
-type LayerGradients = (Vec<Tensor>, Option<Vec<Tensor>>);
+/// [`layerwise_pass`] with `per_layer(i, grad, fisher)` turning each layer of `layers` into a `T` as it is
+/// reached: the results in `layers` order, the mean loss (checked finite) and the backward chains run.
+fn collect_layers<T>(
+    model: &Model,
+    windows: &[Vec<u32>],
+    layers: &[usize],
+    per_window: bool,
+    per_layer: &mut dyn FnMut(usize, Vec<Tensor>, Option<Vec<Tensor>>) -> Result<T>,
+) -> Result<(Vec<T>, f64, usize)> {
+    let mut got: Vec<Option<T>> = layers.iter().map(|_| None).collect();
+    let loss = layerwise_pass(model, windows, layers, per_window, &mut |i, g, f| {
+        let k = layers.iter().position(|&x| x == i).expect("only pruned layers are reported");
+        got[k] = Some(per_layer(i, g, f)?);
+        Ok(())
+    })?;
+    let got = got.into_iter().map(|x| x.ok_or_else(|| no_gradient("a pruned layer"))).collect::<Result<_>>()?;
+    Ok((got, finite_loss(loss)?, if per_window { windows.len() } else { 1 }))
+}
 
 /// The gradients of the calibration loss for the projections of `layers` (and the Fisher diagonal), by the
 /// layer-by-layer pass ([`layerwise_pass`]: one chain over the batch, or one per window with `fisher`), all held
@@ -364,29 +380,13 @@ pub fn gradients(
     fisher: bool,
     on_pass: &mut dyn FnMut(),
 ) -> Result<Gradients> {
-    let mut got: Vec<Option<LayerGradients>> = vec![None; layers.len()];
-    let loss = layerwise_pass(model, windows, layers, fisher, &mut |i, g, f| {
-        if let Some(k) = layers.iter().position(|&x| x == i) {
-            got[k] = Some((g, f));
-        }
+    let (got, loss, backward_passes) = collect_layers(model, windows, layers, fisher, &mut |_, g, f| {
         on_pass();
-        Ok(())
+        Ok((g, f))
     })?;
-    let loss = finite_loss(loss)?;
-    let mut grad = Vec::with_capacity(layers.len());
-    let mut fish = Vec::with_capacity(layers.len());
-    for g in got {
-        let (g, f) = g.ok_or_else(|| no_gradient("a pruned layer"))?;
-        grad.push(g);
-        fish.extend(f);
-    }
-    Ok(Gradients {
-        layers: layers.to_vec(),
-        grad,
-        fisher: fisher.then_some(fish),
-        loss,
-        backward_passes: if fisher { windows.len() } else { 1 },
-    })
+    let (grad, fish): (Vec<_>, Vec<_>) = got.into_iter().unzip();
+    let fisher = fisher.then(|| fish.into_iter().flatten().collect());
+    Ok(Gradients { layers: layers.to_vec(), grad, fisher, loss, backward_passes })
 }
 
 /// What [`gradient_scores`] returns: every pruned layer's unit scores, in `layers` order, and the loss.
@@ -414,22 +414,14 @@ pub fn gradient_scores(
     if !importance.needs_gradient() {
         return Err(WidthError::InvalidArgument(format!("importance {} needs no gradient pass", importance.as_str())));
     }
-    let mut got: Vec<Option<UnitScores>> = vec![None; layers.len()];
-    let per_window = importance.needs_fisher();
-    let loss = layerwise_pass(model, windows, layers, per_window, &mut |i, g, f| {
-        let k = layers.iter().position(|&x| x == i).expect("only pruned layers are reported");
-        let l = &model.spec.layers[i];
-        got[k] = Some(score_layer(importance, aggregation, i, l, &model.weights.layers[i], Some(&g), f.as_deref(), 0)?);
-        on_layer();
-        Ok(())
-    })?;
-    let scores = got.into_iter().map(|s| s.ok_or_else(|| no_gradient("a pruned layer"))).collect::<Result<_>>()?;
-    Ok(ScoredGradients {
-        layers: layers.to_vec(),
-        scores,
-        loss: finite_loss(loss)?,
-        backward_passes: if per_window { windows.len() } else { 1 },
-    })
+    let (scores, loss, backward_passes) =
+        collect_layers(model, windows, layers, importance.needs_fisher(), &mut |i, g, f| {
+            let (l, w) = (&model.spec.layers[i], &model.weights.layers[i]);
+            let scores = score_layer(importance, aggregation, i, l, w, Some(&g), f.as_deref(), 0)?;
+            on_layer();
+            Ok(scores)
+        })?;
+    Ok(ScoredGradients { layers: layers.to_vec(), scores, loss, backward_passes })
 }
 
 /// The gradient pass through the whole graph at once (every position's logits, one backward pass): the
@@ -447,11 +439,7 @@ pub fn gradients_whole_graph(
     let (m, vars) = with_variables(model, layers)?;
     let grad_of = |store: &candle_core::backprop::GradStore, v: &Var| -> Result<Tensor> {
         // A projection the loss does not reach (impossible in a Llama, but never silently zero) is an error.
-        store.get(v.as_tensor()).cloned().ok_or_else(|| {
-            WidthError::InvalidArgument(
-                "a projection received no gradient (detached kernel in the forward pass?)".into(),
-            )
-        })
+        store.get(v.as_tensor()).cloned().ok_or_else(|| no_gradient("a projection"))
     };
     let mut passes = 0;
     let fisher = if fisher {
@@ -484,13 +472,7 @@ pub fn gradients_whole_graph(
         None
     };
     let loss = lm_loss(&m, windows)?;
-    let loss_value = loss.to_scalar::<f32>()? as f64;
-    if !loss_value.is_finite() {
-        return Err(WidthError::InvalidArgument(format!(
-            "the calibration loss is {loss_value}: the model's activations are not finite on the calibration windows, so \
-             no importance can be computed"
-        )));
-    }
+    let loss_value = finite_loss(loss.to_scalar::<f32>()? as f64)?;
     let store = loss.backward()?;
     passes += 1;
     on_pass();

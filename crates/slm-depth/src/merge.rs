@@ -76,25 +76,18 @@ fn combine(
     })?)
 }
 
-/// Fuses the window `layers` (original indices `lo..lo + layers.len()`) into one layer. A one-layer window is
-/// returned unchanged by every operator.
-pub fn merge_window(
-    layers: &[LayerWeights],
-    specs: &[LayerSpec],
-    lo: usize,
-    op: MergeOp,
-) -> Result<(LayerSpec, LayerWeights)> {
-    let n = layers.len();
-    if n == 0 || specs.len() != n {
+/// The shape of the layer that fusing the window `specs` (original indices `lo..`) with `op` gives, without its
+/// weights; an error when `op` needs equal shapes and they differ.
+pub fn merged_spec(specs: &[LayerSpec], lo: usize, op: MergeOp) -> Result<LayerSpec> {
+    let n = specs.len();
+    if n == 0 {
         return Err(DepthError::InvalidArgument("merge window is empty".into()));
     }
     let hi = lo + n - 1;
-    if n == 1 {
-        return Ok((specs[0], layers[0].clone()));
-    }
     match op {
-        MergeOp::Delete => return Ok((specs[0], layers[0].clone())),
-        MergeOp::Top => return Ok((specs[n - 1], layers[n - 1].clone())),
+        _ if n == 1 => return Ok(specs[0]),
+        MergeOp::Delete => return Ok(specs[0]),
+        MergeOp::Top => return Ok(specs[n - 1]),
         _ => {}
     }
     // Shapes must agree; the attention type may not (Gemma-3 mixes sliding and global layers).
@@ -109,6 +102,31 @@ pub fn merge_window(
                 specs[0]
             ),
         });
+    }
+    // A fused window that contains a global-attention layer stays global: the long-range reads that layer made
+    // are kept (a sliding layer's reads are a subset of a global one's; its weights then run with the global
+    // rotary base). Only a window of sliding layers stays sliding.
+    Ok(LayerSpec { sliding: specs.iter().all(|s| s.sliding), ..specs[0] })
+}
+
+/// Fuses the window `layers` (original indices `lo..lo + layers.len()`) into one layer. A one-layer window is
+/// returned unchanged by every operator.
+pub fn merge_window(
+    layers: &[LayerWeights],
+    specs: &[LayerSpec],
+    lo: usize,
+    op: MergeOp,
+) -> Result<(LayerSpec, LayerWeights)> {
+    let n = layers.len();
+    if specs.len() != n {
+        return Err(DepthError::InvalidArgument("merge window: one shape per layer".into()));
+    }
+    let spec = merged_spec(specs, lo, op)?;
+    match op {
+        _ if n == 1 => return Ok((spec, layers[0].clone())),
+        MergeOp::Delete => return Ok((spec, layers[0].clone())),
+        MergeOp::Top => return Ok((spec, layers[n - 1].clone())),
+        _ => {}
     }
     let merged = match op {
         MergeOp::Paper => combine(
@@ -138,8 +156,5 @@ pub fn merge_window(
         )?,
         MergeOp::Delete | MergeOp::Top => unreachable!("handled above"),
     };
-    // A fused window that contains a global-attention layer stays global: the long-range reads that layer made
-    // are kept (a sliding layer's reads are a subset of a global one's; its weights then run with the global
-    // rotary base). Only a window of sliding layers stays sliding.
-    Ok((LayerSpec { sliding: specs.iter().all(|s| s.sliding), ..specs[0] }, merged))
+    Ok((spec, merged))
 }

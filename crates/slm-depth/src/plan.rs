@@ -1,10 +1,10 @@
 //! A [`DepthPlan`] says which original layers merge or go; [`apply`] turns it into a model with fewer layers.
 
 use serde::{Deserialize, Serialize};
-use slm_model::{LayerSpec, LayerWeights, Model, Weights};
+use slm_model::{LayerSlot, LayerSpec, LayerWeights, Model, Weights};
 
 use crate::error::{DepthError, Result};
-use crate::merge::{merge_window, MergeOp};
+use crate::merge::{merge_window, merged_spec, MergeOp};
 
 /// Which original layers become one layer, and which are dropped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,8 +87,7 @@ impl DepthPlan {
     }
 }
 
-/// The layers of `model` after `plan` (shapes and weights), without building a whole model.
-pub fn planned_layers(model: &Model, plan: &DepthPlan) -> Result<Vec<(LayerSpec, LayerWeights)>> {
+fn check_plan(model: &Model, plan: &DepthPlan) -> Result<()> {
     if plan.num_layers != model.spec.num_layers() {
         return Err(DepthError::InvalidArgument(format!(
             "the plan is for {} layers, the model has {}",
@@ -96,15 +95,44 @@ pub fn planned_layers(model: &Model, plan: &DepthPlan) -> Result<Vec<(LayerSpec,
             model.spec.num_layers()
         )));
     }
+    Ok(())
+}
+
+/// The layers of `model` after `plan` (shapes and weights), without building a whole model.
+pub fn planned_layers(model: &Model, plan: &DepthPlan) -> Result<Vec<(LayerSpec, LayerWeights)>> {
+    check_plan(model, plan)?;
     plan.output_layers()
         .into_iter()
-        .map(|(lo, hi)| merge_window(&model.weights.layers[lo..=hi], &model.spec.layers[lo..=hi], lo, plan.operator))
+        .map(|(lo, hi)| {
+            let window = model.weights.load_layers(lo..hi + 1)?;
+            merge_window(&window, &model.spec.layers[lo..=hi], lo, plan.operator)
+        })
         .collect()
 }
 
-/// The pruned model: a plain Llama with fewer (possibly merged) layers. The input model is not changed.
+/// The pruned model: a plain Llama with fewer (possibly merged) layers. The input model is not changed. Layers
+/// of a model read when used stay so: a kept layer is the same slot, a fused window is fused when it is used or
+/// written.
 pub fn apply(model: &Model, plan: &DepthPlan) -> Result<Model> {
-    let (specs, layers): (Vec<LayerSpec>, Vec<LayerWeights>) = planned_layers(model, plan)?.into_iter().unzip();
+    check_plan(model, plan)?;
+    let mut specs = Vec::new();
+    let mut layers = Vec::new();
+    for (lo, hi) in plan.output_layers() {
+        let window_specs = model.spec.layers[lo..=hi].to_vec();
+        specs.push(merged_spec(&window_specs, lo, plan.operator)?);
+        if lo == hi {
+            layers.push(model.weights.layers[lo].clone());
+            continue;
+        }
+        let slots = model.weights.layers[lo..=hi].to_vec();
+        let dtype = slots[0].dtype();
+        let op = plan.operator;
+        layers.push(LayerSlot::combine_lazily(slots, dtype, move |ws| {
+            merge_window(&ws, &window_specs, lo, op)
+                .map(|(_, w)| w)
+                .map_err(|e| slm_model::ModelError::InvalidArgument(format!("merging layers {lo}..={hi}: {e}")))
+        })?);
+    }
     let mut spec = model.spec.clone();
     spec.layers = specs;
     let weights = Weights { layers, ..model.weights.clone() };

@@ -70,7 +70,8 @@ pub fn apply_with_refit(cal: &Calibration, plan: &DepthPlan, ridge: f64) -> Resu
         // The dense layers this one now stands in for: up to the next kept layer (merged or removed ones between).
         let hi = out.get(j + 1).map(|n| n.0 - 1).unwrap_or(plan.num_layers - 1);
         if lo < hi {
-            let (w, l) = (&pruned.weights.layers[j], &pruned.spec.layers[j]);
+            let (w, l) = (pruned.weights.layer(j)?.into_owned(), &pruned.spec.layers[j]);
+            let w = &w;
             let ctx = LayerCtx::new(&pruned.spec, Mode::Inference).at(j);
             let h = attention_block(&x, w, l, batch, &ctx)?;
             let a = without_first_position(&mlp_activations(&h, w, &ctx)?)?;
@@ -95,10 +96,10 @@ pub fn apply_with_refit(cal: &Calibration, plan: &DepthPlan, ridge: f64) -> Resu
             let new_t = Tensor::from_vec(sol, (channels, hidden), &pruned.device)?;
             let new = new_t.t()?.to_dtype(DType::F32)?.contiguous()?;
             tracing::debug!(layer = j, lo, hi, lambda, "refitted down_proj");
-            pruned.weights.layers[j].down_proj = new;
+            pruned.weights.layer_mut(j)?.down_proj = new;
         }
         let ctx = LayerCtx::new(&pruned.spec, Mode::Inference).at(j);
-        x = decoder_layer(&x, &pruned.weights.layers[j], &pruned.spec.layers[j], batch, &ctx)?;
+        x = decoder_layer(&x, &*pruned.weights.layer(j)?, &pruned.spec.layers[j], batch, &ctx)?;
     }
     Ok(pruned)
 }

@@ -139,7 +139,7 @@ impl<'m> Calibration<'m> {
             merged: HashMap::new(),
             merged_order: std::collections::VecDeque::new(),
             merged_bytes: 0,
-            merged_budget: model.weights.layers.iter().map(layer_bytes).sum::<usize>() / 4,
+            merged_budget: merged_budget(model),
             memo: HashMap::new(),
             incremental: true,
             layer_forwards: l,
@@ -173,7 +173,8 @@ impl<'m> Calibration<'m> {
             return Ok(hit.clone());
         }
         let m = &self.model;
-        let layer = merge_window(&m.weights.layers[lo..=hi], &m.spec.layers[lo..=hi], lo, self.operator)?;
+        let window = m.weights.load_layers(lo..hi + 1)?;
+        let layer = merge_window(&window, &m.spec.layers[lo..=hi], lo, self.operator)?;
         let bytes = layer_bytes(&layer.1);
         let budget = self.merged_budget;
         while self.merged_bytes + bytes > budget {
@@ -213,7 +214,7 @@ impl<'m> Calibration<'m> {
             } else {
                 if !c.removed.contains(&i) {
                     let m = self.model;
-                    x = decoder_layer(&x, &m.weights.layers[i], &m.spec.layers[i], &self.batch, &ctx.at(i))?;
+                    x = decoder_layer(&x, &*m.weights.layer(i)?, &m.spec.layers[i], &self.batch, &ctx.at(i))?;
                     self.layer_forwards += 1;
                 }
                 i += 1;
@@ -351,6 +352,23 @@ impl<'m> Calibration<'m> {
     pub fn perplexity(&mut self, c: &Candidate) -> Result<f64> {
         let n: usize = self.windows.iter().map(|w| w.len() - 1).sum();
         Ok((self.nll(c)? / n as f64).exp())
+    }
+}
+
+/// The fused-layer cache's limit: a quarter of the model's layer bytes when every layer is resident; two
+/// layers' worth when the layers are read when used (the model may be larger than the memory).
+fn merged_budget(model: &Model) -> usize {
+    let (spec, w) = (&model.spec, &model.weights);
+    let bytes: Vec<usize> = spec
+        .layers
+        .iter()
+        .zip(&w.layers)
+        .map(|(l, s)| l.num_parameters(spec.hidden_size, &spec.arch) * s.dtype().size_in_bytes())
+        .collect();
+    if w.all_resident() {
+        bytes.iter().sum::<usize>() / 4
+    } else {
+        2 * bytes.iter().copied().max().unwrap_or(0)
     }
 }
 

@@ -29,9 +29,9 @@ const IDS: [u32; 9] = [3, 14, 15, 9, 26, 5, 35, 8, 9];
 fn a_one_layer_window_is_the_identity_for_every_operator() {
     let m = tiny_model(4, 1);
     for op in MergeOp::ALL {
-        let (spec, w) = merge_window(&m.weights.layers[2..3], &m.spec.layers[2..3], 2, op).unwrap();
+        let (spec, w) = merge_window(&m.weights.load_layers(2..3).unwrap(), &m.spec.layers[2..3], 2, op).unwrap();
         assert_eq!(spec, m.spec.layers[2]);
-        assert!(same_layer(&w, &m.weights.layers[2]), "{op}");
+        assert!(same_layer(&w, &m.weights.layer(2).unwrap().into_owned()), "{op}");
     }
     let plan = DepthPlan::new(4, vec![], vec![], MergeOp::Paper).unwrap();
     assert_eq!(max_abs_diff(&logits(&apply(&m, &plan).unwrap(), &IDS), &logits(&m, &IDS)), 0.0);
@@ -53,31 +53,39 @@ fn delete_equals_dropping_the_upper_layers_of_the_window() {
 #[test]
 fn paper_merge_of_equal_layers_returns_that_layer_and_reference_is_top_projections_with_lowest_norms() {
     let mut m = tiny_model(4, 3);
-    let l1 = m.weights.layers[1].clone();
-    m.weights.layers[2] = l1.clone();
-    m.weights.layers[3] = l1.clone();
-    let (_, w) = merge_window(&m.weights.layers[1..4], &m.spec.layers[1..4], 1, MergeOp::Paper).unwrap();
+    let l1 = m.weights.layer(1).unwrap().into_owned();
+    *m.weights.layer_mut(2).unwrap() = l1.clone();
+    *m.weights.layer_mut(3).unwrap() = l1.clone();
+    let (_, w) = merge_window(&m.weights.load_layers(1..4).unwrap(), &m.spec.layers[1..4], 1, MergeOp::Paper).unwrap();
     assert!(same_layer(&w, &l1));
 
     let m = tiny_model(4, 4);
-    let (_, r) = merge_window(&m.weights.layers[0..3], &m.spec.layers[0..3], 0, MergeOp::Reference).unwrap();
-    assert_eq!(bits(&r.q_proj), bits(&m.weights.layers[2].q_proj));
-    assert_eq!(bits(&r.down_proj), bits(&m.weights.layers[2].down_proj));
-    assert_eq!(bits(&r.input_layernorm), bits(&m.weights.layers[0].input_layernorm));
-    assert_eq!(bits(&r.post_attention_layernorm), bits(&m.weights.layers[0].post_attention_layernorm));
+    let (_, r) =
+        merge_window(&m.weights.load_layers(0..3).unwrap(), &m.spec.layers[0..3], 0, MergeOp::Reference).unwrap();
+    assert_eq!(bits(&r.q_proj), bits(&m.weights.layer(2).unwrap().into_owned().q_proj));
+    assert_eq!(bits(&r.down_proj), bits(&m.weights.layer(2).unwrap().into_owned().down_proj));
+    assert_eq!(bits(&r.input_layernorm), bits(&m.weights.layer(0).unwrap().into_owned().input_layernorm));
+    assert_eq!(
+        bits(&r.post_attention_layernorm),
+        bits(&m.weights.layer(0).unwrap().into_owned().post_attention_layernorm)
+    );
     // paper = θ0 + (θ1 − θ0) + (θ2 − θ0), checked element by element by hand-written arithmetic.
-    let (_, p) = merge_window(&m.weights.layers[0..3], &m.spec.layers[0..3], 0, MergeOp::Paper).unwrap();
+    let (_, p) = merge_window(&m.weights.load_layers(0..3).unwrap(), &m.spec.layers[0..3], 0, MergeOp::Paper).unwrap();
     let get = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let (a, b, c) =
-        (get(&m.weights.layers[0].up_proj), get(&m.weights.layers[1].up_proj), get(&m.weights.layers[2].up_proj));
+    let (a, b, c) = (
+        get(&m.weights.layer(0).unwrap().into_owned().up_proj),
+        get(&m.weights.layer(1).unwrap().into_owned().up_proj),
+        get(&m.weights.layer(2).unwrap().into_owned().up_proj),
+    );
     let want: Vec<f32> = (0..a.len()).map(|i| (a[i] + (b[i] - a[i])) + (c[i] - a[i])).collect();
     assert_eq!(get(&p.up_proj), want);
     // average = mean of the window, norms too.
-    let (_, v) = merge_window(&m.weights.layers[0..3], &m.spec.layers[0..3], 0, MergeOp::Average).unwrap();
+    let (_, v) =
+        merge_window(&m.weights.load_layers(0..3).unwrap(), &m.spec.layers[0..3], 0, MergeOp::Average).unwrap();
     let (na, nb, nc) = (
-        get(&m.weights.layers[0].input_layernorm),
-        get(&m.weights.layers[1].input_layernorm),
-        get(&m.weights.layers[2].input_layernorm),
+        get(&m.weights.layer(0).unwrap().into_owned().input_layernorm),
+        get(&m.weights.layer(1).unwrap().into_owned().input_layernorm),
+        get(&m.weights.layer(2).unwrap().into_owned().input_layernorm),
     );
     for (i, x) in get(&v.input_layernorm).iter().enumerate() {
         assert!((x - (na[i] + nb[i] + nc[i]) / 3.0).abs() < 1e-6);
@@ -101,13 +109,15 @@ fn parameter_counts_after_apply_are_as_computed() {
 fn merging_layers_of_different_widths_is_a_clear_error() {
     let mut m = tiny_model(3, 6);
     m.spec.layers[1].intermediate_size = 40;
-    let l = &mut m.weights.layers[1];
+    let l = m.weights.layer_mut(1).unwrap();
     l.gate_proj = l.gate_proj.narrow(0, 0, 40).unwrap();
     l.up_proj = l.up_proj.narrow(0, 0, 40).unwrap();
     l.down_proj = l.down_proj.narrow(1, 0, 40).unwrap();
-    let e = merge_window(&m.weights.layers[0..2], &m.spec.layers[0..2], 0, MergeOp::Paper).unwrap_err().to_string();
+    let e = merge_window(&m.weights.load_layers(0..2).unwrap(), &m.spec.layers[0..2], 0, MergeOp::Paper)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("0..=1") && e.contains("equal shapes"), "{e}");
-    assert!(merge_window(&m.weights.layers[0..2], &m.spec.layers[0..2], 0, MergeOp::Delete).is_ok());
+    assert!(merge_window(&m.weights.load_layers(0..2).unwrap(), &m.spec.layers[0..2], 0, MergeOp::Delete).is_ok());
 }
 
 /// A similarity oracle from a table keyed by (committed windows, candidate window); unknown keys fail the test.
@@ -306,9 +316,12 @@ fn refit_lowers_the_calibration_error_it_minimises() {
     eprintln!("weighted calibration error: plain {e0}, refit {e1}");
     assert!(e1 < 0.7 * e0, "refit error {e1} vs plain {e0}");
     // Only layer 1's down_proj changed.
-    assert_ne!(bits(&refit.weights.layers[1].down_proj), bits(&plain.weights.layers[1].down_proj));
-    assert!(same_layer(&refit.weights.layers[0], &plain.weights.layers[0]));
-    assert!(same_layer(&refit.weights.layers[2], &plain.weights.layers[2]));
+    assert_ne!(
+        bits(&refit.weights.layer(1).unwrap().into_owned().down_proj),
+        bits(&plain.weights.layer(1).unwrap().into_owned().down_proj)
+    );
+    assert!(same_layer(&refit.weights.layer(0).unwrap().into_owned(), &plain.weights.layer(0).unwrap().into_owned()));
+    assert!(same_layer(&refit.weights.layer(2).unwrap().into_owned(), &plain.weights.layer(2).unwrap().into_owned()));
     assert!(slm_depth::refit::apply_with_refit(&cal, &plan, 0.0).is_err());
 }
 
@@ -472,24 +485,34 @@ fn merge_invariants_hold_on_every_family() {
     for family in Family::ALL {
         let m = slm_model::testing::tiny_model_of(family, 4, 3);
         for op in MergeOp::ALL {
-            let (spec, w) = merge_window(&m.weights.layers[1..2], &m.spec.layers[1..2], 1, op).unwrap();
+            let (spec, w) = merge_window(&m.weights.load_layers(1..2).unwrap(), &m.spec.layers[1..2], 1, op).unwrap();
             assert_eq!(spec, m.spec.layers[1], "{family:?} {op}");
-            assert!(same_layer(&w, &m.weights.layers[1]), "{family:?} {op}");
+            assert!(same_layer(&w, &m.weights.layer(1).unwrap().into_owned()), "{family:?} {op}");
         }
         let plan = DepthPlan::new(4, vec![], vec![], MergeOp::Paper).unwrap();
         assert_eq!(max_abs_diff(&logits(&apply(&m, &plan).unwrap(), &IDS), &logits(&m, &IDS)), 0.0, "{family:?}");
         // Average over layers 1..=2: every part (optional ones included) is the mean of the two.
-        let (spec, w) = merge_window(&m.weights.layers[1..3], &m.spec.layers[1..3], 1, MergeOp::Average).unwrap();
+        let (spec, w) =
+            merge_window(&m.weights.load_layers(1..3).unwrap(), &m.spec.layers[1..3], 1, MergeOp::Average).unwrap();
         for (part, t) in w.parts() {
-            let (a, b) = (m.weights.layers[1].get(part).unwrap(), m.weights.layers[2].get(part).unwrap());
+            let (a, b) = (
+                m.weights.layer(1).unwrap().get(part).unwrap().clone(),
+                m.weights.layer(2).unwrap().get(part).unwrap().clone(),
+            );
+            let (a, b) = (&a, &b);
             let mean = ((a + b).unwrap() / 2.0).unwrap();
             assert_eq!(max_abs_diff(t, &mean), 0.0, "{family:?} {part:?}");
         }
         // Paper: norms (q/k norms included) from the window's first layer, biases merged like projections.
-        let (_, p) = merge_window(&m.weights.layers[1..3], &m.spec.layers[1..3], 1, MergeOp::Paper).unwrap();
+        let (_, p) =
+            merge_window(&m.weights.load_layers(1..3).unwrap(), &m.spec.layers[1..3], 1, MergeOp::Paper).unwrap();
         for part in Part::ALL.into_iter().filter(|p| p.present(&m.spec.arch)) {
             let got = p.get(part).unwrap();
-            let (a, b) = (m.weights.layers[1].get(part).unwrap(), m.weights.layers[2].get(part).unwrap());
+            let (a, b) = (
+                m.weights.layer(1).unwrap().get(part).unwrap().clone(),
+                m.weights.layer(2).unwrap().get(part).unwrap().clone(),
+            );
+            let (a, b) = (&a, &b);
             let want = if part.kind() == PartKind::Norm { a.clone() } else { (a + (b - a).unwrap()).unwrap() };
             assert_eq!(max_abs_diff(got, &want), 0.0, "{family:?} {part:?}");
         }

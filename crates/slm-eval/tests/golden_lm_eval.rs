@@ -189,12 +189,13 @@ fn bf16_storage_evaluates_like_f32_storage() {
         .unwrap();
     let bf16 = Model::load(&out, &candle_core::Device::Cpu).unwrap();
     for l in &bf16.weights.layers {
+        let l = l.get().unwrap();
         for (part, t) in l.parts() {
             assert_eq!(t.dtype(), candle_core::DType::BF16, "{part:?} is not kept in its stored dtype");
         }
     }
     let f32 = bf16.to_device(&candle_core::Device::Cpu).unwrap();
-    assert_eq!(f32.weights.layers[0].q_proj.dtype(), candle_core::DType::F32);
+    assert_eq!(f32.weights.layer(0).unwrap().q_proj.dtype(), candle_core::DType::F32);
     let mut worst = 0f64;
     for name in ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] {
         let (a, b) = (scores(&bf16, name), scores(&f32, name));

@@ -26,7 +26,7 @@ fn main() {
         (0..4).map(|s| (0..256).map(|i| ((i * 7919 + s * 13) % 40000) as u32).collect()).collect();
     let batch = Batch::new(&model.spec, &seqs, &model.device).unwrap();
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 256, 576), &Device::Cpu).unwrap()).unwrap();
-    let (w, l) = (&model.weights.layers[3], &model.spec.layers[3]);
+    let (w, l) = (&model.weights.layer(3).unwrap().into_owned(), &model.spec.layers[3]);
     let ctx = model.layer_ctx(3, Mode::Differentiable, &hook);
     time("attention block", || attention_block(x.as_tensor(), w, l, &batch, &ctx).unwrap());
     time("mlp activations", || mlp_activations(x.as_tensor(), w, &ctx).unwrap());

@@ -230,7 +230,8 @@ impl Lora {
         }
         let mut merged = model.clone();
         let s = self.config.scaling();
-        for (lw, pairs) in merged.weights.layers.iter_mut().zip(&self.layers) {
+        for (i, pairs) in self.layers.iter().enumerate() {
+            let lw = merged.weights.layer_mut(i)?;
             for (k, p) in pairs.iter().enumerate() {
                 let w0 = lw.projection(PROJECTIONS[k]).expect("known projection");
                 let delta = (p.b.as_tensor().matmul(p.a.as_tensor())? * s)?;

@@ -524,8 +524,8 @@ impl Model {
         adapter: &dyn LayerAdapter,
     ) -> Result<Tensor> {
         for i in range {
-            let (w, l) = (&self.weights.layers[i], &self.spec.layers[i]);
-            x = decoder_layer(&x, w, l, batch, &self.layer_ctx(i, mode, adapter))?;
+            let (w, l) = (self.weights.layer(i)?, &self.spec.layers[i]);
+            x = decoder_layer(&x, &w, l, batch, &self.layer_ctx(i, mode, adapter))?;
         }
         Ok(x)
     }

@@ -117,7 +117,8 @@ impl Model {
                 mask: if l.sliding { sliding.clone() } else { global.clone() },
                 cache: Some(&mut cache.layers[i]),
             };
-            x = layer(&x, w, l, &self.layer_ctx(i, Mode::Inference, &NoAdapter), &mut att)?;
+            let w = w.get()?;
+            x = layer(&x, &w, l, &self.layer_ctx(i, Mode::Inference, &NoAdapter), &mut att)?;
         }
         let last = x.narrow(1, t - 1, 1)?.reshape((1, self.spec.hidden_size))?;
         let fin = self.final_norm(&last, Mode::Inference)?;

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -12,7 +13,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::spec::{Arch, Family, LayerSpec, ModelSpec, Rope, RopeScaling};
-use crate::weights::{LayerWeights, Part, Weights};
+use crate::weights::{LayerSlot, LayerWeights, Part, Weights};
 
 fn gguf_err(path: &Path, message: impl Into<String>) -> ModelError {
     ModelError::Gguf { path: path.to_path_buf(), message: message.into() }
@@ -322,13 +323,30 @@ pub fn dequantize_raw(dtype: GgmlDType, raw: &[u8], dims: &[usize], name: &str, 
 /// Loads the spec and f32 weights of a GGUF (see [`spec_from_gguf`] for the architectures). llama.cpp's
 /// converter permutes the Q/K rows of `llama` models for its interleaved rotary (undone here) and stores Gemma's
 /// norm weights as `1 + w` (the 1 is taken off again, as transformers' GGUF loader does).
-pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Content)> {
+pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Arc<Content>)> {
+    let (spec, weights, content) = load_gguf_mapped(path, device)?;
+    Ok((spec, weights.into_resident()?, content))
+}
+
+/// [`load_gguf`] with each layer read and dequantised when it is used: only the embeddings, the final norm and
+/// the LM head are read now. Every tensor's name and shape is checked now, against the metadata.
+pub fn load_gguf_mapped(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Arc<Content>)> {
     let (content, mut reader) = read_content(path)?;
     let spec = spec_from_gguf(&content, &mut reader, path)?;
     let expected = expected_shapes(&spec);
-    let mut tensors = HashMap::new();
+    let mut resident = HashMap::new();
+    let mut layer_names: Vec<HashMap<Part, String>> = vec![HashMap::new(); spec.layers.len()];
     let mut names: Vec<&String> = content.tensor_infos.keys().filter(|n| *n != ROPE_FREQS).collect();
     names.sort();
+    let no_layer = |name: &str| {
+        gguf_err(
+            path,
+            format!(
+                "tensor `{name}` belongs to no layer ({} layers): metadata and tensors disagree",
+                spec.layers.len()
+            ),
+        )
+    };
     for name in names {
         let (hf, layer_part) = hf_name(name, &spec.arch).ok_or_else(|| {
             gguf_err(path, format!("unexpected tensor `{name}` for a {} model", spec.arch.family.model_type()))
@@ -343,44 +361,47 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelSpec, Weights, Co
                     format!("tensor `{name}` has shape {dims:?}, but the metadata implies {want:?}"),
                 ))
             }
-            None => {
-                return Err(gguf_err(
-                    path,
-                    format!(
-                        "tensor `{name}` belongs to no layer ({} layers): metadata and tensors disagree",
-                        spec.layers.len()
-                    ),
-                ))
-            }
+            None => return Err(no_layer(name)),
+        }
+        if let Some((layer, part)) = layer_part {
+            layer_names.get_mut(layer).ok_or_else(|| no_layer(name))?.insert(part, name.clone());
+            continue;
         }
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)
             .map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
         let mut t = dequantize_qtensor(&q, name, path)?;
-        if let Some((layer, part)) = layer_part {
-            let l = spec.layers.get(layer).ok_or_else(|| {
-                gguf_err(
-                    path,
-                    format!(
-                        "tensor `{name}` belongs to no layer ({} layers): metadata and tensors disagree",
-                        spec.layers.len()
-                    ),
-                )
-            })?;
-            if spec.arch.family == Family::Llama {
-                match part {
-                    Part::Q => t = unpermute_qk(&t, l.num_attention_heads)?,
-                    Part::K => t = unpermute_qk(&t, l.num_key_value_heads)?,
-                    _ => {}
-                }
-            }
-        }
         if spec.arch.norm_plus_one && hf.ends_with("norm.weight") {
             t = (t - 1.0)?;
         }
-        tensors.insert(hf, t.to_device(device)?);
+        resident.insert(hf, t.to_device(device)?);
     }
-    let weights = Weights::from_named(&spec, tensors, path)?;
+    let content = Arc::new(content);
+    let file = Arc::new(crate::mapped::GgufFile { path: path.to_path_buf(), content: content.clone() });
+    let mut layers = Vec::with_capacity(spec.layers.len());
+    for (i, (l, mut names)) in spec.layers.iter().zip(layer_names).enumerate() {
+        let mut parts = Vec::new();
+        for &p in Part::ALL.iter().filter(|p| p.present(&spec.arch)) {
+            let name = names.remove(&p).ok_or_else(|| ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                name: format!("model.layers.{i}.{}", p.hf_suffix(&spec.arch)),
+            })?;
+            parts.push((p, name));
+        }
+        let unpermute = (spec.arch.family == Family::Llama).then_some((l.num_attention_heads, l.num_key_value_heads));
+        let layer = crate::mapped::GgufLayer {
+            file: file.clone(),
+            parts,
+            unpermute,
+            norm_plus_one: spec.arch.norm_plus_one,
+            arch: spec.arch.clone(),
+            device: device.clone(),
+        };
+        layers.push(LayerSlot::Lazy(Arc::new(layer)));
+    }
+    // The non-layer tensors go through the same checks as an in-memory model's (missing, tied head).
+    let mut weights = Weights::from_named(&ModelSpec { layers: Vec::new(), ..spec.clone() }, resident, path)?;
+    weights.layers = layers;
     Ok((spec, weights, content))
 }
 

@@ -4,14 +4,16 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 
 use crate::error::{ModelError, Result};
+use crate::mapped::{StEntry, StFiles, StLayer};
 use crate::output::{self, OutputKind, OutputStamp, Replace};
 use crate::spec::ModelSpec;
-use crate::weights::Weights;
+use crate::weights::{LayerSlot, Weights};
 
 /// Storage dtype for saved weights (computation is always f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,20 +85,27 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
 /// file, a header with a repeated tensor name, and NaN/Inf weights (naming the tensor). (A file that another
 /// process truncates while it is mapped ends the process with SIGBUS, as with every mmap-based loader.)
 pub fn read_safetensors_stored(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let (file, len) = crate::files::open_regular_file(path)?;
+    let mut table = HashMap::new();
+    let map = index_safetensors(path, 0, &mut table)?;
+    let names: Vec<String> = table.keys().cloned().collect();
+    let files = StFiles { paths: vec![path.to_path_buf()], maps: vec![map], table };
+    names.into_iter().map(|n| Ok((n.clone(), files.tensor(&n)?.to_device(device)?))).collect()
+}
+
+/// Maps one safetensors file (number `file` of a model) and adds where each of its tensors lies to `table`,
+/// checking the header first. A tensor already in `table` (from another shard) is an error naming the file.
+fn index_safetensors(path: &Path, file: usize, table: &mut HashMap<String, StEntry>) -> Result<memmap2::Mmap> {
+    let (f, len) = crate::files::open_regular_file(path)?;
     if len < 8 {
         return Err(st_err(path, format!("{len} bytes: too short for the 8-byte header length")));
     }
-    // SAFETY: the map is read-only and private to this function; the file is a regular file checked above. A
-    // concurrent truncation by another process is the one hazard, as for every mmap-based model loader.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    let map = crate::mapped::map_file(&f, path)?;
     let bytes: &[u8] = &map;
     check_safetensors_header(bytes, path)?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| {
         let detail = e.to_string();
         st_err(path, format!("cannot parse the file (truncated or corrupt?): {detail}"))
     })?;
-    let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let dtype = match view.dtype() {
             safetensors::Dtype::F32 => DType::F32,
@@ -110,11 +119,14 @@ pub fn read_safetensors_stored(path: &Path, device: &Device) -> Result<HashMap<S
                 })
             }
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
-        crate::files::check_finite(&t, &name, path)?;
-        out.insert(name, t.to_device(device)?);
+        // The view's data is a slice of the map: its offset in the file is where the tensor lies.
+        let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+        let entry = StEntry { file, dtype, shape: view.shape().to_vec(), start, end: start + view.data().len() };
+        if table.insert(name.clone(), entry).is_some() {
+            return Err(st_err(path, format!("tensor `{name}` is also in another shard")));
+        }
     }
-    Ok(out)
+    Ok(map)
 }
 
 /// The safetensors files of an HF directory: one file, or the shards named by the index (plain file names
@@ -191,34 +203,78 @@ pub fn load_hf_spec(dir: &Path) -> Result<ModelSpec> {
 /// Loads the spec and the weights of an HF directory: layer weights in their stored dtype, the rest in f32.
 /// Errors name the offending file.
 pub fn load_hf(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
+    let (spec, weights) = load_hf_mapped(dir, device)?;
+    Ok((spec, weights.into_resident()?))
+}
+
+/// [`load_hf`] with the layers left in the mapped files, each read (in its stored dtype) when it is used: only
+/// the embeddings, the final norm and the LM head are read now, in f32. Every tensor's presence, dtype and shape
+/// is checked now; a layer's values (NaN/Inf) when it is read.
+pub fn load_hf_mapped(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
     let config = dir.join("config.json");
     let spec = ModelSpec::from_hf_config(&config)?;
     let files = weight_files(dir)?;
     check_weight_bytes(&spec, &config, &files)?;
-    let mut tensors = HashMap::new();
-    for f in &files {
-        for (name, t) in read_safetensors_stored(f, device)? {
-            // Layer weights stay in their stored dtype (upcast while a layer runs); the embeddings, the final
-            // norm and the LM head, used at every position, are kept in f32.
-            let t = if name.starts_with("model.layers.") { t } else { t.to_dtype(DType::F32)? };
-            if tensors.insert(name.clone(), t).is_some() {
-                return Err(st_err(f, format!("tensor `{name}` is also in another shard")));
-            }
-        }
+    let mut table = HashMap::new();
+    let mut maps = Vec::with_capacity(files.len());
+    for (k, f) in files.iter().enumerate() {
+        maps.push(index_safetensors(f, k, &mut table)?);
     }
+    let st = Arc::new(StFiles { paths: files.clone(), maps, table });
     // Shape errors name the weights file (or the index for shards): that is where the disagreement shows.
     let source = if files.len() == 1 { files[0].clone() } else { dir.join("model.safetensors.index.json") };
-    let weights = Weights::from_named(&spec, tensors, &source).map_err(|e| match e {
-        ModelError::ShapeMismatch { path, name, expected, actual } => ModelError::Config {
-            path: config.clone(),
+    let check = |name: &str, expected: &[usize]| -> Result<DType> {
+        match st.table.get(name) {
+            None => Err(ModelError::MissingTensor { path: source.clone(), name: name.to_string() }),
+            Some(e) if e.shape != expected => Err(ModelError::Config {
+                path: config.clone(),
+                message: format!(
+                    "config.json disagrees with the weights: tensor `{name}` in {} has shape {:?}, the config implies {expected:?}",
+                    source.display(),
+                    e.shape
+                ),
+            }),
+            Some(e) => Ok(e.dtype),
+        }
+    };
+    // The embeddings, the final norm and the LM head, used at every position, are kept in f32.
+    let resident = |name: &str, expected: &[usize]| -> Result<Tensor> {
+        check(name, expected)?;
+        Ok(st.tensor(name)?.to_dtype(DType::F32)?.to_device(device)?)
+    };
+    let (v, h) = (spec.vocab_size, spec.hidden_size);
+    let embed_tokens = resident("model.embed_tokens.weight", &[v, h])?;
+    let mut layers = Vec::with_capacity(spec.layers.len());
+    let mut expected_names = std::collections::HashSet::new();
+    for (i, l) in spec.layers.iter().enumerate() {
+        let parts = crate::mapped::layer_parts(&spec.arch, |p| format!("model.layers.{i}.{}", p.hf_suffix(&spec.arch)));
+        let mut dtype = DType::F32;
+        for (p, name) in &parts {
+            let d = check(name, &p.shape(l, h))?;
+            if *p == crate::weights::Part::Q {
+                dtype = d;
+            }
+            expected_names.insert(name.clone());
+        }
+        let layer = StLayer { files: st.clone(), parts, arch: spec.arch.clone(), dtype, device: device.clone() };
+        layers.push(LayerSlot::Lazy(Arc::new(layer)));
+    }
+    let norm = resident("model.norm.weight", &[h])?;
+    // Some tied checkpoints still carry a copy of the head; it is the embedding by definition.
+    let lm_head = if spec.tie_word_embeddings { None } else { Some(resident("lm_head.weight", &[v, h])?) };
+    let mut extra: Vec<&String> =
+        st.table.keys().filter(|k| k.starts_with("model.layers.") && !expected_names.contains(*k)).collect();
+    extra.sort();
+    if let Some(extra) = extra.first() {
+        return Err(ModelError::Config {
+            path: source.clone(),
             message: format!(
-                "config.json disagrees with the weights: tensor `{name}` in {} has shape {actual:?}, the config implies {expected:?}",
-                path.display()
+                "tensor `{extra}` belongs to no layer of the config ({} layers): config and weights disagree",
+                spec.layers.len()
             ),
-        },
-        other => other,
-    })?;
-    Ok((spec, weights))
+        });
+    }
+    Ok((spec, Weights { embed_tokens, layers, norm, lm_head }))
 }
 
 /// The weights [`write_dir_atomically`] writes: their names and shapes in order, the stored dtype, the largest

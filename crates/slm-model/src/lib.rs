@@ -15,6 +15,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_header;
 pub mod hf;
+pub mod mapped;
 pub mod output;
 pub mod shards;
 pub mod spec;
@@ -33,7 +34,7 @@ pub use forward::{Batch, ForwardOutput, LayerAdapter, Mode, NoAdapter, PackedSeq
 pub use hf::{write_file_atomically, StorageDType};
 pub use spec::{Activation, Arch, Family, LayerSpec, ModelSpec, Rope, RopeScaling};
 pub use tokenizer::Tokenizer;
-pub use weights::{LayerWeights, Part, PartKind, Weights, PROJECTIONS};
+pub use weights::{LayerSlot, LayerSource, LayerWeights, Part, PartKind, Weights, PROJECTIONS};
 
 /// A loaded model: shapes, f32 weights on a device, and its tokenizer.
 #[derive(Debug, Clone)]
@@ -67,8 +68,18 @@ impl Model {
     }
 
     /// Loads an HF directory or a `.gguf` file on `device`: GGUF tensors dequantised to f32, HF layer weights in
-    /// their stored dtype (see [`hf::load_hf`]).
+    /// their stored dtype (see [`hf::load_hf`]), every layer in memory.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(path, device, Residency::Resident)
+    }
+
+    /// [`Model::load`] with each layer left in its file and read when it is used ([`Residency::Mapped`]).
+    pub fn load_mapped(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(path, device, Residency::Mapped)
+    }
+
+    /// Loads a model with its layers resident or mapped. Both give the same tensors, bit for bit.
+    pub fn load_as(path: &Path, device: &Device, residency: Residency) -> Result<Self> {
         let _span = tracing::info_span!("load", path = %path.display()).entered();
         if !path.exists() {
             return Err(ModelError::io(
@@ -77,7 +88,8 @@ impl Model {
             ));
         }
         let model = if path.is_file() && is_gguf(path) {
-            let (spec, weights, content) = gguf::load_gguf(path, device)?;
+            let (spec, weights, content) = gguf::load_gguf_mapped(path, device)?;
+            let weights = residency.apply(weights)?;
             // A GGUF without any tokenizer metadata still loads (weights only); a broken tokenizer is an error.
             let tokenizer = if content.metadata.contains_key("tokenizer.ggml.model") {
                 Some(Tokenizer::from_gguf(&content, path)?)
@@ -87,7 +99,8 @@ impl Model {
             };
             Model { spec, weights, tokenizer, device: device.clone(), source: Some(path.to_path_buf()) }
         } else if path.is_dir() && path.join("config.json").exists() {
-            let (spec, weights) = hf::load_hf(path, device)?;
+            let (spec, weights) = hf::load_hf_mapped(path, device)?;
+            let weights = residency.apply(weights)?;
             let tok_path = path.join("tokenizer.json");
             let tokenizer = if tok_path.symlink_metadata().is_ok() {
                 Some(Tokenizer::from_file(&tok_path)?.with_bos_to_prepend(hf_bos(path, &spec)?))
@@ -98,19 +111,41 @@ impl Model {
         } else {
             return Err(ModelError::UnknownFormat { path: path.to_path_buf() });
         };
-        tracing::info!(layers = model.spec.num_layers(), params = model.spec.num_parameters(), "loaded model");
+        tracing::info!(
+            layers = model.spec.num_layers(),
+            params = model.spec.num_parameters(),
+            mapped = !model.weights.all_resident(),
+            "loaded model"
+        );
         Ok(model)
     }
 
-    /// A model from parts; checks every weight shape against `spec`.
+    /// A model from parts; checks every weight shape against `spec` (a layer read when used, when it is read:
+    /// see [`Model::save_sharded`]).
     pub fn from_parts(
         spec: ModelSpec,
         weights: Weights,
         tokenizer: Option<Tokenizer>,
         device: &Device,
     ) -> Result<Self> {
-        let named: HashMap<String, candle_core::Tensor> = weights.named_tensors(&spec.arch).into_iter().collect();
-        let weights = Weights::from_named(&spec, named, Path::new("<in-memory model>"))?;
+        if spec.layers.len() != weights.layers.len() {
+            return Err(ModelError::InvalidArgument(format!(
+                "the spec has {} layers, the weights {}",
+                spec.layers.len(),
+                weights.layers.len()
+            )));
+        }
+        let path = Path::new("<in-memory model>");
+        // The embeddings, final norm and head through the loader's checks; each resident layer part by part.
+        let outer = Weights { layers: Vec::new(), ..weights.clone() };
+        let named: HashMap<String, candle_core::Tensor> = outer.named_tensors(&spec.arch)?.into_iter().collect();
+        let outer = Weights::from_named(&ModelSpec { layers: Vec::new(), ..spec.clone() }, named, path)?;
+        for (i, (slot, l)) in weights.layers.iter().zip(&spec.layers).enumerate() {
+            if let LayerSlot::Resident(w) = slot {
+                w.check_shapes(i, l, spec.hidden_size, &spec.arch, path)?;
+            }
+        }
+        let weights = Weights { layers: weights.layers, ..outer };
         Ok(Model { spec, weights, tokenizer, device: device.clone(), source: None })
     }
 
@@ -125,7 +160,7 @@ impl Model {
     /// The dtype the layer weights are stored in (an HF directory's; f32 for a GGUF, dequantised on load): what
     /// outputs are written in unless asked otherwise.
     pub fn storage_dtype(&self) -> StorageDType {
-        match self.weights.layers.first().map(|l| l.q_proj.dtype()) {
+        match self.weights.layers.first().map(LayerSlot::dtype) {
             Some(DType::BF16) => StorageDType::BF16,
             Some(DType::F16) => StorageDType::F16,
             _ => StorageDType::F32,
@@ -165,20 +200,64 @@ impl Model {
         replace: output::Replace,
     ) -> Result<()> {
         let _span = tracing::info_span!("save", dir = %dir.display()).entered();
-        let named = self.weights.named_tensors(&self.spec.arch);
-        let entries: Vec<shards::TensorEntry> =
-            named.iter().map(|(n, t)| shards::TensorEntry { name: n.clone(), shape: t.dims().to_vec() }).collect();
-        let mut next = named.into_iter();
-        let mut produce = |e: &shards::TensorEntry| -> Result<candle_core::Tensor> {
-            match next.next() {
-                Some((n, t)) if n == e.name => Ok(t),
-                _ => Err(ModelError::InvalidArgument(format!("tensor `{}` out of order while saving", e.name))),
+        let (spec, w) = (&self.spec, &self.weights);
+        let (v, h) = (spec.vocab_size, spec.hidden_size);
+        // Names and shapes from the spec; layer tensors are produced one layer at a time (a layer read when used
+        // is read once, written, and dropped).
+        let mut entries = vec![shards::TensorEntry { name: "model.embed_tokens.weight".into(), shape: vec![v, h] }];
+        let mut owners: Vec<Option<(usize, Part)>> = vec![None];
+        for (i, l) in spec.layers.iter().enumerate() {
+            for &p in Part::ALL.iter().filter(|p| p.present(&spec.arch)) {
+                let name = format!("model.layers.{i}.{}", p.hf_suffix(&spec.arch));
+                entries.push(shards::TensorEntry { name, shape: p.shape(l, h) });
+                owners.push(Some((i, p)));
             }
+        }
+        entries.push(shards::TensorEntry { name: "model.norm.weight".into(), shape: vec![h] });
+        owners.push(None);
+        if w.lm_head.is_some() {
+            entries.push(shards::TensorEntry { name: "lm_head.weight".into(), shape: vec![v, h] });
+            owners.push(None);
+        }
+        let mut current: Option<(usize, LayerWeights)> = None;
+        let mut k = 0usize;
+        let mut produce = |e: &shards::TensorEntry| -> Result<candle_core::Tensor> {
+            let owner = owners.get(k).copied().flatten();
+            k += 1;
+            let t = match (owner, e.name.as_str()) {
+                (Some((i, part)), _) => {
+                    if current.as_ref().map(|(j, _)| *j) != Some(i) {
+                        current = Some((i, w.layer(i)?.into_owned()));
+                    }
+                    let layer = &current.as_ref().expect("loaded above").1;
+                    layer.get(part).cloned().ok_or_else(|| ModelError::MissingTensor {
+                        path: PathBuf::from("<model being saved>"),
+                        name: e.name.clone(),
+                    })?
+                }
+                (None, "model.embed_tokens.weight") => w.embed_tokens.clone(),
+                (None, "model.norm.weight") => w.norm.clone(),
+                (None, _) => w.lm_head().clone(),
+            };
+            if t.dims() != e.shape.as_slice() {
+                return Err(ModelError::ShapeMismatch {
+                    path: PathBuf::from("<model being saved>"),
+                    name: e.name.clone(),
+                    expected: e.shape.clone(),
+                    actual: t.dims().to_vec(),
+                });
+            }
+            Ok(t)
         };
         let tensors = hf::Tensors { entries, dtype: dtype.dtype(), max_shard_bytes, produce: &mut produce };
         let mut files = hf_side_files(&self.spec, self.tokenizer.as_ref(), dtype)?;
         files.extend(extra_files.iter().map(|(n, b)| (*n, b.clone())));
         hf::write_dir_atomically(dir, tensors, &files, self.source.as_deref(), replace)
+    }
+
+    /// The same model with every layer in memory (a model loaded with [`Model::load_mapped`] reads them now).
+    pub fn into_resident(self) -> Result<Self> {
+        Ok(Model { weights: self.weights.into_resident()?, ..self })
     }
 
     /// The same model with weights on `device` in f32.
@@ -261,6 +340,36 @@ pub fn parse_device(s: &str) -> Result<Device> {
         )));
     }
     Ok(Device::new_cuda(ordinal)?)
+}
+
+/// Whether a loaded model's layers are read into memory at once, or left in the file and read when used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residency {
+    /// Every layer in memory: fastest when the model fits (the evaluator, LoRA).
+    Resident,
+    /// Each layer read (and a GGUF layer dequantised) when it is used, then dropped: for layer-by-layer work on
+    /// models near or above the machine's memory (depth, similarity, width, export).
+    Mapped,
+}
+
+impl Residency {
+    fn apply(self, weights: Weights) -> Result<Weights> {
+        match self {
+            Residency::Resident => weights.into_resident(),
+            Residency::Mapped => Ok(weights),
+        }
+    }
+}
+
+impl std::str::FromStr for Residency {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "resident" => Ok(Residency::Resident),
+            "mapped" => Ok(Residency::Mapped),
+            _ => Err(ModelError::InvalidArgument(format!("unknown residency `{s}` (expected resident or mapped)"))),
+        }
+    }
 }
 
 /// Path of the default model fetched by `scripts/setup.sh`, relative to the workspace root.

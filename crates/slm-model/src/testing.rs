@@ -115,7 +115,7 @@ pub fn tiny_model_of(family: crate::spec::Family, num_layers: usize, seed: u64) 
                         crate::weights::PartKind::Projection => rand_t(&shape, 0.3, 0.0),
                     })
                 });
-            built.unwrap_or_else(|e| match e {})
+            crate::LayerSlot::Resident(built.unwrap_or_else(|e| match e {}))
         })
         .collect();
     let weights = crate::Weights {

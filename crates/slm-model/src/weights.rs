@@ -1,7 +1,9 @@
 //! Plain tensors per layer, in the HF Llama layout (`[out_features, in_features]` for projections).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -280,6 +282,33 @@ impl LayerWeights {
         Part::ALL.iter().filter(|p| p.present(arch)).map(|&p| (p, p.shape(l, hidden))).collect()
     }
 
+    /// Checks that the layer has exactly the parts of `arch`, each of its shape for layer `index` of shape `l`
+    /// (errors name the tensor by its HF name and `path` as the source).
+    pub fn check_shapes(&self, index: usize, l: &LayerSpec, hidden: usize, arch: &Arch, path: &Path) -> Result<()> {
+        for p in Part::ALL {
+            let name = format!("model.layers.{index}.{}", p.hf_suffix(arch));
+            match (p.present(arch), self.get(p)) {
+                (true, None) => return Err(ModelError::MissingTensor { path: path.to_path_buf(), name }),
+                (false, Some(_)) => {
+                    return Err(ModelError::Config {
+                        path: path.to_path_buf(),
+                        message: format!("tensor `{name}` ({p:?}) is not part of a {} layer", arch.family.model_type()),
+                    })
+                }
+                (true, Some(t)) if t.dims() != p.shape(l, hidden).as_slice() => {
+                    return Err(ModelError::ShapeMismatch {
+                        path: path.to_path_buf(),
+                        name,
+                        expected: p.shape(l, hidden),
+                        actual: t.dims().to_vec(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// A layer whose every part is `f(part, [that part of each layer])`. The layers must have the same parts
     /// (they come from one model); the first layer's set of parts is the result's.
     pub fn zip_map(
@@ -312,10 +341,105 @@ enum SlotMut<'a> {
     Optional(&'a mut Option<Tensor>),
 }
 
+/// Where a layer's tensors come from when it is used: a mapped weight file (read and, for a GGUF, dequantised per
+/// use), or a transformation of another layer (a width-pruned or merged layer computed only when it is used or
+/// written). Loading the same source twice gives the same tensors, bit for bit.
+pub trait LayerSource: Send + Sync + std::fmt::Debug {
+    /// The layer's tensors, in memory.
+    fn load(&self) -> Result<LayerWeights>;
+    /// The dtype its projections are in once loaded.
+    fn dtype(&self) -> DType;
+}
+
+/// One decoder layer of a [`Weights`]: in memory, or read when used ([`LayerSource`]), so that a model larger
+/// than the memory can be worked on one layer at a time.
+#[derive(Debug, Clone)]
+pub enum LayerSlot {
+    Resident(LayerWeights),
+    Lazy(Arc<dyn LayerSource>),
+}
+
+impl LayerSlot {
+    /// The layer's tensors: borrowed when resident, loaded from the source otherwise.
+    pub fn get(&self) -> Result<Cow<'_, LayerWeights>> {
+        match self {
+            LayerSlot::Resident(w) => Ok(Cow::Borrowed(w)),
+            LayerSlot::Lazy(src) => Ok(Cow::Owned(src.load()?)),
+        }
+    }
+
+    pub fn is_resident(&self) -> bool {
+        matches!(self, LayerSlot::Resident(_))
+    }
+
+    /// The dtype of the layer's projections, without loading it.
+    pub fn dtype(&self) -> DType {
+        match self {
+            LayerSlot::Resident(w) => w.q_proj.dtype(),
+            LayerSlot::Lazy(src) => src.dtype(),
+        }
+    }
+
+    /// This layer with `f` applied: at once when resident, when used otherwise (`f` must be deterministic;
+    /// `dtype` is the projections' dtype after it).
+    pub fn map_lazily(
+        self,
+        dtype: DType,
+        f: impl Fn(LayerWeights) -> Result<LayerWeights> + Send + Sync + 'static,
+    ) -> Result<LayerSlot> {
+        Ok(match self {
+            LayerSlot::Resident(w) => LayerSlot::Resident(f(w)?),
+            lazy => LayerSlot::Lazy(Arc::new(Derived {
+                inputs: vec![lazy],
+                dtype,
+                f: Box::new(move |mut v| f(v.remove(0))),
+            })),
+        })
+    }
+
+    /// One layer made of several (a merged window): at once when they are all resident, when used otherwise.
+    pub fn combine_lazily(
+        slots: Vec<LayerSlot>,
+        dtype: DType,
+        f: impl Fn(Vec<LayerWeights>) -> Result<LayerWeights> + Send + Sync + 'static,
+    ) -> Result<LayerSlot> {
+        if slots.iter().all(LayerSlot::is_resident) {
+            let ws = slots.iter().map(|s| s.get().map(Cow::into_owned)).collect::<Result<Vec<_>>>()?;
+            return Ok(LayerSlot::Resident(f(ws)?));
+        }
+        Ok(LayerSlot::Lazy(Arc::new(Derived { inputs: slots, dtype, f: Box::new(f) })))
+    }
+}
+
+type DeriveFn = Box<dyn Fn(Vec<LayerWeights>) -> Result<LayerWeights> + Send + Sync>;
+
+/// A layer computed from other layers when it is used.
+struct Derived {
+    inputs: Vec<LayerSlot>,
+    dtype: DType,
+    f: DeriveFn,
+}
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Derived").field("inputs", &self.inputs).field("dtype", &self.dtype).finish()
+    }
+}
+
+impl LayerSource for Derived {
+    fn load(&self) -> Result<LayerWeights> {
+        let ws = self.inputs.iter().map(|s| s.get().map(Cow::into_owned)).collect::<Result<Vec<_>>>()?;
+        (self.f)(ws)
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Weights {
     pub embed_tokens: Tensor,
-    pub layers: Vec<LayerWeights>,
+    pub layers: Vec<LayerSlot>,
     pub norm: Tensor,
     /// `None` when the LM head is tied to `embed_tokens`.
     pub lm_head: Option<Tensor>,
@@ -327,10 +451,58 @@ impl Weights {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// Every tensor under its HF name.
-    pub fn named_tensors(&self, arch: &Arch) -> Vec<(String, Tensor)> {
+    /// Layer `i`'s tensors (loaded from its source when it is not resident).
+    pub fn layer(&self, i: usize) -> Result<Cow<'_, LayerWeights>> {
+        self.layers
+            .get(i)
+            .ok_or_else(|| ModelError::InvalidArgument(format!("layer {i} of a {}-layer model", self.layers.len())))?
+            .get()
+    }
+
+    /// Layers `range`, each loaded (a resident layer's tensors are shared, not copied).
+    pub fn load_layers(&self, range: std::ops::Range<usize>) -> Result<Vec<LayerWeights>> {
+        range.map(|i| Ok(self.layer(i)?.into_owned())).collect()
+    }
+
+    /// Layer `i`'s tensors for changing them; a layer read when used is loaded and becomes resident.
+    pub fn layer_mut(&mut self, i: usize) -> Result<&mut LayerWeights> {
+        let n = self.layers.len();
+        let slot = self
+            .layers
+            .get_mut(i)
+            .ok_or_else(|| ModelError::InvalidArgument(format!("layer {i} of a {n}-layer model")))?;
+        if let LayerSlot::Lazy(src) = slot {
+            *slot = LayerSlot::Resident(src.load()?);
+        }
+        match slot {
+            LayerSlot::Resident(w) => Ok(w),
+            LayerSlot::Lazy(_) => unreachable!("made resident above"),
+        }
+    }
+
+    /// Whether every layer is in memory (no layer is read when used).
+    pub fn all_resident(&self) -> bool {
+        self.layers.iter().all(LayerSlot::is_resident)
+    }
+
+    /// The same weights with every layer in memory.
+    pub fn into_resident(self) -> Result<Self> {
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|s| match s {
+                LayerSlot::Resident(w) => Ok(LayerSlot::Resident(w)),
+                LayerSlot::Lazy(src) => Ok(LayerSlot::Resident(src.load()?)),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Weights { layers, ..self })
+    }
+
+    /// Every tensor under its HF name (every layer loaded: for small models and tests; saving streams instead).
+    pub fn named_tensors(&self, arch: &Arch) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
-        for (i, layer) in self.layers.iter().enumerate() {
+        for i in 0..self.layers.len() {
+            let layer = self.layer(i)?;
             for (suffix, t) in layer.named(arch) {
                 out.push((format!("model.layers.{i}.{suffix}"), t.clone()));
             }
@@ -339,7 +511,7 @@ impl Weights {
         if let Some(h) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), h.clone()));
         }
-        out
+        Ok(out)
     }
 
     /// Builds weights from HF-named f32 tensors, checking every shape against `spec`. `path` names the source
@@ -363,9 +535,9 @@ impl Weights {
         let embed_tokens = take("model.embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(spec.layers.len());
         for (i, l) in spec.layers.iter().enumerate() {
-            layers.push(LayerWeights::build(&spec.arch, |p| {
+            layers.push(LayerSlot::Resident(LayerWeights::build(&spec.arch, |p| {
                 take(&format!("model.layers.{i}.{}", p.hf_suffix(&spec.arch)), &p.shape(l, h))
-            })?);
+            })?));
         }
         let norm = take("model.norm.weight", &[h])?;
         let lm_head = if spec.tie_word_embeddings {
@@ -392,7 +564,14 @@ impl Weights {
         let f = |t: &Tensor| t.to_device(device)?.to_dtype(dtype);
         Ok(Weights {
             embed_tokens: f(&self.embed_tokens)?,
-            layers: self.layers.iter().map(|l| l.map(f)).collect::<Result<_>>()?,
+            layers: self
+                .layers
+                .iter()
+                .map(|slot| {
+                    let device = device.clone();
+                    slot.clone().map_lazily(dtype, move |w| w.map(|t| t.to_device(&device)?.to_dtype(dtype)))
+                })
+                .collect::<Result<_>>()?,
             norm: f(&self.norm)?,
             lm_head: self.lm_head.as_ref().map(f).transpose()?,
         })

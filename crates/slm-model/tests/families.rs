@@ -113,7 +113,10 @@ fn every_family_exports_as_itself_and_reloads_bit_exact() {
         }
         let back = Model::load(&dir, &Device::Cpu).unwrap();
         assert_eq!(back.spec, model.spec, "{name}");
-        let (a, b) = (model.weights.named_tensors(&model.spec.arch), back.weights.named_tensors(&back.spec.arch));
+        let (a, b) = (
+            model.weights.named_tensors(&model.spec.arch).unwrap(),
+            back.weights.named_tensors(&back.spec.arch).unwrap(),
+        );
         assert_eq!(a.len(), b.len());
         for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
             assert_eq!(na, nb);

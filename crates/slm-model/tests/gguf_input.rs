@@ -40,6 +40,7 @@ fn write_gguf_with(m: &Model, path: &std::path::Path, arch: &str, extra: &[(&str
         push(name.to_string(), t);
     }
     for (i, w) in m.weights.layers.iter().enumerate() {
+        let w = &*w.get().unwrap();
         push(format!("blk.{i}.attn_norm.weight"), &w.input_layernorm);
         if arch == "llama" {
             push(format!("blk.{i}.attn_q.weight"), &llama_cpp_permute(&w.q_proj, l.num_attention_heads));
@@ -100,8 +101,12 @@ fn gguf_round_trip_recovers_hf_layout_and_logits() {
     assert_eq!(back.spec.layers, m.spec.layers);
     assert_eq!((back.spec.vocab_size, back.spec.hidden_size), (m.spec.vocab_size, m.spec.hidden_size));
     assert!((back.spec.rms_norm_eps - m.spec.rms_norm_eps).abs() < 1e-12, "eps is stored as f32");
-    for ((na, a), (_, b)) in
-        m.weights.named_tensors(&m.spec.arch).iter().zip(back.weights.named_tensors(&back.spec.arch).iter())
+    for ((na, a), (_, b)) in m
+        .weights
+        .named_tensors(&m.spec.arch)
+        .unwrap()
+        .iter()
+        .zip(back.weights.named_tensors(&back.spec.arch).unwrap().iter())
     {
         assert_eq!(a.to_vec2::<f32>().ok(), b.to_vec2::<f32>().ok(), "{na}");
     }
@@ -158,8 +163,8 @@ fn qwen2_and_qwen3_ggufs_load_with_their_biases_and_qk_norms() {
         let back = Model::load(&p, &Device::Cpu).unwrap();
         assert_eq!(back.spec.arch.family, family);
         assert_eq!(back.spec.layers, m.spec.layers);
-        assert_eq!(back.weights.layers[1].q_bias.is_some(), family == slm_model::Family::Qwen2);
-        assert_eq!(back.weights.layers[1].k_norm.is_some(), family == slm_model::Family::Qwen3);
+        assert_eq!(back.weights.layer(1).unwrap().q_bias.is_some(), family == slm_model::Family::Qwen2);
+        assert_eq!(back.weights.layer(1).unwrap().k_norm.is_some(), family == slm_model::Family::Qwen3);
         let ids = [1u32, 2, 3, 40, 50];
         let d = slm_model::testing::max_abs_diff(&m.logits_all(&ids).unwrap(), &back.logits_all(&ids).unwrap());
         assert_eq!(d, 0.0, "{arch}");

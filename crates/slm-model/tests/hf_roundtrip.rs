@@ -24,8 +24,8 @@ fn export_reload_is_bit_exact_on_the_default_model() {
     }
     let back = Model::load(&out, &Device::Cpu).unwrap();
     assert_eq!(back.spec, model.spec);
-    let a = model.weights.named_tensors(&model.spec.arch);
-    let b = back.weights.named_tensors(&back.spec.arch);
+    let a = model.weights.named_tensors(&model.spec.arch).unwrap();
+    let b = back.weights.named_tensors(&back.spec.arch).unwrap();
     assert_eq!(a.len(), b.len());
     for ((na, ta), (nb, tb)) in a.iter().zip(b.iter()) {
         assert_eq!(na, nb);
@@ -56,7 +56,7 @@ fn sharded_export_reloads_bit_exact() {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("model.safetensors.index.json")).unwrap()).unwrap();
     let map = index["weight_map"].as_object().unwrap();
-    let named = model.weights.named_tensors(&model.spec.arch);
+    let named = model.weights.named_tensors(&model.spec.arch).unwrap();
     assert_eq!(map.len(), named.len());
     let total: u64 = named.iter().map(|(_, t)| t.elem_count() as u64 * 4).sum();
     assert_eq!(index["metadata"]["total_size"].as_u64().unwrap(), total);
@@ -74,7 +74,7 @@ fn sharded_export_reloads_bit_exact() {
         assert!(data <= shard || st.len() == 1, "{f}: {data} bytes in {} tensors", st.len());
     }
     let back = Model::load(&a, &Device::Cpu).unwrap();
-    for ((na, ta), (nb, tb)) in named.iter().zip(back.weights.named_tensors(&back.spec.arch).iter()) {
+    for ((na, ta), (nb, tb)) in named.iter().zip(back.weights.named_tensors(&back.spec.arch).unwrap().iter()) {
         assert_eq!(na, nb);
         assert!(bits(ta) == bits(tb), "{na} is not bit-identical after the sharded round trip");
     }
@@ -101,7 +101,7 @@ fn slice_layer(m: &mut Model, i: usize, kv: usize, mlp: usize) {
     let l = m.spec.layers[i];
     let hd = l.head_dim;
     let q_rows = kv * l.group_size() * hd;
-    let w = &mut m.weights.layers[i];
+    let w = m.weights.layer_mut(i).unwrap();
     w.q_proj = w.q_proj.i(0..q_rows).unwrap().contiguous().unwrap();
     w.k_proj = w.k_proj.i(0..kv * hd).unwrap().contiguous().unwrap();
     w.v_proj = w.v_proj.i(0..kv * hd).unwrap().contiguous().unwrap();

@@ -61,7 +61,7 @@ fn synthetic_models_are_deterministic_sharded_and_loadable() {
     let text = "Synthetic weights, real tokens.";
     assert_eq!(m.tokenizer().unwrap().encode(text).unwrap(), tok.encode(text).unwrap());
     // Norms are 1; the rest uniform on ±0.02·√3 (std 0.02, mean 0), up to bf16 rounding.
-    let w = &m.weights.layers[1];
+    let w = &m.weights.layer(1).unwrap().into_owned();
     assert_eq!(w.q_proj.dtype(), candle_core::DType::BF16, "layer weights stay in their stored dtype");
     let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
     assert_eq!(f32(&w.input_layernorm).min(0).unwrap().to_scalar::<f32>().unwrap(), 1.0);

@@ -160,7 +160,7 @@ fn with_variables(model: &Model, layers: &[usize]) -> Result<(Model, Vec<Vec<Var
     let mut vars = Vec::with_capacity(layers.len());
     for &i in layers {
         let mut vs = Vec::with_capacity(7);
-        for t in projections_mut(&mut m.weights.layers[i]) {
+        for t in projections_mut(m.weights.layer_mut(i)?) {
             let v = Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?;
             *t = v.as_tensor().clone();
             vs.push(v);
@@ -285,12 +285,14 @@ fn layerwise_pass(
         let pruned = layers.contains(&i);
         let mut grad: Option<Vec<Tensor>> = None;
         let mut fisher: Option<Vec<Tensor>> = None;
+        // Read once per layer (a layer read when used would otherwise be read once per window group).
+        let base = model.weights.layer(i)?.into_owned();
         for g in groups.iter_mut() {
             let input = &g.inputs[i - lowest];
             let need_input = i > lowest;
             let xv = if need_input { Some(Var::from_tensor(input)?) } else { None };
             let x_in = xv.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| input.clone());
-            let mut w = model.weights.layers[i].clone();
+            let mut w = base.clone();
             let mut vars = Vec::new();
             if pruned {
                 for p in projections_mut(&mut w) {
@@ -416,8 +418,8 @@ pub fn gradient_scores(
     }
     let (scores, loss, backward_passes) =
         collect_layers(model, windows, layers, importance.needs_fisher(), &mut |i, g, f| {
-            let (l, w) = (&model.spec.layers[i], &model.weights.layers[i]);
-            let scores = score_layer(importance, aggregation, i, l, w, Some(&g), f.as_deref(), 0)?;
+            let (l, w) = (&model.spec.layers[i], model.weights.layer(i)?);
+            let scores = score_layer(importance, aggregation, i, l, &w, Some(&g), f.as_deref(), 0)?;
             on_layer();
             Ok(scores)
         })?;

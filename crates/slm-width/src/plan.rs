@@ -219,9 +219,9 @@ pub fn plan_width(model: &Model, settings: &WidthSettings, grads: Option<&Gradie
             }
             _ => (None, None),
         };
-        let w = &model.weights.layers[i];
+        let w = model.weights.layer(i)?;
         let l = &model.spec.layers[i];
-        scores.push(score_layer(settings.importance, settings.aggregation, i, l, w, g, f, settings.seed)?);
+        scores.push(score_layer(settings.importance, settings.aggregation, i, l, &w, g, f, settings.seed)?);
     }
     select(model, settings, scores)
 }
@@ -318,26 +318,33 @@ pub fn apply(model: &Model, plan: &WidthPlan) -> Result<Model> {
         bad("MLP channels", l.intermediate_size, &p.channels_removed)?;
         let kept: Vec<usize> = (0..n_units).filter(|g| !p.units_removed.contains(g)).collect();
         let units: Vec<AttentionUnit> = kept.iter().map(|&g| AttentionUnit::new(&l, g)).collect();
-        let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), &model.device);
-        let q_idx = idx(units.iter().flat_map(|u| u.q_channels.iter().map(|&c| c as u32)).collect())?;
-        let kv_idx = if AttentionUnit::per_query_head(&l) {
-            idx((0..l.head_dim as u32).collect())? // the one KV head stays
+        let q_idx: Vec<u32> = units.iter().flat_map(|u| u.q_channels.iter().map(|&c| c as u32)).collect();
+        let kv_idx: Vec<u32> = if AttentionUnit::per_query_head(&l) {
+            (0..l.head_dim as u32).collect() // the one KV head stays
         } else {
-            idx(units.iter().flat_map(|u| u.kv_channels.iter().map(|&c| c as u32)).collect())?
+            units.iter().flat_map(|u| u.kv_channels.iter().map(|&c| c as u32)).collect()
         };
-        let ch_idx = idx(keep_except(l.intermediate_size, &p.channels_removed))?;
-        let w = &mut weights.layers[p.layer];
-        w.q_proj = w.q_proj.index_select(&q_idx, 0)?;
-        w.k_proj = w.k_proj.index_select(&kv_idx, 0)?;
-        w.v_proj = w.v_proj.index_select(&kv_idx, 0)?;
-        w.o_proj = w.o_proj.index_select(&q_idx, 1)?;
-        // Bias entries go with their rows; q/k norms act per head dimension and stay as they are.
-        w.q_bias = w.q_bias.as_ref().map(|b| b.index_select(&q_idx, 0)).transpose()?;
-        w.k_bias = w.k_bias.as_ref().map(|b| b.index_select(&kv_idx, 0)).transpose()?;
-        w.v_bias = w.v_bias.as_ref().map(|b| b.index_select(&kv_idx, 0)).transpose()?;
-        w.gate_proj = w.gate_proj.index_select(&ch_idx, 0)?;
-        w.up_proj = w.up_proj.index_select(&ch_idx, 0)?;
-        w.down_proj = w.down_proj.index_select(&ch_idx, 1)?;
+        let ch_idx = keep_except(l.intermediate_size, &p.channels_removed);
+        let device = model.device.clone();
+        // At once for a resident layer; when used or written for a layer read when used.
+        let slot = weights.layers[p.layer].clone();
+        let dtype = slot.dtype();
+        weights.layers[p.layer] = slot.map_lazily(dtype, move |mut w| {
+            let idx = |v: &[u32]| Tensor::from_vec(v.to_vec(), v.len(), &device);
+            let (q_idx, kv_idx, ch_idx) = (idx(&q_idx)?, idx(&kv_idx)?, idx(&ch_idx)?);
+            w.q_proj = w.q_proj.index_select(&q_idx, 0)?;
+            w.k_proj = w.k_proj.index_select(&kv_idx, 0)?;
+            w.v_proj = w.v_proj.index_select(&kv_idx, 0)?;
+            w.o_proj = w.o_proj.index_select(&q_idx, 1)?;
+            // Bias entries go with their rows; q/k norms act per head dimension and stay as they are.
+            w.q_bias = w.q_bias.as_ref().map(|b| b.index_select(&q_idx, 0)).transpose()?;
+            w.k_bias = w.k_bias.as_ref().map(|b| b.index_select(&kv_idx, 0)).transpose()?;
+            w.v_bias = w.v_bias.as_ref().map(|b| b.index_select(&kv_idx, 0)).transpose()?;
+            w.gate_proj = w.gate_proj.index_select(&ch_idx, 0)?;
+            w.up_proj = w.up_proj.index_select(&ch_idx, 0)?;
+            w.down_proj = w.down_proj.index_select(&ch_idx, 1)?;
+            Ok(w)
+        })?;
         spec.layers[p.layer] = LayerSpec {
             intermediate_size: l.intermediate_size - p.channels_removed.len(),
             ..AttentionUnit::kept_shape(&l, kept.len())

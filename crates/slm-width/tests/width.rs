@@ -47,7 +47,7 @@ fn zero_cols(t: &Tensor, cols: &[usize]) -> Tensor {
 fn removing_units_whose_output_weights_are_zero_leaves_the_logits_unchanged() {
     let mut m = tiny_model(3, 7);
     // Layer 1: KV head 1 owns query heads 2 and 3 (o_proj columns 16..32); MLP channels 5 and 40.
-    let w = &mut m.weights.layers[1];
+    let w = m.weights.layer_mut(1).unwrap();
     w.o_proj = zero_cols(&w.o_proj, &(16..32).collect::<Vec<_>>());
     w.down_proj = zero_cols(&w.down_proj, &[5, 40]);
     let before = logits(&m);
@@ -113,7 +113,7 @@ fn shapes_and_parameter_counts_after_apply_match_a_hand_count() {
         seed: 0,
     };
     let pruned = apply(&m, &plan_width(&m, &settings, None).unwrap()).unwrap();
-    let w = &pruned.weights.layers[1];
+    let w = &pruned.weights.layer(1).unwrap().into_owned();
     assert_eq!(w.q_proj.dims(), &[16, 32]);
     assert_eq!(w.k_proj.dims(), &[8, 32]);
     assert_eq!(w.v_proj.dims(), &[8, 32]);
@@ -121,7 +121,7 @@ fn shapes_and_parameter_counts_after_apply_match_a_hand_count() {
     assert_eq!(w.gate_proj.dims(), &[24, 32]);
     assert_eq!(w.up_proj.dims(), &[24, 32]);
     assert_eq!(w.down_proj.dims(), &[32, 24]);
-    assert_eq!(pruned.weights.layers[0].q_proj.dims(), &[32, 32], "layer 0 is outside the range");
+    assert_eq!(pruned.weights.layer(0).unwrap().q_proj.dims(), &[32, 32], "layer 0 is outside the range");
     // Layer 1 before: 2*32 norms + 32*(32+16+16+32) attention + 3*32*48 MLP = 7744; after: 64 + 32*48 + 3*32*24 = 3904.
     assert_eq!(m.spec.num_parameters() - pruned.spec.num_parameters(), 7744 - 3904);
     assert_eq!(
@@ -151,7 +151,7 @@ fn gqa_grouping_removes_a_kv_head_with_exactly_its_query_heads() {
         }],
     );
     let p = apply(&m, &plan).unwrap();
-    let (a, b) = (&m.weights.layers[0], &p.weights.layers[0]);
+    let (a, b) = (&m.weights.layer(0).unwrap().into_owned(), &p.weights.layer(0).unwrap().into_owned());
     // KV head 1 = k/v rows 8..16; its query heads 2, 3 = q rows and o columns 16..32.
     assert_eq!(max_abs_diff(&b.k_proj, &a.k_proj.narrow(0, 8, 8).unwrap()), 0.0);
     assert_eq!(max_abs_diff(&b.v_proj, &a.v_proj.narrow(0, 8, 8).unwrap()), 0.0);
@@ -164,7 +164,7 @@ fn gqa_grouping_removes_a_kv_head_with_exactly_its_query_heads() {
 /// Loss at W + eps·d for projection `p` of layer `layer`.
 fn loss_at(m: &Model, layer: usize, p: usize, d: &Tensor, eps: f64) -> f64 {
     let mut m = m.clone();
-    let w = &mut m.weights.layers[layer];
+    let w = m.weights.layer_mut(layer).unwrap();
     let t = [
         &mut w.q_proj,
         &mut w.k_proj,
@@ -415,7 +415,7 @@ fn width_invariants_hold_on_every_family() {
         let pruned = apply(&m, &plan_width(&m, &settings, None).unwrap()).unwrap();
         assert_eq!(pruned.spec, m.spec);
         assert_eq!(max_abs_diff(&logits(&m), &logits(&pruned)), 0.0, "{family:?}");
-        let w = &mut m.weights.layers[1];
+        let w = m.weights.layer_mut(1).unwrap();
         w.o_proj = zero_cols(&w.o_proj, &(16..32).collect::<Vec<_>>());
         w.down_proj = zero_cols(&w.down_proj, &[5, 40]);
         let before = logits(&m);
@@ -431,7 +431,7 @@ fn width_invariants_hold_on_every_family() {
         assert_eq!((pruned.spec.layers[1].num_key_value_heads, pruned.spec.layers[1].intermediate_size), (1, 46));
         let d = max_abs_diff(&before, &logits(&pruned));
         assert!(d <= 1e-5, "{family:?}: logits moved by {d}");
-        if let Some(b) = &pruned.weights.layers[1].q_bias {
+        if let Some(b) = &pruned.weights.layer(1).unwrap().into_owned().q_bias {
             assert_eq!(b.dims(), [16], "q bias entries go with their rows");
         }
         let dir = tempfile::tempdir().unwrap();
@@ -449,14 +449,14 @@ fn single_kv_head_layers_prune_query_heads() {
     let mut m = slm_model::testing::tiny_model_of(slm_model::Family::Gemma3, 2, 9);
     // Rebuild layer 0 as 4 query heads over 1 KV head: k/v keep their first 8 rows (one head).
     let l = LayerSpec { num_key_value_heads: 1, ..m.spec.layers[0] };
-    let w = &mut m.weights.layers[0];
+    let w = m.weights.layer_mut(0).unwrap();
     w.k_proj = w.k_proj.narrow(0, 0, 8).unwrap();
     w.v_proj = w.v_proj.narrow(0, 0, 8).unwrap();
     let mut spec = m.spec.clone();
     spec.layers[0] = l;
     let mut m = Model::from_parts(spec, m.weights.clone(), None, &Device::Cpu).unwrap();
     assert_eq!(slm_width::AttentionUnit::count(&m.spec.layers[0]), 4);
-    let w = &mut m.weights.layers[0];
+    let w = m.weights.layer_mut(0).unwrap();
     w.o_proj = zero_cols(&w.o_proj, &(8..16).collect::<Vec<_>>()); // query head 1
     let before = logits(&m);
     let prune = LayerPrune {

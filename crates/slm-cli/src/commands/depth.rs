@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use slm_depth::file::{DepthPlanFile, SearchRecord};
 use slm_depth::{apply, plan_depth, Calibration, Criterion, MergeOp, Method, Settings, Stop};
 use slm_model::output::{OutputKind, OutputStamp};
-use slm_model::{Model, StorageDType};
+use slm_model::StorageDType;
 
 use super::CommonArgs;
 
@@ -88,7 +88,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     // zero-shot tasks do (most of their contexts are under 40 tokens), at the reference's token count.
     let calib = args.calib.or(if method == Method::SlmDp { SLM_DP_WINDOWS } else { super::REFERENCE_WINDOWS })?;
     common.check_output("--out", &args.out, OutputKind::Model, &[&args.model, &calib.file])?;
-    let model = Model::load(&args.model, &common.device()?)?;
+    let model = common.load_model(&args.model, slm_model::Residency::Mapped)?;
     let stop = match (args.threshold, args.target_ratio, args.target_layers) {
         (Some(t), None, None) => Stop::Threshold(t),
         (None, Some(r), None) => {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use slm_model::output::OutputKind;
-use slm_model::{Model, StorageDType};
+use slm_model::StorageDType;
 
 use super::CommonArgs;
 
@@ -26,7 +26,7 @@ pub struct Args {
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     common.check_output("--out", &args.out, OutputKind::Model, &[&args.model])?;
-    let model = Model::load(&args.model, &common.device()?)?;
+    let model = common.load_model(&args.model, slm_model::Residency::Mapped)?;
     let dtype = args.dtype.unwrap_or(model.storage_dtype());
     model.save_sharded(&args.out, dtype, args.shard_size, &[], common.replace())?;
     println!(

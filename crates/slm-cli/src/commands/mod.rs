@@ -32,11 +32,24 @@ pub struct CommonArgs {
     /// Replace an existing output that is not an earlier slm output of the same kind (never an input).
     #[arg(long, global = true)]
     pub force: bool,
+    /// How the model's layers are held: `resident` (read into memory at load) or `mapped` (left in the file,
+    /// each read, and a GGUF layer dequantised, when used: memory for one layer at a time, for models near or
+    /// above the machine's memory). Same results either way. Default: mapped for depth, similarity, width and
+    /// export (they work layer by layer), resident for the rest.
+    #[arg(long, global = true, value_name = "resident|mapped")]
+    pub weights: Option<slm_model::Residency>,
 }
 
 impl CommonArgs {
     pub fn device(&self) -> anyhow::Result<Device> {
         slm_model::parse_device(&self.device).context("--device")
+    }
+
+    /// Loads the model at `path` with `--weights`, or `default` when it is not given.
+    pub fn load_model(&self, path: &Path, default: slm_model::Residency) -> anyhow::Result<slm_model::Model> {
+        let residency = self.weights.unwrap_or(default);
+        slm_model::Model::load_as(path, &self.device()?, residency)
+            .with_context(|| format!("loading {}", path.display()))
     }
 
     /// The replacement rule of `--force`.

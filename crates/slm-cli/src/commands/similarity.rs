@@ -8,7 +8,6 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use slm_depth::similarity::{angular_distance, cka_matrix, cosine_matrix, layer_outputs};
 use slm_model::output::OutputKind;
-use slm_model::Model;
 
 use super::CommonArgs;
 
@@ -44,8 +43,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         bail!("--seq-len must be positive");
     }
     common.check_output("--out", &args.out, OutputKind::Similarity, &[&args.model, &calib.file])?;
-    let model =
-        Model::load(&args.model, &common.device()?).with_context(|| format!("loading {}", args.model.display()))?;
+    let model = common.load_model(&args.model, slm_model::Residency::Mapped)?;
     let windows = calib.windows(&model)?;
 
     let start = Instant::now();

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use slm_model::output::{OutputKind, OutputStamp};
-use slm_model::{Model, StorageDType};
+use slm_model::StorageDType;
 use slm_width::file::{GradientPassRecord, WidthPlanFile};
 use slm_width::{
     apply, default_layer_range, gradient_scores, parse_layer_range, plan_width, plan_width_scored, ratio_for_target,
@@ -55,7 +55,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     }
     let calib = args.calib.or(super::REFERENCE_WINDOWS)?;
     common.check_output("--out", &args.out, OutputKind::Model, &[&args.model, &calib.file])?;
-    let model = Model::load(&args.model, &common.device()?)?;
+    let model = common.load_model(&args.model, slm_model::Residency::Mapped)?;
     let n = model.spec.num_layers();
     let range = match &args.layers {
         Some(s) => parse_layer_range(s, n).context("--layers")?,

@@ -219,7 +219,7 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)], dup: Option<&str>) -> Vec
 /// The named tensors of a tiny HF model in saving order, and its `config.json`.
 pub fn tiny_hf(layers: usize) -> (Vec<(String, Tensor)>, serde_json::Value) {
     let m = slm_model::testing::tiny_model(layers, 5);
-    (m.weights.named_tensors(&m.spec.arch), m.spec.to_hf_config("float32"))
+    (m.weights.named_tensors(&m.spec.arch).unwrap(), m.spec.to_hf_config("float32"))
 }
 
 /// Writes a tiny HF directory (config.json + model.safetensors) into `dir`.

@@ -31,7 +31,7 @@ fn a_one_layer_window_is_the_identity_for_every_operator() {
     for op in MergeOp::ALL {
         let (spec, w) = merge_window(&m.weights.load_layers(2..3).unwrap(), &m.spec.layers[2..3], 2, op).unwrap();
         assert_eq!(spec, m.spec.layers[2]);
-        assert!(same_layer(&w, &m.weights.layer(2).unwrap().into_owned()), "{op}");
+        assert!(same_layer(&w, &m.weights.layer(2).unwrap()), "{op}");
     }
     let plan = DepthPlan::new(4, vec![], vec![], MergeOp::Paper).unwrap();
     assert_eq!(max_abs_diff(&logits(&apply(&m, &plan).unwrap(), &IDS), &logits(&m, &IDS)), 0.0);
@@ -320,8 +320,8 @@ fn refit_lowers_the_calibration_error_it_minimises() {
         bits(&refit.weights.layer(1).unwrap().into_owned().down_proj),
         bits(&plain.weights.layer(1).unwrap().into_owned().down_proj)
     );
-    assert!(same_layer(&refit.weights.layer(0).unwrap().into_owned(), &plain.weights.layer(0).unwrap().into_owned()));
-    assert!(same_layer(&refit.weights.layer(2).unwrap().into_owned(), &plain.weights.layer(2).unwrap().into_owned()));
+    assert!(same_layer(&refit.weights.layer(0).unwrap(), &plain.weights.layer(0).unwrap()));
+    assert!(same_layer(&refit.weights.layer(2).unwrap(), &plain.weights.layer(2).unwrap()));
     assert!(slm_depth::refit::apply_with_refit(&cal, &plan, 0.0).is_err());
 }
 
@@ -487,7 +487,7 @@ fn merge_invariants_hold_on_every_family() {
         for op in MergeOp::ALL {
             let (spec, w) = merge_window(&m.weights.load_layers(1..2).unwrap(), &m.spec.layers[1..2], 1, op).unwrap();
             assert_eq!(spec, m.spec.layers[1], "{family:?} {op}");
-            assert!(same_layer(&w, &m.weights.layer(1).unwrap().into_owned()), "{family:?} {op}");
+            assert!(same_layer(&w, &m.weights.layer(1).unwrap()), "{family:?} {op}");
         }
         let plan = DepthPlan::new(4, vec![], vec![], MergeOp::Paper).unwrap();
         assert_eq!(max_abs_diff(&logits(&apply(&m, &plan).unwrap(), &IDS), &logits(&m, &IDS)), 0.0, "{family:?}");
@@ -526,4 +526,52 @@ fn merge_invariants_hold_on_every_family() {
         assert_eq!(out.spec.num_layers(), 3);
         assert!(out.logits_all(&IDS).is_ok(), "{family:?}");
     }
+}
+
+/// Every file of an HF directory that holds weights, with its bytes.
+fn safetensors_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors" || x == "json"))
+        .filter(|p| !p.ends_with("slm_output.json"))
+        .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_mapped_model_gives_the_same_scores_plan_and_output_as_a_resident_one() {
+    let path = default_model_path();
+    let resident = Model::load(&path, &Device::Cpu).unwrap();
+    let mapped = Model::load_mapped(&path, &Device::Cpu).unwrap();
+    assert!(!mapped.weights.all_resident());
+    let windows = default_calibration(&resident, 4, 32);
+    let (mut a, mut b) = (
+        Calibration::new(&resident, windows.clone(), MergeOp::Paper).unwrap(),
+        Calibration::new(&mapped, windows.clone(), MergeOp::Paper).unwrap(),
+    );
+    for c in [Candidate::merges(vec![[18, 22]]), Candidate { merges: vec![[25, 28]], removed: vec![4] }] {
+        for crit in Criterion::ALL {
+            assert_eq!(a.similarity(crit, &c).unwrap().to_bits(), b.similarity(crit, &c).unwrap().to_bits());
+        }
+        assert_eq!(a.nll(&c).unwrap().to_bits(), b.nll(&c).unwrap().to_bits());
+    }
+    let settings = Settings::new(Method::SlmDp, Stop::TargetLayers(24));
+    let (pa, pb) = (plan_depth(&mut a, &settings).unwrap(), plan_depth(&mut b, &settings).unwrap());
+    assert_eq!(pa.plan, pb.plan);
+    assert!(!pa.plan.merges.is_empty(), "slm-dp merges windows: {:?}", pa.plan);
+    // The pruned model of the mapped input keeps its layers lazy (merged windows too) until it is written.
+    let (oa, ob) = (apply(&resident, &pa.plan).unwrap(), apply(&mapped, &pb.plan).unwrap());
+    assert!(ob.weights.layers.iter().all(|s| !s.is_resident()));
+    let pos: Vec<Vec<usize>> = windows.iter().map(|w| (0..w.len()).collect()).collect();
+    let la = oa.forward(&windows, &pos, false, Mode::Inference).unwrap().logits.unwrap();
+    let lb = ob.forward(&windows, &pos, false, Mode::Inference).unwrap().logits.unwrap();
+    assert_eq!(bits(&la), bits(&lb));
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    oa.save(&da, slm_model::StorageDType::F32, &[]).unwrap();
+    ob.save(&db, slm_model::StorageDType::F32, &[]).unwrap();
+    assert_eq!(safetensors_files(&da), safetensors_files(&db));
 }

@@ -394,7 +394,7 @@ pub fn load_gguf_mapped(path: &Path, device: &Device) -> Result<(ModelSpec, Weig
             parts,
             unpermute,
             norm_plus_one: spec.arch.norm_plus_one,
-            arch: spec.arch.clone(),
+            arch: spec.arch,
             device: device.clone(),
         };
         layers.push(LayerSlot::Lazy(Arc::new(layer)));

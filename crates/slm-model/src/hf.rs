@@ -256,7 +256,7 @@ pub fn load_hf_mapped(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights
             }
             expected_names.insert(name.clone());
         }
-        let layer = StLayer { files: st.clone(), parts, arch: spec.arch.clone(), dtype, device: device.clone() };
+        let layer = StLayer { files: st.clone(), parts, arch: spec.arch, dtype, device: device.clone() };
         layers.push(LayerSlot::Lazy(Arc::new(layer)));
     }
     let norm = resident("model.norm.weight", &[h])?;

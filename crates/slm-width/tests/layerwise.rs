@@ -66,3 +66,38 @@ fn layerwise_gradients_equal_the_whole_graph_on_the_default_model() {
         }
     }
 }
+
+#[test]
+fn a_mapped_model_gives_the_same_scores_units_and_output_as_a_resident_one() {
+    let path = slm_model::testing::default_model_path();
+    let resident = Model::load(&path, &Device::Cpu).unwrap();
+    let mapped = Model::load_mapped(&path, &Device::Cpu).unwrap();
+    assert!(!mapped.weights.all_resident());
+    let corpus = slm_model::testing::data_dir().join("lambada_openai.test.jsonl");
+    let windows = slm_model::calib::calibration_windows(&corpus, resident.tokenizer().unwrap(), 2, 32, 7).unwrap();
+    let range = default_layer_range(resident.spec.num_layers());
+    let layers: Vec<usize> = range.clone().collect();
+    let s = WidthSettings {
+        ratio: slm_width::Ratios::uniform(0.2),
+        importance: Importance::Element1,
+        aggregation: Aggregation::Sum,
+        layers: range,
+        seed: 0,
+    };
+    let score = |m: &Model| gradient_scores(m, &windows, s.importance, s.aggregation, &layers, &mut || {}).unwrap();
+    let (ga, gb) = (score(&resident), score(&mapped));
+    assert_eq!(ga.loss.to_bits(), gb.loss.to_bits());
+    let (pa, pb) = (plan_width_scored(&resident, &s, &ga).unwrap(), plan_width_scored(&mapped, &s, &gb).unwrap());
+    assert_eq!(serde_json::to_string(&pa).unwrap(), serde_json::to_string(&pb).unwrap());
+    // The pruned layers of the mapped input are pruned when used or written, and equal the resident ones.
+    let (oa, ob) = (slm_width::apply(&resident, &pa).unwrap(), slm_width::apply(&mapped, &pb).unwrap());
+    assert!(ob.weights.layers.iter().all(|l| !l.is_resident()));
+    assert_eq!(oa.spec.layers, ob.spec.layers);
+    for i in 0..oa.spec.num_layers() {
+        let (a, b) = (oa.weights.layer(i).unwrap(), ob.weights.layer(i).unwrap());
+        for ((_, x), (_, y)) in a.parts().into_iter().zip(b.parts()) {
+            assert_eq!(x.dims(), y.dims());
+            assert_eq!(slm_model::testing::max_abs_diff(x, y), 0.0, "layer {i}");
+        }
+    }
+}

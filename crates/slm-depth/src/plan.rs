@@ -120,8 +120,15 @@ pub fn apply(model: &Model, plan: &DepthPlan) -> Result<Model> {
     for (lo, hi) in plan.output_layers() {
         let window_specs = model.spec.layers[lo..=hi].to_vec();
         specs.push(merged_spec(&window_specs, lo, plan.operator)?);
-        if lo == hi {
-            layers.push(model.weights.layers[lo].clone());
+        // A one-layer window, and delete or top, keep one layer as it is: the same slot.
+        let kept = match plan.operator {
+            _ if lo == hi => Some(lo),
+            MergeOp::Delete => Some(lo),
+            MergeOp::Top => Some(hi),
+            _ => None,
+        };
+        if let Some(k) = kept {
+            layers.push(model.weights.layers[k].clone());
             continue;
         }
         let slots = model.weights.layers[lo..=hi].to_vec();

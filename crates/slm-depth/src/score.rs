@@ -173,8 +173,15 @@ impl<'m> Calibration<'m> {
             return Ok(hit.clone());
         }
         let m = &self.model;
-        let window = m.weights.load_layers(lo..hi + 1)?;
-        let layer = merge_window(&window, &m.spec.layers[lo..=hi], lo, self.operator)?;
+        // Delete and top keep one layer of the window: only that one is read.
+        let layer = match self.operator {
+            MergeOp::Delete | MergeOp::Top => {
+                let keep = if self.operator == MergeOp::Top { hi } else { lo };
+                let spec = crate::merge::merged_spec(&m.spec.layers[lo..=hi], lo, self.operator)?;
+                (spec, m.weights.layer(keep)?.into_owned())
+            }
+            _ => merge_window(&m.weights.load_layers(lo..hi + 1)?, &m.spec.layers[lo..=hi], lo, self.operator)?,
+        };
         let bytes = layer_bytes(&layer.1);
         let budget = self.merged_budget;
         while self.merged_bytes + bytes > budget {

@@ -205,6 +205,36 @@ pub fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// True when no value of the little-endian `dtype` (f32, f16 or bf16) values in `bytes` is NaN or ±Inf: the
+/// bit patterns are scanned as they are stored, without converting them (a 7B layer in tens of milliseconds).
+pub fn raw_all_finite(bytes: &[u8], dtype: DType) -> bool {
+    fn scan<const N: usize>(bytes: &[u8], exp: u32) -> bool {
+        let word = |c: &[u8]| -> u32 {
+            let mut b = [0u8; 4];
+            b[..N].copy_from_slice(&c[..N]);
+            u32::from_le_bytes(b)
+        };
+        let blocks = bytes.chunks_exact(64 * N);
+        let tail = blocks.remainder();
+        for block in blocks {
+            let mut bad = false;
+            for c in block.chunks_exact(N) {
+                bad |= word(c) & exp == exp;
+            }
+            if bad {
+                return false;
+            }
+        }
+        tail.chunks_exact(N).all(|c| word(c) & exp != exp)
+    }
+    match dtype {
+        DType::F32 => scan::<4>(bytes, 0x7f80_0000),
+        DType::BF16 => scan::<2>(bytes, 0x7f80),
+        DType::F16 => scan::<2>(bytes, 0x7c00),
+        _ => true,
+    }
+}
+
 /// True when no value is NaN or ±Inf: an exponent of all ones. Branch-free over chunks so it vectorises (a
 /// 135M-parameter model scans in tens of milliseconds).
 fn all_finite(xs: &[f32]) -> bool {
@@ -226,6 +256,34 @@ fn all_finite(xs: &[f32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_bit_patterns_are_scanned_for_nan_and_inf() {
+        let le16 = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let le32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        // 200 values: full blocks of 64 and a tail, the bad value in either.
+        let mut ok16 = vec![0x3f80u16; 200]; // bf16 1.0
+        ok16[5] = 0xff7f; // bf16 -3.39e38, the largest finite magnitude
+        assert!(raw_all_finite(&le16(&ok16), DType::BF16));
+        for (bad, at) in [(0x7fc0u16, 3), (0x7f80, 150), (0xff80, 199)] {
+            let mut v = ok16.clone();
+            v[at] = bad;
+            assert!(!raw_all_finite(&le16(&v), DType::BF16), "{bad:#x} at {at}");
+        }
+        let mut h = vec![0x3c00u16; 200]; // f16 1.0
+        h[70] = 0x7bff; // f16 65504, finite
+        assert!(raw_all_finite(&le16(&h), DType::F16));
+        h[199] = 0x7c00;
+        assert!(!raw_all_finite(&le16(&h), DType::F16));
+        let mut f = vec![1.0f32; 130];
+        f[1] = f32::MAX;
+        assert!(raw_all_finite(&le32(&f), DType::F32));
+        f[129] = f32::NEG_INFINITY;
+        assert!(!raw_all_finite(&le32(&f), DType::F32));
+        f[129] = 0.0;
+        f[64] = f32::NAN;
+        assert!(!raw_all_finite(&le32(&f), DType::F32));
+    }
 
     #[test]
     fn duplicate_json_keys_are_found_at_any_depth() {

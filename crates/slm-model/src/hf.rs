@@ -121,7 +121,8 @@ fn index_safetensors(path: &Path, file: usize, table: &mut HashMap<String, StEnt
         };
         // The view's data is a slice of the map: its offset in the file is where the tensor lies.
         let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
-        let entry = StEntry { file, dtype, shape: view.shape().to_vec(), start, end: start + view.data().len() };
+        let end = start + view.data().len();
+        let entry = StEntry { file, dtype, shape: view.shape().to_vec(), start, end, checked: Default::default() };
         if table.insert(name.clone(), entry).is_some() {
             return Err(st_err(path, format!("tensor `{name}` is also in another shard")));
         }

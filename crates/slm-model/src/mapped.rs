@@ -25,6 +25,9 @@ pub(crate) struct StEntry {
     pub shape: Vec<usize>,
     pub start: usize,
     pub end: usize,
+    /// Set once the values have been checked to be finite (each tensor is scanned once, however often it is
+    /// read).
+    pub checked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The mapped safetensors files of one model and where each tensor lies in them.
@@ -47,9 +50,15 @@ impl StFiles {
             path: self.paths.first().cloned().unwrap_or_default(),
             name: name.to_string(),
         })?;
-        let t = Tensor::from_raw_buffer(&self.maps[e.file][e.start..e.end], e.dtype, &e.shape, &Device::Cpu)?;
-        crate::files::check_finite(&t, name, &self.paths[e.file])?;
-        Ok(t)
+        let bytes = &self.maps[e.file][e.start..e.end];
+        use std::sync::atomic::Ordering;
+        if !e.checked.load(Ordering::Relaxed) {
+            if !crate::files::raw_all_finite(bytes, e.dtype) {
+                return Err(ModelError::NonFinite { path: self.paths[e.file].clone(), name: name.to_string() });
+            }
+            e.checked.store(true, Ordering::Relaxed);
+        }
+        Ok(Tensor::from_raw_buffer(bytes, e.dtype, &e.shape, &Device::Cpu)?)
     }
 }
 

@@ -387,14 +387,7 @@ impl LayerSlot {
         dtype: DType,
         f: impl Fn(LayerWeights) -> Result<LayerWeights> + Send + Sync + 'static,
     ) -> Result<LayerSlot> {
-        Ok(match self {
-            LayerSlot::Resident(w) => LayerSlot::Resident(f(w)?),
-            lazy => LayerSlot::Lazy(Arc::new(Derived {
-                inputs: vec![lazy],
-                dtype,
-                f: Box::new(move |mut v| f(v.remove(0))),
-            })),
-        })
+        LayerSlot::combine_lazily(vec![self], dtype, move |mut v| f(v.remove(0)))
     }
 
     /// One layer made of several (a merged window): at once when they are all resident, when used otherwise.
@@ -403,11 +396,12 @@ impl LayerSlot {
         dtype: DType,
         f: impl Fn(Vec<LayerWeights>) -> Result<LayerWeights> + Send + Sync + 'static,
     ) -> Result<LayerSlot> {
-        if slots.iter().all(LayerSlot::is_resident) {
-            let ws = slots.iter().map(|s| s.get().map(Cow::into_owned)).collect::<Result<Vec<_>>>()?;
-            return Ok(LayerSlot::Resident(f(ws)?));
-        }
-        Ok(LayerSlot::Lazy(Arc::new(Derived { inputs: slots, dtype, f: Box::new(f) })))
+        let derived = Derived { inputs: slots, dtype, f: Box::new(f) };
+        Ok(if derived.inputs.iter().all(LayerSlot::is_resident) {
+            LayerSlot::Resident(derived.load()?)
+        } else {
+            LayerSlot::Lazy(Arc::new(derived))
+        })
     }
 }
 

@@ -240,7 +240,7 @@ impl<'m> Calibration<'m> {
 
     /// Log-probabilities `[n, V]` of `n` final-norm rows.
     fn log_probs(&self, rows: &Tensor) -> Result<Tensor> {
-        let logits = rows.matmul(&self.model.weights.lm_head().t()?)?;
+        let logits = self.model.head(rows)?;
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
     }
 

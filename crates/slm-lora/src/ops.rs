@@ -2,7 +2,8 @@
 //!
 //! candle's `matmul` backward always computes the gradient of both operands. For a frozen weight that is a second
 //! full-size matmul per projection whose result is thrown away (PyTorch skips it for `requires_grad=False`).
-//! [`frozen_linear`] computes `x @ w^T` with a backward that returns only `grad @ w`. The losses over the
+//! [`frozen_linear`] (in `slm_model::fused`, shared with the width gradient pass) computes `x @ w^T` with a
+//! backward that returns only `grad @ w`. The losses over the
 //! vocabulary ([`token_cross_entropy`], [`token_kl`]) are fused row loops: one pass forward, one backward, no
 //! `[N, vocab]` temporaries per elementary op.
 
@@ -10,46 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use slm_model::fused::f32_slice;
 
-/// `x @ w^T` as a plain matmul (no autograd op recorded for `w`).
-fn plain_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    slm_model::forward::linear(x, w).map_err(candle_core::Error::wrap)
-}
-
-struct FrozenLinear {
-    w: Tensor,
-}
-
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = Tensor::from_slice(f32_slice(s, l, "frozen-linear")?, l.shape(), &Device::Cpu)?;
-        let y = plain_linear(&x, &self.w)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let out = self.w.dim(0)?;
-        let rows = grad.elem_count() / out;
-        // The weight stays in its stored dtype in the graph (a bf16 7B's f32 copies of every layer would not fit),
-        // upcast here only while the gradient is formed.
-        let g = grad.reshape((rows, out))?.matmul(&self.w.to_dtype(grad.dtype())?)?;
-        Ok(Some(g.reshape(arg.shape())?))
-    }
-}
-
-/// `x @ w^T` for `x: [..., in]`, `w: [out, in]`, with the gradient flowing to `x` only. Off the CPU (no custom
-/// kernel) it falls back to a plain matmul, whose backward also computes the unused weight gradient.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    // A weight kept in its stored dtype (bf16, f16) is upcast while it is used ([`plain_linear`], the backward).
-    if !x.device().is_cpu() || !x.track_op() {
-        return plain_linear(x, w);
-    }
-    x.contiguous()?.apply_op1(FrozenLinear { w: w.contiguous()? })
-}
+pub use slm_model::fused::frozen_linear;
 
 /// Per-row log-sum-exp of `logits[r] / t` and the row's softmax.
 fn softmax_row(row: &[f32], t: f32, out: &mut [f32]) -> f32 {
@@ -209,19 +171,6 @@ mod tests {
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
         let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d <= tol, "max diff {d}");
-    }
-
-    #[test]
-    fn frozen_linear_matches_matmul_and_its_input_gradient() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5), &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f32, 1., (4, 5), &dev).unwrap();
-        let y1 = frozen_linear(x.as_tensor(), &w).unwrap();
-        let y2 = plain_linear(x.as_tensor(), &w).unwrap();
-        close(&y1, &y2, 1e-6);
-        let g1 = (y1.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
-        let g2 = (y2.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
-        close(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap(), 1e-5);
     }
 
     #[test]

@@ -479,6 +479,9 @@ pub fn mlp_activations(h: &Tensor, w: &LayerWeights, ctx: &LayerCtx) -> Result<T
     })
 }
 
+/// Vocabulary rows of an LM head upcast at a time by [`Model::head`] (32 MiB of f32 at hidden 1,024).
+pub const HEAD_CHUNK: usize = 8192;
+
 /// What a forward pass returns.
 #[derive(Debug)]
 pub struct ForwardOutput {
@@ -499,8 +502,13 @@ impl Model {
     /// Embeddings of `ids: [B, T]` (scaled by √hidden where the architecture says so, in f32 as transformers).
     pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let x =
-            self.weights.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.spec.hidden_size))?;
+        // Embeddings kept in their stored dtype (bf16, f16) are upcast row by row as they are picked.
+        let x = self
+            .weights
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.compute_dtype())?
+            .reshape((b, t, self.spec.hidden_size))?;
         Ok(if self.spec.arch.embed_scale { (x * (self.spec.hidden_size as f32).sqrt() as f64)? } else { x })
     }
 
@@ -530,6 +538,72 @@ impl Model {
         Ok(x)
     }
 
+    /// The dtype activations are computed in: that of the final norm (f32 as loaded; [`Weights::to`] changes
+    /// it with the rest). Embeddings and LM head kept in a narrower stored dtype are upcast to it while used.
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        self.weights.norm.dtype()
+    }
+
+    /// Logits `[N, vocab]` of final-norm rows `[N, hidden]`. An LM head stored in another dtype than the rows
+    /// (bf16 embeddings of a mapped model) is upcast [`HEAD_CHUNK`] vocabulary rows at a time, so no
+    /// compute-dtype copy of the whole head is made (1.6 GB in f32 for a 7B with a 49,152-token vocabulary).
+    /// Not for a differentiable head: the chunks would be kept for backward ([`Model::head_ce_gradient`]).
+    pub fn head(&self, rows: &Tensor) -> Result<Tensor> {
+        let head = self.weights.lm_head();
+        if head.dtype() == rows.dtype() {
+            return Ok(rows.matmul(&head.t()?)?);
+        }
+        let v = head.dim(0)?;
+        let parts = (0..v)
+            .step_by(HEAD_CHUNK)
+            .map(|s| rows.matmul(&head.narrow(0, s, HEAD_CHUNK.min(v - s))?.to_dtype(rows.dtype())?.t()?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    /// `scale ×` the mean next-token cross-entropy of final-norm rows `[N, hidden]` against `targets`, and its
+    /// gradient with respect to the rows. A head in the rows' dtype goes through candle's autodiff (the kernels
+    /// of the whole-graph pass, so the two agree bit for bit); a head stored narrower (bf16) is upcast
+    /// [`HEAD_CHUNK`] vocabulary rows at a time and the gradient `scale/N · (softmax − onehot) · H` formed by
+    /// hand, the softmax in f64: memory is the `[N, vocab]` logits, never a compute-dtype copy of the head.
+    pub fn head_ce_gradient(&self, rows: &Tensor, targets: &[u32], scale: f64) -> Result<(f64, Tensor)> {
+        let (n, _) = rows.dims2()?;
+        let head = self.weights.lm_head();
+        let v = head.dim(0)?;
+        if targets.len() != n || n == 0 {
+            return Err(ModelError::InvalidArgument(format!("{} targets for {n} rows", targets.len())));
+        }
+        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+            return Err(ModelError::InvalidArgument(format!("target token {bad} is outside the vocabulary ({v})")));
+        }
+        if head.dtype() == rows.dtype() {
+            let x = candle_core::Var::from_tensor(rows)?;
+            let tgt = Tensor::new(targets, rows.device())?;
+            let part = (candle_nn::loss::cross_entropy(&x.as_tensor().matmul(&head.t()?)?, &tgt)? * scale)?;
+            let grad = part.backward()?.remove(x.as_tensor());
+            let grad = grad.ok_or_else(|| ModelError::InvalidArgument("the LM head gave no gradient".into()))?;
+            return Ok((part.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, grad));
+        }
+        let mut p = self.head(rows)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (mut loss, w) = (0f64, scale / n as f64);
+        for (r, &t) in targets.iter().enumerate() {
+            let row = &mut p[r * v..(r + 1) * v];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let pt = (row[t as usize] as f64 - lse).exp();
+            loss += lse - row[t as usize] as f64;
+            row.iter_mut().for_each(|x| *x = (w * (*x as f64 - lse).exp()) as f32);
+            row[t as usize] = (w * (pt - 1.0)) as f32; // p − 1 in f64: no cancellation in f32
+        }
+        let p = Tensor::from_vec(p, (n, v), rows.device())?.to_dtype(rows.dtype())?;
+        let mut grad = rows.zeros_like()?;
+        for s in (0..v).step_by(HEAD_CHUNK) {
+            let len = HEAD_CHUNK.min(v - s);
+            grad = (grad + p.narrow(1, s, len)?.matmul(&head.narrow(0, s, len)?.to_dtype(rows.dtype())?)?)?;
+        }
+        Ok((loss * w, grad))
+    }
+
     pub fn final_norm(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         LayerCtx::new(&self.spec, mode).norm(x, &self.weights.norm)
     }
@@ -555,7 +629,7 @@ impl Model {
         }
         let idx = Tensor::from_vec(rows.clone(), rows.len(), final_hidden.device())?;
         let picked = final_hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
-        Ok(picked.matmul(&self.weights.lm_head().t()?)?)
+        self.head(&picked)
     }
 
     /// Full forward pass. `positions[s]` lists where logits are wanted in sequence `s` (empty lists: no logits).

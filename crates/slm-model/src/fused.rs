@@ -263,6 +263,47 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+/// `x @ w^T` as a plain matmul (no autograd op recorded for `w`).
+fn plain_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    crate::forward::linear(x, w).map_err(candle_core::Error::wrap)
+}
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = Tensor::from_slice(f32_slice(s, l, "frozen-linear")?, l.shape(), &candle_core::Device::Cpu)?;
+        let y = plain_linear(&x, &self.w)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let out = self.w.dim(0)?;
+        let rows = grad.elem_count() / out;
+        // The weight stays in its stored dtype in the graph (a bf16 7B's f32 copies of every layer would not fit),
+        // upcast here only while the gradient is formed.
+        let g = grad.reshape((rows, out))?.matmul(&self.w.to_dtype(grad.dtype())?)?;
+        Ok(Some(g.reshape(arg.shape())?))
+    }
+}
+
+/// `x @ w^T` for `x: [..., in]`, `w: [out, in]`, with the gradient flowing to `x` only. Off the CPU (no custom
+/// kernel) it falls back to a plain matmul, whose backward also computes the unused weight gradient.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    // A weight kept in its stored dtype (bf16, f16) is upcast while it is used ([`plain_linear`], the backward).
+    if !x.device().is_cpu() || !x.track_op() {
+        return plain_linear(x, w);
+    }
+    x.contiguous()?.apply_op1(FrozenLinear { w: w.contiguous()? })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +325,26 @@ mod tests {
         for (i, t) in ts.iter().enumerate() {
             let (x, y) = (ga.get(t).expect("fused grad"), gb.get(t).expect("slow grad"));
             assert!(diff(x, y) < 1e-4, "{name}: gradient of input {i} differs by {}", diff(x, y));
+        }
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_its_input_gradient_with_an_f32_or_bf16_weight() {
+        let dev = candle_core::Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5), &dev).unwrap()).unwrap();
+        let w32 = Tensor::randn(0f32, 1., (4, 5), &dev).unwrap();
+        for w in [w32.clone(), w32.to_dtype(candle_core::DType::BF16).unwrap()] {
+            let reference = w.to_dtype(candle_core::DType::F32).unwrap();
+            let y1 = frozen_linear(x.as_tensor(), &w).unwrap();
+            let y2 = x.as_tensor().broadcast_matmul(&reference.t().unwrap()).unwrap();
+            let d = |a: &Tensor, b: &Tensor| {
+                (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            };
+            assert!(d(&y1, &y2) <= 1e-6);
+            let g1 = y1.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = y2.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(d(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) <= 1e-5);
+            assert!(g1.get(&w).is_none(), "a frozen weight gets no gradient");
         }
     }
 

@@ -122,6 +122,6 @@ impl Model {
         }
         let last = x.narrow(1, t - 1, 1)?.reshape((1, self.spec.hidden_size))?;
         let fin = self.final_norm(&last, Mode::Inference)?;
-        Ok(fin.matmul(&self.weights.lm_head().t()?)?.squeeze(0)?)
+        Ok(self.head(&fin)?.squeeze(0)?)
     }
 }

@@ -201,7 +201,8 @@ pub fn load_hf_spec(dir: &Path) -> Result<ModelSpec> {
     Ok(spec)
 }
 
-/// Loads the spec and the weights of an HF directory: layer weights in their stored dtype, the rest in f32.
+/// Loads the spec and the weights of an HF directory: layer weights, embeddings and LM head in their stored
+/// dtype, the final norm in f32.
 /// Errors name the offending file.
 pub fn load_hf(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
     let (spec, weights) = load_hf_mapped(dir, device)?;
@@ -209,7 +210,7 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
 }
 
 /// [`load_hf`] with the layers left in the mapped files, each read (in its stored dtype) when it is used: only
-/// the embeddings, the final norm and the LM head are read now, in f32. Every tensor's presence, dtype and shape
+/// the embeddings, the final norm and the LM head are read now (the norm in f32, the rest as stored). Every tensor's presence, dtype and shape
 /// is checked now; a layer's values (NaN/Inf) when it is read.
 pub fn load_hf_mapped(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights)> {
     let config = dir.join("config.json");
@@ -238,10 +239,12 @@ pub fn load_hf_mapped(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights
             Some(e) => Ok(e.dtype),
         }
     };
-    // The embeddings, the final norm and the LM head, used at every position, are kept in f32.
+    // The embeddings and the LM head, used at every position, are read now in their stored dtype (upcast a
+    // chunk at a time while used: `Model::embed_ids`, `Model::head`); the final norm, in f32, sets the compute
+    // dtype.
     let resident = |name: &str, expected: &[usize]| -> Result<Tensor> {
         check(name, expected)?;
-        Ok(st.tensor(name)?.to_dtype(DType::F32)?.to_device(device)?)
+        Ok(st.tensor(name)?.to_device(device)?)
     };
     let (v, h) = (spec.vocab_size, spec.hidden_size);
     let embed_tokens = resident("model.embed_tokens.weight", &[v, h])?;
@@ -260,7 +263,7 @@ pub fn load_hf_mapped(dir: &Path, device: &Device) -> Result<(ModelSpec, Weights
         let layer = StLayer { files: st.clone(), parts, arch: spec.arch, dtype, device: device.clone() };
         layers.push(LayerSlot::Lazy(Arc::new(layer)));
     }
-    let norm = resident("model.norm.weight", &[h])?;
+    let norm = resident("model.norm.weight", &[h])?.to_dtype(DType::F32)?;
     // Some tied checkpoints still carry a copy of the head; it is the embedding by definition.
     let lm_head = if spec.tie_word_embeddings { None } else { Some(resident("lm_head.weight", &[v, h])?) };
     let mut extra: Vec<&String> =

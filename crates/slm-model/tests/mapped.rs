@@ -117,3 +117,43 @@ fn a_non_finite_layer_weight_is_an_error_naming_it_when_the_mapped_layer_is_read
     let e = mapped.forward(&[vec![1, 2, 3]], &[vec![2]], false, Mode::Inference).unwrap_err().to_string();
     assert!(e.contains(name), "{e}");
 }
+
+#[test]
+fn a_bf16_directory_keeps_its_embeddings_and_head_in_bf16_and_upcasts_them_in_chunks_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("bf16");
+    let dense = Model::load(&slm_model::testing::default_model_path(), &Device::Cpu).unwrap();
+    dense.save(&src, StorageDType::BF16, &[]).unwrap();
+    let bf16 = Model::load_as(&src, &Device::Cpu, Residency::Mapped).unwrap();
+    // Nothing of the model is held in f32 but the final norm (the compute dtype).
+    assert_eq!(bf16.weights.embed_tokens.dtype(), DType::BF16);
+    assert_eq!(bf16.weights.lm_head().dtype(), DType::BF16);
+    assert_eq!(bf16.compute_dtype(), DType::F32);
+    // The reference: the same values upcast to f32 whole (bf16 → f32 is exact), so the head takes the one-matmul
+    // path and its gradient candle's autodiff.
+    let mut f32m = Model::load_as(&src, &Device::Cpu, Residency::Resident).unwrap();
+    f32m.weights = f32m.weights.to(&Device::Cpu, DType::F32).unwrap();
+    assert_eq!(f32m.weights.lm_head().dtype(), DType::F32);
+    let seqs = sequences(&bf16);
+    let pos: Vec<Vec<usize>> = seqs.iter().map(|s| (0..s.len()).collect()).collect();
+    let run = |m: &Model| m.forward(&seqs, &pos, true, Mode::Inference).unwrap();
+    let (a, b) = (run(&bf16), run(&f32m));
+    let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let (la, lb) = (a.logits.unwrap(), b.logits.unwrap());
+    assert!(la.dim(1).unwrap() > slm_model::forward::HEAD_CHUNK, "the head is upcast in more than one chunk");
+    assert!(slm_model::testing::max_abs_diff(&la, &lb) <= 1e-5 * scale(&lb));
+    // The head's loss gradient by hand (bf16, chunked, softmax in f64) against autodiff through the f32 head.
+    let fin = b.final_hidden.unwrap();
+    let rows = fin.get(1).unwrap().contiguous().unwrap();
+    let targets: Vec<u32> = seqs[1][1..].iter().copied().chain([seqs[1][0]]).collect();
+    let (loss_a, ga) = bf16.head_ce_gradient(&rows, &targets, 0.5).unwrap();
+    let (loss_b, gb) = f32m.head_ce_gradient(&rows, &targets, 0.5).unwrap();
+    assert!((loss_a - loss_b).abs() <= 1e-6 * loss_b, "loss {loss_a} vs {loss_b}");
+    let d = slm_model::testing::max_abs_diff(&ga, &gb);
+    assert!(d <= 2e-5 * scale(&gb), "gradient differs by {d} (largest entry {})", scale(&gb));
+    // Bad targets are errors, not panics.
+    assert!(bf16.head_ce_gradient(&rows, &targets[1..], 1.0).is_err());
+    let mut bad = targets.clone();
+    bad[0] = 49152;
+    assert!(bf16.head_ce_gradient(&rows, &bad, 1.0).unwrap_err().to_string().contains("outside the vocabulary"));
+}

@@ -24,6 +24,7 @@
 use std::str::FromStr;
 
 use candle_core::{Tensor, Var};
+
 use rand::{Rng, SeedableRng};
 use slm_model::forward::Mode;
 use slm_model::{Batch, LayerSpec, LayerWeights, Model};
@@ -227,13 +228,14 @@ impl Group {
         for start in (0..n).step_by(LOSS_CHUNK) {
             let end = (start + LOSS_CHUNK).min(n);
             let idx = Tensor::new(&rows[start..end], flat.device())?;
-            let tgt = Tensor::new(&targets[start..end], flat.device())?;
             let xv = Var::from_tensor(&flat.index_select(&idx, 0)?)?;
-            let logits = model.final_norm(xv.as_tensor(), mode)?.matmul(&model.weights.lm_head().t()?)?;
-            // This chunk's share of the group's mean cross-entropy.
-            let part = (candle_nn::loss::cross_entropy(&logits, &tgt)? * ((end - start) as f64 / n as f64))?;
-            loss += part.to_scalar::<f32>()? as f64;
-            let store = part.backward()?;
+            let y = model.final_norm(xv.as_tensor(), mode)?;
+            // The head's part by hand (vocabulary chunk by chunk, no copy of the head in the graph), then the
+            // final norm's by autodiff: this chunk's share of the group's mean cross-entropy.
+            let share = (end - start) as f64 / n as f64;
+            let (part, gy) = model.head_ce_gradient(&y.detach(), &targets[start..end], share)?;
+            loss += part;
+            let store = (y * gy)?.sum_all()?.backward()?;
             let g = store.get(xv.as_tensor()).ok_or_else(|| no_gradient("the last hidden state"))?;
             grad_out = grad_out.index_add(&idx, g, 0)?;
         }
@@ -242,25 +244,89 @@ impl Group {
     }
 }
 
+/// A projection hook for the layer-by-layer backward pass: every projection is [`frozen_linear`] (the weight
+/// stays in its stored dtype, upcast only while used, and gets no gradient), and with `taps` each output is
+/// `y + z` with `z` a zero variable, so the backward pass hands back `∂L/∂y` and the weight gradient is formed
+/// from it and the projection's input as `(∂L/∂y)ᵀ · x` one projection at a time ([`LayerGrads`]): no f32 copy
+/// of the layer's weights and no gradient of all seven projections at once is ever held.
+struct Taps {
+    record: bool,
+    got: std::cell::RefCell<Vec<(usize, Tensor, Var)>>,
+}
+
+impl slm_model::LayerAdapter for Taps {
+    fn project(&self, _layer: usize, name: &'static str, x: &Tensor, w: &Tensor) -> slm_model::Result<Tensor> {
+        let y = slm_model::fused::frozen_linear(x, w)?;
+        if !self.record {
+            return Ok(y);
+        }
+        let p = slm_model::PROJECTIONS.iter().position(|&n| n == name).expect("a projection name");
+        let z = Var::zeros(y.shape(), y.dtype(), y.device())?;
+        let out = (y + z.as_tensor())?;
+        self.got.borrow_mut().push((p, x.detach(), z));
+        Ok(out)
+    }
+}
+
+/// What the backward step of one pruned layer leaves: for each window group, its share of the mean loss and,
+/// per projection, the input rows `x: [R, in]` and output gradients `∂L/∂y: [R, out]`, from which
+/// [`LayerGrads::projection`] forms one projection's weight gradient (and Fisher diagonal) when asked.
+pub struct LayerGrads {
+    groups: Vec<(f64, Vec<(Tensor, Tensor)>)>,
+    fisher: bool,
+}
+
+impl LayerGrads {
+    /// `∂L/∂W` of projection `p` ([`slm_model::PROJECTIONS`] order) and, for a per-window pass, its Fisher
+    /// diagonal `(1/N)·Σₙ (∂Lₙ/∂W)²`.
+    pub fn projection(&self, p: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let (mut grad, mut fisher): (Option<Tensor>, Option<Tensor>) = (None, None);
+        let add = |acc: Option<Tensor>, t: Tensor| -> Result<Option<Tensor>> {
+            Ok(Some(match acc {
+                None => t,
+                Some(a) => (a + t)?,
+            }))
+        };
+        for (share, taps) in &self.groups {
+            let (x, gy) = &taps[p];
+            let g = gy.t()?.matmul(x)?;
+            if self.fisher {
+                fisher = add(fisher, g.sqr()?)?;
+            }
+            grad = add(grad, (g * *share)?)?;
+        }
+        let n = self.groups.len() as f64;
+        let fisher = if self.fisher { Some((fisher.ok_or_else(|| no_gradient("a projection"))? / n)?) } else { None };
+        Ok((grad.ok_or_else(|| no_gradient("a projection"))?, fisher))
+    }
+
+    /// All seven projections' gradients (and Fisher diagonals).
+    fn all(&self) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>)> {
+        let got = (0..7).map(|p| self.projection(p)).collect::<Result<Vec<_>>>()?;
+        let (g, f): (Vec<_>, Vec<_>) = got.into_iter().unzip();
+        Ok((g, if self.fisher { Some(f.into_iter().flatten().collect()) } else { None }))
+    }
+}
+
 /// The backward pass layer by layer with recomputation. A forward pass stores the input of each layer from the
 /// lowest of `layers` up (no graph kept); the gradient of the mean loss with respect to the last hidden state
 /// comes from the final norm and the LM head in chunks of [`LOSS_CHUNK`] positions; then, from the top, each
-/// layer is recomputed with its input (and, for a layer of `layers`, its projections, in f32) as variables, and
-/// `Σ out ⊙ ∂L/∂out` is pushed back through it alone.
+/// layer is recomputed with its input as a variable (and, for a layer of `layers`, a tap on each projection:
+/// [`Taps`]), and `Σ out ⊙ ∂L/∂out` is pushed back through it alone.
 ///
 /// With `per_window`, every window is its own group (its own chain), which gives each window's gradient: the
 /// Fisher diagonal `(1/N)·Σₙ (∂Lₙ/∂W)²` and, weighted by positions, the gradient of the total mean. Otherwise
 /// all windows go as one batch.
 ///
-/// `on_layer(i, grad, fisher)` gets the seven projection gradients of each layer of `layers` (and their Fisher
-/// diagonal with `per_window`) as soon as they are known, from the top; nothing of them is kept afterwards. Peak
-/// memory: the stored inputs, one layer's graph and gradients, and one chunk of logits. Returns the mean loss.
+/// `on_layer(i, grads)` gets each layer of `layers` as soon as its backward step is done, from the top; nothing
+/// of it is kept afterwards. Peak memory: the stored inputs, one layer's weights in their stored dtype and its
+/// graph, one projection's gradient, and one chunk of logits. Returns the mean loss.
 fn layerwise_pass(
     model: &Model,
     windows: &[Vec<u32>],
     layers: &[usize],
     per_window: bool,
-    on_layer: &mut dyn FnMut(usize, Vec<Tensor>, Option<Vec<Tensor>>) -> Result<()>,
+    on_layer: &mut dyn FnMut(usize, LayerGrads) -> Result<()>,
 ) -> Result<f64> {
     if windows.is_empty() {
         return Err(WidthError::InvalidArgument("the gradient pass needs at least one calibration window".into()));
@@ -283,54 +349,38 @@ fn layerwise_pass(
     let mode = Mode::Differentiable;
     for i in (lowest..n_layers).rev() {
         let pruned = layers.contains(&i);
-        let mut grad: Option<Vec<Tensor>> = None;
-        let mut fisher: Option<Vec<Tensor>> = None;
+        let mut grads = LayerGrads { groups: Vec::with_capacity(groups.len()), fisher: per_window };
         // Read once per layer (a layer read when used would otherwise be read once per window group).
-        let base = model.weights.layer(i)?.into_owned();
+        let w = model.weights.layer(i)?;
         for g in groups.iter_mut() {
             let input = &g.inputs[i - lowest];
             let need_input = i > lowest;
             let xv = if need_input { Some(Var::from_tensor(input)?) } else { None };
             let x_in = xv.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| input.clone());
-            let mut w = base.clone();
-            let mut vars = Vec::new();
-            if pruned {
-                for p in projections_mut(&mut w) {
-                    let v = Var::from_tensor(&p.to_dtype(candle_core::DType::F32)?)?;
-                    *p = v.as_tensor().clone();
-                    vars.push(v);
-                }
-            }
-            let ctx = model.layer_ctx(i, mode, &slm_model::NoAdapter);
+            let taps = Taps { record: pruned, got: Default::default() };
+            let ctx = model.layer_ctx(i, mode, &taps);
             let out = slm_model::forward::decoder_layer(&x_in, &w, &model.spec.layers[i], &g.batch, &ctx)?;
             let store = (out * &g.grad_out)?.sum_all()?.backward()?;
             if pruned {
-                let gs = vars
-                    .iter()
-                    .map(|v| store.get(v.as_tensor()).cloned().ok_or_else(|| no_gradient("a projection")))
-                    .collect::<Result<Vec<_>>>()?;
-                let weighted = gs.iter().map(|t| t * g.share).collect::<candle_core::Result<Vec<_>>>()?;
-                grad = Some(match grad {
-                    None => weighted,
-                    Some(acc) => acc.iter().zip(&weighted).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
-                });
-                if per_window {
-                    let sq = gs.iter().map(|t| t.sqr()).collect::<candle_core::Result<Vec<_>>>()?;
-                    fisher = Some(match fisher {
-                        None => sq,
-                        Some(acc) => acc.iter().zip(&sq).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
-                    });
+                let mut per: Vec<Option<(Tensor, Tensor)>> = vec![None; 7];
+                for (p, x, z) in taps.got.into_inner() {
+                    let gy = store.get(z.as_tensor()).ok_or_else(|| no_gradient("a projection"))?;
+                    let (rows_in, rows_out) = (x.dims().iter().rev().skip(1).product::<usize>(), gy.elem_count());
+                    let x = x.reshape((rows_in, x.dim(candle_core::D::Minus1)?))?;
+                    let gy = gy.reshape((rows_in, rows_out / rows_in))?;
+                    per[p] = Some((x, gy));
                 }
+                let per =
+                    per.into_iter().map(|t| t.ok_or_else(|| no_gradient("a projection"))).collect::<Result<_>>()?;
+                grads.groups.push((g.share, per));
             }
             if let Some(v) = &xv {
                 g.grad_out = store.get(v.as_tensor()).ok_or_else(|| no_gradient("a layer input"))?.clone();
             }
         }
+        drop(w);
         if pruned {
-            let n = windows.len() as f64;
-            let fisher =
-                fisher.map(|f| f.into_iter().map(|t| t / n).collect::<candle_core::Result<Vec<_>>>()).transpose()?;
-            on_layer(i, grad.ok_or_else(|| no_gradient("a pruned layer"))?, fisher)?;
+            on_layer(i, grads)?;
         }
     }
     Ok(loss)
@@ -351,19 +401,19 @@ fn finite_loss(loss: f64) -> Result<f64> {
     }
 }
 
-/// [`layerwise_pass`] with `per_layer(i, grad, fisher)` turning each layer of `layers` into a `T` as it is
-/// reached: the results in `layers` order, the mean loss (checked finite) and the backward chains run.
+/// [`layerwise_pass`] with `per_layer(i, grads)` turning each layer of `layers` into a `T` as it is reached:
+/// the results in `layers` order, the mean loss (checked finite) and the backward chains run.
 fn collect_layers<T>(
     model: &Model,
     windows: &[Vec<u32>],
     layers: &[usize],
     per_window: bool,
-    per_layer: &mut dyn FnMut(usize, Vec<Tensor>, Option<Vec<Tensor>>) -> Result<T>,
+    per_layer: &mut dyn FnMut(usize, LayerGrads) -> Result<T>,
 ) -> Result<(Vec<T>, f64, usize)> {
     let mut got: Vec<Option<T>> = layers.iter().map(|_| None).collect();
-    let loss = layerwise_pass(model, windows, layers, per_window, &mut |i, g, f| {
+    let loss = layerwise_pass(model, windows, layers, per_window, &mut |i, g| {
         let k = layers.iter().position(|&x| x == i).expect("only pruned layers are reported");
-        got[k] = Some(per_layer(i, g, f)?);
+        got[k] = Some(per_layer(i, g)?);
         Ok(())
     })?;
     let got = got.into_iter().map(|x| x.ok_or_else(|| no_gradient("a pruned layer"))).collect::<Result<_>>()?;
@@ -382,9 +432,10 @@ pub fn gradients(
     fisher: bool,
     on_pass: &mut dyn FnMut(),
 ) -> Result<Gradients> {
-    let (got, loss, backward_passes) = collect_layers(model, windows, layers, fisher, &mut |_, g, f| {
+    let (got, loss, backward_passes) = collect_layers(model, windows, layers, fisher, &mut |_, g| {
+        let all = g.all()?;
         on_pass();
-        Ok((g, f))
+        Ok(all)
     })?;
     let (grad, fish): (Vec<_>, Vec<_>) = got.into_iter().unzip();
     let fisher = fisher.then(|| fish.into_iter().flatten().collect());
@@ -417,9 +468,13 @@ pub fn gradient_scores(
         return Err(WidthError::InvalidArgument(format!("importance {} needs no gradient pass", importance.as_str())));
     }
     let (scores, loss, backward_passes) =
-        collect_layers(model, windows, layers, importance.needs_fisher(), &mut |i, g, f| {
+        collect_layers(model, windows, layers, importance.needs_fisher(), &mut |i, g| {
             let (l, w) = (&model.spec.layers[i], model.weights.layer(i)?);
-            let scores = score_layer(importance, aggregation, i, l, &w, Some(&g), f.as_deref(), 0)?;
+            // One projection's gradient at a time, folded into its member scores and dropped.
+            let scores = score_layer_with(importance, aggregation, i, l, &w, 0, &mut |p| {
+                let (grad, fisher) = g.projection(p)?;
+                Ok((Some(grad), fisher))
+            })?;
             on_layer();
             Ok(scores)
         })?;
@@ -540,9 +595,31 @@ pub fn score_layer(
         let mlp = (0..l.intermediate_size).map(|_| rng.random::<f64>()).collect();
         return Ok(UnitScores { attention, mlp });
     }
+    score_layer_with(importance, aggregation, layer, l, w, seed, &mut |p| {
+        Ok((grad.map(|g| g[p].clone()), fisher.map(|f| f[p].clone())))
+    })
+}
+
+/// [`score_layer`] with projection `p`'s gradient and Fisher diagonal from `inputs(p)`, asked for one projection
+/// at a time (so that only one is held).
+#[allow(clippy::too_many_arguments)] // as score_layer
+pub fn score_layer_with(
+    importance: Importance,
+    aggregation: Aggregation,
+    layer: usize,
+    l: &LayerSpec,
+    w: &LayerWeights,
+    seed: u64,
+    inputs: &mut dyn FnMut(usize) -> Result<(Option<Tensor>, Option<Tensor>)>,
+) -> Result<UnitScores> {
+    if importance == Importance::Random {
+        return score_layer(importance, aggregation, layer, l, w, None, None, seed);
+    }
     let ws = projections(w);
-    let member =
-        |p: usize, axis: usize| member_scores(importance, ws[p], grad.map(|g| &g[p]), fisher.map(|f| &f[p]), axis);
+    let mut member = |p: usize, axis: usize| {
+        let (g, f) = if importance.needs_gradient() { inputs(p)? } else { (None, None) };
+        member_scores(importance, ws[p], g.as_ref(), f.as_ref(), axis)
+    };
     // Out-channel members are scored by row, in-channel members (o, down) by column.
     let (q, k, v, o) = (member(0, 1)?, member(1, 1)?, member(2, 1)?, member(3, 0)?);
     let (gate, up, down) = (member(4, 1)?, member(5, 1)?, member(6, 0)?);

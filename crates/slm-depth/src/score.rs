@@ -15,8 +15,9 @@ use slm_model::{Batch, LayerSpec, LayerWeights, Mode, Model};
 use crate::error::{DepthError, Result};
 use crate::merge::{merge_window, MergeOp};
 
-/// Positions whose logits are computed at a time (KL, NLL): `LM_CHUNK × V` log-probabilities per chunk.
-pub const LM_CHUNK: usize = 512;
+/// Positions whose logits are computed at a time (KL, NLL): `LM_CHUNK × V` log-probabilities per chunk (24 MiB
+/// of f32 each at V = 49,152; the KL holds about five such tensors at once).
+pub const LM_CHUNK: usize = 128;
 
 /// How similar a candidate's output is to the dense model's, in (−1, 1]; higher is more similar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -271,6 +271,19 @@ pub struct LoraHook<'a> {
 }
 
 impl LoraHook<'_> {
+    /// The state of the dropout generator (`None` without dropout): saved before a layer runs so that a
+    /// recomputation of that layer ([`crate::train`]'s per-layer checkpointing) draws the same masks.
+    pub fn dropout_state(&self) -> Option<ChaCha8Rng> {
+        self.dropout.as_ref().map(|r| r.borrow().clone())
+    }
+
+    /// Puts the dropout generator back to a state from [`LoraHook::dropout_state`].
+    pub fn set_dropout_state(&self, state: Option<ChaCha8Rng>) {
+        if let (Some(r), Some(s)) = (&self.dropout, state) {
+            *r.borrow_mut() = s;
+        }
+    }
+
     /// Inverted dropout with a mask drawn from the hook's seeded generator (candle's own dropout is unseeded).
     fn dropout(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let Some(rng) = &self.dropout else { return Ok(x.clone()) };

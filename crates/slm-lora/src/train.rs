@@ -183,18 +183,7 @@ fn micro_batch_losses(
     let x = model.run_layers_adapted(x, 0..model.spec.num_layers(), &batch, mode, hook)?;
     let fin = model.final_norm(&x, mode)?;
     let t = batch.seq_len;
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    let mut positions = vec![Vec::new(); examples.len()];
-    for (s, e) in examples.iter().enumerate() {
-        for p in 0..e.ids.len() - 1 {
-            if e.target[p + 1] {
-                rows.push((s * t + p) as u32);
-                targets.push(e.ids[p + 1]);
-                positions[s].push(p);
-            }
-        }
-    }
+    let (rows, targets, positions) = scored_rows(examples, t);
     let h = model.spec.hidden_size;
     let idx = Tensor::from_vec(rows.clone(), rows.len(), &model.device)?;
     let picked = fin.reshape((examples.len() * t, h))?.index_select(&idx, 0)?;
@@ -211,6 +200,133 @@ fn micro_batch_losses(
         }
         None => token_cross_entropy(&logits, &targets)?,
     })
+}
+
+/// The rows of a batch's final-norm output that are scored, their targets and, per sequence, their positions.
+fn scored_rows(examples: &[&Example], t: usize) -> (Vec<u32>, Vec<u32>, Vec<Vec<usize>>) {
+    let (mut rows, mut targets, mut positions) = (Vec::new(), Vec::new(), vec![Vec::new(); examples.len()]);
+    for (s, e) in examples.iter().enumerate() {
+        for p in 0..e.ids.len() - 1 {
+            if e.target[p + 1] {
+                rows.push((s * t + p) as u32);
+                targets.push(e.ids[p + 1]);
+                positions[s].push(p);
+            }
+        }
+    }
+    (rows, targets, positions)
+}
+
+/// One micro-batch's summed loss divided by `denominator`, and its gradient for every tensor of `vars`, with
+/// per-layer activation checkpointing: the forward pass keeps only each layer's input (and the dropout
+/// generator's state before it); the loss's gradient with respect to the last hidden state comes from the top
+/// alone; then, from the top, each layer is recomputed from its stored input (same dropout masks) and
+/// `Σ out ⊙ ∂L/∂out` is pushed back through it alone, giving its adapters' gradients and its input's. At most
+/// one layer's graph (and weights, when the base is read when used) is alive at a time; the whole-graph
+/// backward holds every layer's. The same gradients up to float summation order (tests).
+pub fn checkpointed_gradients(
+    model: &Model,
+    lora: &Lora,
+    hook: &crate::adapter::LoraHook,
+    examples: &[&Example],
+    distill: Option<&Distill>,
+    denominator: f64,
+) -> Result<(f64, Vec<Tensor>)> {
+    let seqs: Vec<Vec<u32>> = examples.iter().map(|e| e.ids.clone()).collect();
+    let batch = Batch::new(&model.spec, &seqs, &model.device)?;
+    let mode = Mode::Differentiable;
+    let n_layers = model.spec.num_layers();
+    let mut x = model.embed(&batch)?;
+    let mut inputs = Vec::with_capacity(n_layers);
+    for i in 0..n_layers {
+        let state = hook.dropout_state();
+        let next = model.run_layers_adapted(x.clone(), i..i + 1, &batch, mode, hook)?.detach();
+        inputs.push((x, state));
+        x = next;
+    }
+    let after_forward = hook.dropout_state();
+    let top = Var::from_tensor(&x)?;
+    let fin = model.final_norm(top.as_tensor(), mode)?;
+    let (rows, targets, positions) = scored_rows(examples, batch.seq_len);
+    let h = model.spec.hidden_size;
+    let idx = Tensor::from_vec(rows.clone(), rows.len(), &model.device)?;
+    let picked = fin.reshape((examples.len() * batch.seq_len, h))?.index_select(&idx, 0)?;
+    let logits = frozen_linear(&picked, model.weights.lm_head())?;
+    let losses = match distill {
+        Some(d) => {
+            let out = d.teacher.forward(&seqs, &positions, false, Mode::Inference)?;
+            let tl = out.logits.ok_or_else(|| LoraError::InvalidArgument("teacher returned no logits".into()))?;
+            token_kl(&logits, &tl, d.temperature)?
+        }
+        None => token_cross_entropy(&logits, &targets)?,
+    };
+    let loss = (losses.sum_all()? / denominator)?;
+    let loss_value = loss.to_scalar::<f32>()? as f64;
+    let no_grad = |what: &str| LoraError::InvalidArgument(format!("{what} received no gradient (a detaching op?)"));
+    let mut grad_out = loss.backward()?.remove(top.as_tensor()).ok_or_else(|| no_grad("the last hidden state"))?;
+    let vars = lora.vars();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for i in (0..n_layers).rev() {
+        let (input, state) = &inputs[i];
+        hook.set_dropout_state(state.clone());
+        let xv = Var::from_tensor(input)?;
+        let out = model.run_layers_adapted(xv.as_tensor().clone(), i..i + 1, &batch, mode, hook)?;
+        let store = (out * &grad_out)?.sum_all()?.backward()?;
+        for (k, v) in vars.iter().enumerate() {
+            if let Some(g) = store.get(v.as_tensor()) {
+                grads[k] = Some(g.clone());
+            }
+        }
+        if i > 0 {
+            grad_out = store.get(xv.as_tensor()).ok_or_else(|| no_grad("a layer input"))?.clone();
+        }
+    }
+    hook.set_dropout_state(after_forward);
+    let grads = grads.into_iter().map(|g| g.ok_or_else(|| no_grad("a LoRA tensor"))).collect::<Result<Vec<_>>>()?;
+    Ok((loss_value, grads))
+}
+
+/// The whole-graph micro-batch step: the summed loss over `denominator` and the gradient of every tensor of
+/// `vars` from one backward pass through every layer.
+fn whole_graph_gradients(
+    model: &Model,
+    lora: &Lora,
+    hook: &crate::adapter::LoraHook,
+    examples: &[&Example],
+    distill: Option<&Distill>,
+    denominator: f64,
+) -> Result<(f64, Vec<Tensor>)> {
+    let losses = micro_batch_losses(model, hook, examples, distill, true)?;
+    let loss = (losses.sum_all()? / denominator)?;
+    let grads = loss.backward()?;
+    let gs = lora
+        .vars()
+        .iter()
+        .map(|v| {
+            grads.get(v.as_tensor()).cloned().ok_or_else(|| {
+                LoraError::InvalidArgument("a LoRA tensor received no gradient (a detaching op on its path?)".into())
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((loss.to_scalar::<f32>()? as f64, gs))
+}
+
+/// [`checkpointed_gradients`] or [`whole_graph_gradients`] of one micro-batch, for tests: `checkpointed` picks.
+pub fn micro_batch_gradients(
+    model: &Model,
+    lora: &Lora,
+    examples: &[Example],
+    checkpointed: bool,
+    seed: u64,
+) -> Result<(f64, Vec<Tensor>)> {
+    let hook = lora.train_hook(seed);
+    let refs: Vec<&Example> = examples.iter().collect();
+    let n: usize = examples.iter().map(|e| e.num_targets()).sum();
+    if checkpointed {
+        checkpointed_gradients(model, lora, &hook, &refs, None, n.max(1) as f64)
+    } else {
+        whole_graph_gradients(model, lora, &hook, &refs, None, n.max(1) as f64)
+    }
 }
 
 /// Mean validation loss per scored token: (objective, LM cross-entropy).
@@ -301,6 +417,10 @@ pub fn train(
     let mut opt = AdamW::new(&vars)?;
     let total = cfg.total_steps(train.len());
     let hook = lora.train_hook(cfg.seed.wrapping_add(1));
+    // A base read when used is trained with per-layer checkpointing (one layer's weights and graph at a time);
+    // a resident one through the whole graph (faster when it fits).
+    let checkpoint = !model.weights.all_resident();
+    tracing::info!(checkpoint, "LoRA backward: per-layer checkpointing when the base is read when used");
     let mut history = Vec::new();
     let (mut best, mut best_step, mut best_loss): (Option<HashMap<String, Tensor>>, Option<usize>, Option<f64>) =
         (None, None, None);
@@ -319,20 +439,13 @@ pub fn train(
             for micro in global.chunks(cfg.micro_batch_size) {
                 let refs: Vec<&Example> = micro.iter().map(|&i| &train[i]).collect();
                 tokens += refs.iter().map(|e| e.ids.len()).sum::<usize>();
-                let losses = micro_batch_losses(model, &hook, &refs, distill, true)?;
-                let loss = (losses.sum_all()? / n_targets.max(1) as f64)?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
-                let grads = loss.backward()?;
-                let gs = vars
-                    .iter()
-                    .map(|v| {
-                        grads.get(v.as_tensor()).cloned().ok_or_else(|| {
-                            LoraError::InvalidArgument(
-                                "a LoRA tensor received no gradient (a detaching op on its path?)".into(),
-                            )
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let denominator = n_targets.max(1) as f64;
+                let (loss, gs) = if checkpoint {
+                    checkpointed_gradients(model, lora, &hook, &refs, distill, denominator)?
+                } else {
+                    whole_graph_gradients(model, lora, &hook, &refs, distill, denominator)?
+                };
+                loss_sum += loss;
                 acc = Some(match acc {
                     None => gs,
                     Some(a) => a.iter().zip(&gs).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,

@@ -89,7 +89,7 @@ impl Model {
         }
         let model = if path.is_file() && is_gguf(path) {
             let (spec, weights, content) = gguf::load_gguf_mapped(path, device)?;
-            let weights = residency.apply(weights)?;
+            let weights = residency.apply(&spec, weights)?;
             // A GGUF without any tokenizer metadata still loads (weights only); a broken tokenizer is an error.
             let tokenizer = if content.metadata.contains_key("tokenizer.ggml.model") {
                 Some(Tokenizer::from_gguf(&content, path)?)
@@ -100,7 +100,7 @@ impl Model {
             Model { spec, weights, tokenizer, device: device.clone(), source: Some(path.to_path_buf()) }
         } else if path.is_dir() && path.join("config.json").exists() {
             let (spec, weights) = hf::load_hf_mapped(path, device)?;
-            let weights = residency.apply(weights)?;
+            let weights = residency.apply(&spec, weights)?;
             let tok_path = path.join("tokenizer.json");
             let tokenizer = if tok_path.symlink_metadata().is_ok() {
                 Some(Tokenizer::from_file(&tok_path)?.with_bos_to_prepend(hf_bos(path, &spec)?))
@@ -350,15 +350,49 @@ pub enum Residency {
     /// Each layer read (and a GGUF layer dequantised) when it is used, then dropped: for layer-by-layer work on
     /// models near or above the machine's memory (depth, similarity, width, export).
     Mapped,
+    /// Resident when every layer, as held in memory, fits in half of the memory available now
+    /// (`MemAvailable`), mapped otherwise (the evaluator, LoRA, bench and run: a 7B on a 24 GiB machine is
+    /// read when used). The results are the same either way.
+    Auto,
 }
 
 impl Residency {
-    fn apply(self, weights: Weights) -> Result<Weights> {
+    fn apply(self, spec: &ModelSpec, weights: Weights) -> Result<Weights> {
         match self {
             Residency::Resident => weights.into_resident(),
             Residency::Mapped => Ok(weights),
+            Residency::Auto => {
+                let held: u64 = spec
+                    .layers
+                    .iter()
+                    .zip(&weights.layers)
+                    .map(|(l, s)| (l.num_parameters(spec.hidden_size, &spec.arch) * s.dtype().size_in_bytes()) as u64)
+                    .sum();
+                let available = mem_available_bytes();
+                let resident = available.is_none_or(|a| held <= a / 2);
+                tracing::info!(
+                    layer_bytes = held,
+                    available_bytes = available,
+                    resident,
+                    "--weights auto: layers {}",
+                    if resident { "read at load" } else { "read when used" }
+                );
+                if resident {
+                    weights.into_resident()
+                } else {
+                    Ok(weights)
+                }
+            }
         }
     }
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (`None` where there is none).
+fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 impl std::str::FromStr for Residency {
@@ -367,7 +401,10 @@ impl std::str::FromStr for Residency {
         match s.to_ascii_lowercase().as_str() {
             "resident" => Ok(Residency::Resident),
             "mapped" => Ok(Residency::Mapped),
-            _ => Err(ModelError::InvalidArgument(format!("unknown residency `{s}` (expected resident or mapped)"))),
+            "auto" => Ok(Residency::Auto),
+            _ => {
+                Err(ModelError::InvalidArgument(format!("unknown residency `{s}` (expected resident, mapped or auto)")))
+            }
         }
     }
 }

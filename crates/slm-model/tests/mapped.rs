@@ -157,3 +157,15 @@ fn a_bf16_directory_keeps_its_embeddings_and_head_in_bf16_and_upcasts_them_in_ch
     bad[0] = 49152;
     assert!(bf16.head_ce_gradient(&rows, &bad, 1.0).unwrap_err().to_string().contains("outside the vocabulary"));
 }
+
+#[test]
+fn auto_residency_reads_a_model_that_fits_at_load_and_parses_from_the_flag() {
+    let path = slm_model::testing::default_model_path();
+    // 0.5 GB of f32 layers: far below half of any test machine's available memory.
+    let auto = Model::load_as(&path, &Device::Cpu, Residency::Auto).unwrap();
+    assert!(auto.weights.all_resident());
+    assert_eq!("auto".parse::<Residency>().unwrap(), Residency::Auto);
+    assert_eq!("Mapped".parse::<Residency>().unwrap(), Residency::Mapped);
+    let err = "swap".parse::<Residency>().unwrap_err().to_string();
+    assert!(err.contains("resident, mapped or auto"), "{err}");
+}

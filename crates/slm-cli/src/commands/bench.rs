@@ -113,7 +113,7 @@ pub fn measure(
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if args.single {
-        let model = common.load_model(&args.model, slm_model::Residency::Resident)?;
+        let model = common.load_model(&args.model, slm_model::Residency::Auto)?;
         let r = measure(
             &model,
             &args.model.display().to_string(),

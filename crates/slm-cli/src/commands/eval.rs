@@ -118,7 +118,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if let Some((results_path, _)) = &location {
         common.check_output("--output-path", results_path, OutputKind::EvalResults, &[&args.model, &data_dir])?;
     }
-    let model = common.load_model(&args.model, slm_model::Residency::Resident)?;
+    let model = common.load_model(&args.model, slm_model::Residency::Auto)?;
     let max_length = args.max_length.unwrap_or(model.spec.max_position_embeddings);
     if max_length < 2 {
         bail!("--max-length must be at least 2, got {max_length}");

@@ -134,7 +134,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     inputs.extend(args.teacher.as_deref());
     common.check_output("--out", &args.out, OutputKind::Lora, &inputs)?;
     let device = common.device()?;
-    let model = common.load_model(&args.model, slm_model::Residency::Resident)?;
+    let model = common.load_model(&args.model, slm_model::Residency::Auto)?;
     if !data.is_file() {
         bail!("{}: training data file does not exist", data.display());
     }

@@ -32,11 +32,13 @@ pub struct CommonArgs {
     /// Replace an existing output that is not an earlier slm output of the same kind (never an input).
     #[arg(long, global = true)]
     pub force: bool,
-    /// How the model's layers are held: `resident` (read into memory at load) or `mapped` (left in the file,
+    /// How the model's layers are held: `resident` (read into memory at load), `mapped` (left in the file,
     /// each read, and a GGUF layer dequantised, when used: memory for one layer at a time, for models near or
-    /// above the machine's memory). Same results either way. Default: mapped for depth, similarity, width and
-    /// export (they work layer by layer), resident for the rest.
-    #[arg(long, global = true, value_name = "resident|mapped")]
+    /// above the machine's memory) or `auto` (resident when the layers fit in half the available memory).
+    /// Same results either way (LoRA on a mapped base trains with per-layer checkpointing: the same gradients
+    /// up to float rounding). Default: mapped for depth, similarity, width and export (they work layer by
+    /// layer), auto for eval, lora, bench and run.
+    #[arg(long, global = true, value_name = "resident|mapped|auto")]
     pub weights: Option<slm_model::Residency>,
 }
 

@@ -96,7 +96,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     }
     let out = out.ok_or_else(|| anyhow!("{}: give --out or `out = \"DIR\"` in the schedule", sched.path.display()))?;
     slm_model::output::stamp_dir(&out, OutputKind::Run)?;
-    let dense = common.load_model(&sched.model, slm_model::Residency::Resident)?;
+    let dense = common.load_model(&sched.model, slm_model::Residency::Auto)?;
     let dense_params = dense.spec.num_parameters() as f64;
 
     // Step key (model + resolved arguments of every step so far) → the directory that computed it.

@@ -18,13 +18,12 @@
 //! credits query head h to KV head `h mod kv_heads` when it aligns the vectors; here each KV head gets the query
 //! heads that actually read it (`h div rep`), a deliberate fix.
 //!
-//! Only the projections of the pruned layers are variables, so no gradient is built for embeddings, norms or
-//! layers outside the range.
+//! Only the projections of the pruned layers get a weight gradient (a tap on each output, the weight kept in its
+//! stored dtype: [`Taps`]), so none is built for embeddings, norms or layers outside the range.
 
 use std::str::FromStr;
 
 use candle_core::{Tensor, Var};
-
 use rand::{Rng, SeedableRng};
 use slm_model::forward::Mode;
 use slm_model::{Batch, LayerSpec, LayerWeights, Model};
@@ -245,7 +244,7 @@ impl Group {
 }
 
 /// A projection hook for the layer-by-layer backward pass: every projection is [`frozen_linear`] (the weight
-/// stays in its stored dtype, upcast only while used, and gets no gradient), and with `taps` each output is
+/// stays in its stored dtype, upcast only while used, and gets no gradient), and with `record` each output is
 /// `y + z` with `z` a zero variable, so the backward pass hands back `∂L/∂y` and the weight gradient is formed
 /// from it and the projection's input as `(∂L/∂y)ᵀ · x` one projection at a time ([`LayerGrads`]): no f32 copy
 /// of the layer's weights and no gradient of all seven projections at once is ever held.

@@ -364,10 +364,9 @@ fn layerwise_pass(
                 let mut per: Vec<Option<(Tensor, Tensor)>> = vec![None; 7];
                 for (p, x, z) in taps.got.into_inner() {
                     let gy = store.get(z.as_tensor()).ok_or_else(|| no_gradient("a projection"))?;
-                    let (rows_in, rows_out) = (x.dims().iter().rev().skip(1).product::<usize>(), gy.elem_count());
-                    let x = x.reshape((rows_in, x.dim(candle_core::D::Minus1)?))?;
-                    let gy = gy.reshape((rows_in, rows_out / rows_in))?;
-                    per[p] = Some((x, gy));
+                    // As `[rows, in]` and `[rows, out]`.
+                    let rows = |t: &Tensor| t.reshape(((), t.dim(candle_core::D::Minus1)?));
+                    per[p] = Some((rows(&x)?, rows(gy)?));
                 }
                 let per =
                     per.into_iter().map(|t| t.ok_or_else(|| no_gradient("a projection"))).collect::<Result<_>>()?;

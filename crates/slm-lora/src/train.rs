@@ -181,19 +181,31 @@ fn micro_batch_losses(
     let mode = if train { Mode::Differentiable } else { Mode::Inference };
     let x = model.embed(&batch)?;
     let x = model.run_layers_adapted(x, 0..model.spec.num_layers(), &batch, mode, hook)?;
-    let fin = model.final_norm(&x, mode)?;
+    losses_from_top(model, &x, &batch, examples, distill, train)
+}
+
+/// Per-token losses `[N]` from the last layer's output `x: [B, T, hidden]` of `batch` (the examples' ids): the
+/// final norm, the LM head at the scored rows and the objective. `train`: differentiable kernels and the
+/// frozen-head matmul; otherwise [`Model::head`] (a head in a narrower stored dtype upcast a chunk at a time).
+fn losses_from_top(
+    model: &Model,
+    x: &Tensor,
+    batch: &Batch,
+    examples: &[&Example],
+    distill: Option<&Distill>,
+    train: bool,
+) -> Result<Tensor> {
+    let mode = if train { Mode::Differentiable } else { Mode::Inference };
+    let fin = model.final_norm(x, mode)?;
     let t = batch.seq_len;
     let (rows, targets, positions) = scored_rows(examples, t);
     let h = model.spec.hidden_size;
     let idx = Tensor::from_vec(rows.clone(), rows.len(), &model.device)?;
     let picked = fin.reshape((examples.len() * t, h))?.index_select(&idx, 0)?;
-    let logits = if train {
-        frozen_linear(&picked, model.weights.lm_head())?
-    } else {
-        picked.matmul(&model.weights.lm_head().t()?)?
-    };
+    let logits = if train { frozen_linear(&picked, model.weights.lm_head())? } else { model.head(&picked)? };
     Ok(match distill {
         Some(d) => {
+            let seqs: Vec<Vec<u32>> = examples.iter().map(|e| e.ids.clone()).collect();
             let out = d.teacher.forward(&seqs, &positions, false, Mode::Inference)?;
             let tl = out.logits.ok_or_else(|| LoraError::InvalidArgument("teacher returned no logits".into()))?;
             token_kl(&logits, &tl, d.temperature)?
@@ -246,20 +258,7 @@ pub fn checkpointed_gradients(
     }
     let after_forward = hook.dropout_state();
     let top = Var::from_tensor(&x)?;
-    let fin = model.final_norm(top.as_tensor(), mode)?;
-    let (rows, targets, positions) = scored_rows(examples, batch.seq_len);
-    let h = model.spec.hidden_size;
-    let idx = Tensor::from_vec(rows.clone(), rows.len(), &model.device)?;
-    let picked = fin.reshape((examples.len() * batch.seq_len, h))?.index_select(&idx, 0)?;
-    let logits = frozen_linear(&picked, model.weights.lm_head())?;
-    let losses = match distill {
-        Some(d) => {
-            let out = d.teacher.forward(&seqs, &positions, false, Mode::Inference)?;
-            let tl = out.logits.ok_or_else(|| LoraError::InvalidArgument("teacher returned no logits".into()))?;
-            token_kl(&logits, &tl, d.temperature)?
-        }
-        None => token_cross_entropy(&logits, &targets)?,
-    };
+    let losses = losses_from_top(model, top.as_tensor(), &batch, examples, distill, true)?;
     let loss = (losses.sum_all()? / denominator)?;
     let loss_value = loss.to_scalar::<f32>()? as f64;
     let no_grad = |what: &str| LoraError::InvalidArgument(format!("{what} received no gradient (a detaching op?)"));

@@ -4,7 +4,7 @@
 //! the checkpointed gradients bit for bit.
 
 use candle_core::{Device, Tensor};
-use slm_lora::train::micro_batch_gradients;
+use slm_lora::train::{mean_loss, micro_batch_gradients};
 use slm_lora::{Example, Lora, LoraConfig};
 use slm_model::testing::{default_model_path, max_abs_diff};
 use slm_model::Model;
@@ -58,4 +58,20 @@ fn checkpointed_lora_gradients_equal_the_whole_graph_and_a_mapped_base_gives_the
     for (a, b) in gm.iter().zip(&gc) {
         assert_eq!(max_abs_diff(a, b), 0.0);
     }
+}
+
+#[test]
+fn lora_validation_loss_runs_on_a_bf16_head_and_equals_its_f32_upcast() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("bf16");
+    let dense = Model::load(&default_model_path(), &Device::Cpu).unwrap();
+    dense.save(&src, slm_model::StorageDType::BF16, &[]).unwrap();
+    let bf16 = Model::load_mapped(&src, &Device::Cpu).unwrap();
+    assert_eq!(bf16.weights.lm_head().dtype(), candle_core::DType::BF16);
+    let mut f32m = Model::load(&src, &Device::Cpu).unwrap();
+    f32m.weights = f32m.weights.to(&Device::Cpu, candle_core::DType::F32).unwrap();
+    let lora = lora_with_nonzero_b(&dense);
+    let ex = examples(&dense);
+    let (a, b) = (mean_loss(&bf16, &lora, &ex, None).unwrap(), mean_loss(&f32m, &lora, &ex, None).unwrap());
+    assert!((a - b).abs() <= 1e-5 * b, "validation loss {a} on the bf16 head vs {b} on its f32 upcast");
 }

@@ -366,14 +366,8 @@ impl<'m> Calibration<'m> {
 /// The fused-layer cache's limit: a quarter of the model's layer bytes when every layer is resident; two
 /// layers' worth when the layers are read when used (the model may be larger than the memory).
 fn merged_budget(model: &Model) -> usize {
-    let (spec, w) = (&model.spec, &model.weights);
-    let bytes: Vec<usize> = spec
-        .layers
-        .iter()
-        .zip(&w.layers)
-        .map(|(l, s)| l.num_parameters(spec.hidden_size, &spec.arch) * s.dtype().size_in_bytes())
-        .collect();
-    if w.all_resident() {
+    let bytes = model.weights.layer_bytes(&model.spec);
+    if model.weights.all_resident() {
         bytes.iter().sum::<usize>() / 4
     } else {
         2 * bytes.iter().copied().max().unwrap_or(0)

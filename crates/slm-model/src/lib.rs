@@ -362,12 +362,7 @@ impl Residency {
             Residency::Resident => weights.into_resident(),
             Residency::Mapped => Ok(weights),
             Residency::Auto => {
-                let held: u64 = spec
-                    .layers
-                    .iter()
-                    .zip(&weights.layers)
-                    .map(|(l, s)| (l.num_parameters(spec.hidden_size, &spec.arch) * s.dtype().size_in_bytes()) as u64)
-                    .sum();
+                let held = weights.layer_bytes(spec).iter().sum::<usize>() as u64;
                 let available = mem_available_bytes();
                 let resident = available.is_none_or(|a| held <= a / 2);
                 tracing::info!(

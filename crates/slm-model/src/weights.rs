@@ -553,6 +553,16 @@ impl Weights {
         Ok(Weights { embed_tokens, layers, norm, lm_head })
     }
 
+    /// Bytes of each layer of `spec` as held: its parameters at its slot's dtype (stored, or f32 for a dequantised
+    /// GGUF layer).
+    pub fn layer_bytes(&self, spec: &ModelSpec) -> Vec<usize> {
+        spec.layers
+            .iter()
+            .zip(&self.layers)
+            .map(|(l, s)| l.num_parameters(spec.hidden_size, &spec.arch) * s.dtype().size_in_bytes())
+            .collect()
+    }
+
     /// The same weights on another device / in another dtype.
     pub fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
         let f = |t: &Tensor| t.to_device(device)?.to_dtype(dtype);

@@ -375,3 +375,41 @@ fn bench_measures_each_model_and_writes_json() {
     let e = run_err(slm().arg("bench").arg(&m).arg("--compare").arg(dir.path().join("nope")));
     assert!(e.contains("nope: model path does not exist"), "{e}");
 }
+
+/// `--compute-dtype bf16` for depth: the search computes in bf16, the output model keeps the loaded final norm
+/// bit for bit (the norm names the compute dtype inside slm, so a bf16 rounding of it must not be saved), and
+/// the gradient commands refuse the flag.
+#[test]
+fn depth_computes_in_bf16_and_saves_the_loaded_norm_and_width_refuses_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("f32"), dir.path().join("bf16"));
+    let flags = ["--method", "shortgpt", "--target-layers", "5"];
+    run_ok(&mut depth_on_default(&a, &flags));
+    run_ok(depth_on_default(&b, &flags).args(["--compute-dtype", "bf16"]));
+    let plan = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("slm_plan.json")).unwrap()).unwrap()
+    };
+    let (pa, pb) = (plan(&a), plan(&b));
+    eprintln!("removed: f32 {} bf16 {}", pa["plan"]["removed"], pb["plan"]["removed"]);
+    assert_eq!(pa["plan"]["removed"], pb["plan"]["removed"], "ShortGPT's choice should survive bf16 compute here");
+    let (sa, sb) = (pa["search"]["layer_scores"].as_array().unwrap(), pb["search"]["layer_scores"].as_array().unwrap());
+    assert_eq!(sa.len(), sb.len());
+    let score = |v: &serde_json::Value| v[1].as_f64().unwrap();
+    let worst = sa.iter().zip(sb).map(|(x, y)| (score(x) - score(y)).abs()).fold(0f64, f64::max);
+    eprintln!("worst ShortGPT score difference: {worst:.3e}");
+    assert!(worst > 0.0, "bf16 compute gave the f32 scores exactly: the flag did nothing");
+    assert!(worst < 0.05, "ShortGPT scores differ by {worst}");
+    let norm = |d: &Path| {
+        let m = slm_model::Model::load(d, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(m.compute_dtype(), candle_core::DType::F32);
+        m.weights.norm.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    assert_eq!(norm(&a), norm(&b), "the saved final norm must be the loaded one");
+    let e = run_err(slm().arg("width").arg(default_model_path()).arg("--out").arg(dir.path().join("w")).args([
+        "--pruning-ratio",
+        "0.2",
+        "--compute-dtype",
+        "bf16",
+    ]));
+    assert!(e.contains("--compute-dtype"), "{e}");
+}

@@ -12,7 +12,7 @@
 //! [`Mode::Differentiable`] differentiable kernels are used instead ([`crate::fused`]: one pass forward, one
 //! backward, checked against candle's slow twins); they compute the same values up to rounding.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{ModelError, Result};
 use crate::spec::{Activation, Arch, LayerSpec, ModelSpec, Rope};
@@ -397,13 +397,11 @@ pub fn attention(x: &Tensor, w: &LayerWeights, l: &LayerSpec, ctx: &LayerCtx, at
     let q = heads("q_proj", &w.q_proj, w.q_bias.as_ref(), w.q_norm.as_ref(), nh)?;
     let k = heads("k_proj", &w.k_proj, w.k_bias.as_ref(), w.k_norm.as_ref(), nkv)?;
     let v = heads("v_proj", &w.v_proj, w.v_bias.as_ref(), None, nkv)?;
+    // The rotary tables are f32; a narrower compute dtype (`--compute-dtype bf16`) takes them in its own.
+    let (cos, sin) = (att.cos.to_dtype(q.dtype())?, att.sin.to_dtype(q.dtype())?);
     let (q, k) = match ctx.mode {
-        Mode::Inference => {
-            (candle_nn::rotary_emb::rope(&q, &att.cos, &att.sin)?, candle_nn::rotary_emb::rope(&k, &att.cos, &att.sin)?)
-        }
-        Mode::Differentiable => {
-            (rope_differentiable(&q, &att.cos, &att.sin)?, rope_differentiable(&k, &att.cos, &att.sin)?)
-        }
+        Mode::Inference => (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?),
+        Mode::Differentiable => (rope_differentiable(&q, &cos, &sin)?, rope_differentiable(&k, &cos, &sin)?),
     };
     let (k, v) = match att.cache.as_deref_mut() {
         Some(cache) => {
@@ -453,14 +451,17 @@ pub(crate) fn grouped_attention(
     let (_, nkv, s, _) = k.dims4()?;
     let rep = nh / nkv;
     let q = (q.reshape((b, nkv, rep * t, hd))? * scale)?;
-    let mut scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, s))?;
+    // Scores, mask and softmax in f32 whatever the compute dtype (as transformers' eager attention does for
+    // bf16): a bf16 softmax over long rows loses the small probabilities. The probabilities go back to v's dtype.
+    let mut scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, s))?.to_dtype(DType::F32)?;
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }
     let probs = match mode {
         Mode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
         Mode::Differentiable => crate::fused::softmax_last_dim(&scores)?,
-    };
+    }
+    .to_dtype(v.dtype())?;
     let ctx = probs.reshape((b, nkv, rep * t, s))?.matmul(v)?;
     Ok(ctx.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?)
 }
@@ -544,12 +545,26 @@ impl Model {
         self.weights.norm.dtype()
     }
 
+    /// Sets the dtype activations are computed in (`--compute-dtype`): f32, bf16 or f16. Only the final norm is
+    /// converted (it names the compute dtype); every other weight stays in its held dtype and is converted while
+    /// used, as a bf16-stored layer is upcast for f32 compute. Attention scores and softmax stay in f32 and the
+    /// LM head's logits are f32 whatever the compute dtype ([`Model::head`]).
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(ModelError::InvalidArgument(format!("compute dtype {dtype:?}: f32, bf16 or f16")));
+        }
+        self.weights.norm = self.weights.norm.to_dtype(dtype)?;
+        Ok(())
+    }
+
     /// Logits `[N, vocab]` of final-norm rows `[N, hidden]`. An LM head stored in another dtype than the rows
     /// (bf16 embeddings of a mapped model) is upcast [`HEAD_CHUNK`] vocabulary rows at a time, so no
     /// compute-dtype copy of the whole head is made (1.6 GB in f32 for a 7B with a 49,152-token vocabulary).
     /// Not for a differentiable head: the chunks would be kept for backward ([`Model::head_ce_gradient`]).
     pub fn head(&self, rows: &Tensor) -> Result<Tensor> {
         let head = self.weights.lm_head();
+        // Logits are f32 whatever the compute dtype: rows computed in bf16 are upcast first (f32 rows: no copy).
+        let rows = &rows.to_dtype(DType::F32)?;
         if head.dtype() == rows.dtype() {
             return Ok(rows.matmul(&head.t()?)?);
         }
@@ -573,6 +588,12 @@ impl Model {
         if targets.len() != n || n == 0 {
             return Err(ModelError::InvalidArgument(format!("{} targets for {n} rows", targets.len())));
         }
+        if rows.dtype() != DType::F32 {
+            return Err(ModelError::InvalidArgument(format!(
+                "gradients are computed in f32, not {:?} (no --compute-dtype for gradient work)",
+                rows.dtype()
+            )));
+        }
         if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
             return Err(ModelError::InvalidArgument(format!("target token {bad} is outside the vocabulary ({v})")));
         }
@@ -582,9 +603,9 @@ impl Model {
             let part = (candle_nn::loss::cross_entropy(&x.as_tensor().matmul(&head.t()?)?, &tgt)? * scale)?;
             let grad = part.backward()?.remove(x.as_tensor());
             let grad = grad.ok_or_else(|| ModelError::InvalidArgument("the LM head gave no gradient".into()))?;
-            return Ok((part.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, grad));
+            return Ok((part.to_dtype(DType::F64)?.to_scalar::<f64>()?, grad));
         }
-        let mut p = self.head(rows)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut p = self.head(rows)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let (mut loss, w) = (0f64, scale / n as f64);
         for (r, &t) in targets.iter().enumerate() {
             let row = &mut p[r * v..(r + 1) * v];

@@ -390,6 +390,17 @@ fn mem_available_bytes() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+impl Residency {
+    /// The spelling `--weights` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Residency::Resident => "resident",
+            Residency::Mapped => "mapped",
+            Residency::Auto => "auto",
+        }
+    }
+}
+
 impl std::str::FromStr for Residency {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self> {

@@ -37,6 +37,8 @@ pub struct Args {
     /// Measure MODEL alone in this process and print one JSON line (what the parent runs per model).
     #[arg(long, hide = true)]
     pub single: bool,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
 }
 
 /// The `--json` file: the stamp of an slm bench output, then one measurement per model.
@@ -113,7 +115,7 @@ pub fn measure(
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if args.single {
-        let model = common.load_model(&args.model, slm_model::Residency::Auto)?;
+        let model = args.compute.compute_dtype.apply(&common.load_model(&args.model, slm_model::Residency::Auto)?)?;
         let r = measure(
             &model,
             &args.model.display().to_string(),
@@ -136,9 +138,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
             bail!("{}: model path does not exist", path.display());
         }
         tracing::info!(model = %path.display(), "measuring");
-        let out = Command::new(&exe)
-            .arg("--device")
-            .arg(&common.device)
+        let mut child = Command::new(&exe);
+        child.arg("--device").arg(&common.device);
+        if let Some(w) = common.weights {
+            child.arg("--weights").arg(w.name());
+        }
+        let out = child
             .arg("bench")
             .arg(path)
             .args([
@@ -149,6 +154,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                 &args.new_tokens.to_string(),
             ])
             .args(["--warmup", &args.warmup.to_string(), "--runs", &args.runs.to_string()])
+            .args(["--compute-dtype", args.compute.compute_dtype.name()])
             .output()
             .context("running the measuring child process")?;
         if !out.status.success() {

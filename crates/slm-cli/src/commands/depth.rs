@@ -60,6 +60,8 @@ pub struct Args {
     /// directory, f32 for a GGUF (dequantised)].
     #[arg(long)]
     pub dtype: Option<StorageDType>,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
 }
 
 /// slm-dp's calibration unless given: 40 windows of 32 tokens (the reference's 1280 tokens in short windows).
@@ -107,7 +109,9 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"));
     spinner.set_message(format!("{} search on {} calibration windows", method.name(), windows.len()));
     spinner.enable_steady_tick(Duration::from_millis(200));
-    let mut cal = Calibration::new(&model, windows, op)?;
+    // The search computes in --compute-dtype; the output is built from the model as loaded.
+    let scorer = args.compute.compute_dtype.apply(&model)?;
+    let mut cal = Calibration::new(&scorer, windows, op)?;
     cal.incremental = !args.no_incremental;
     let settings = Settings {
         criterion,
@@ -119,10 +123,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     spinner.finish_and_clear();
     let search_seconds = start.elapsed().as_secs_f64();
 
-    let pruned = match args.refit {
+    let mut pruned = match args.refit {
         Some(ridge) => slm_depth::refit::apply_with_refit(&cal, &outcome.plan, ridge).context("--refit")?,
         None => apply(&model, &outcome.plan)?,
     };
+    // The final norm names the compute dtype: the saved model keeps the loaded one (f32, not a bf16 rounding).
+    pruned.weights.norm = model.weights.norm.clone();
     let (before, after) = (model.spec.num_parameters(), pruned.spec.num_parameters());
     let ratio = 1.0 - after as f64 / before as f64;
     let plan_file = DepthPlanFile {

@@ -42,6 +42,8 @@ pub struct Args {
     /// Also write per-document records (samples_<task>_<time>.jsonl) next to the results JSON.
     #[arg(long, requires = "output_path")]
     pub log_samples: bool,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
 }
 
 /// One name of `--tasks`, checked as clap parses it (so `slm run --check` refuses a bad one).
@@ -118,7 +120,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if let Some((results_path, _)) = &location {
         common.check_output("--output-path", results_path, OutputKind::EvalResults, &[&args.model, &data_dir])?;
     }
-    let model = common.load_model(&args.model, slm_model::Residency::Auto)?;
+    let model = args.compute.compute_dtype.apply(&common.load_model(&args.model, slm_model::Residency::Auto)?)?;
+    let dtype_name = args.compute.compute_dtype.torch_name();
     let max_length = args.max_length.unwrap_or(model.spec.max_position_embeddings);
     if max_length < 2 {
         bail!("--max-length must be at least 2, got {max_length}");
@@ -169,11 +172,11 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
             model: "slm".into(),
             model_args: vec![
                 ("pretrained".into(), args.model.display().to_string()),
-                ("dtype".into(), "float32".into()),
+                ("dtype".into(), dtype_name.into()),
             ],
             model_name: args.model.display().to_string(),
             model_num_parameters: model.spec.num_parameters() as u64,
-            model_dtype: "float32".into(),
+            model_dtype: dtype_name.into(),
             batch_size: args.batch_size,
             device: common.device.clone(),
             limit: args.limit,

@@ -27,6 +27,8 @@ pub struct Args {
     /// CKA at or above which a run of consecutive layers counts as one "patch" in the printed summary.
     #[arg(long, default_value_t = 0.9, value_parser = super::finite_f64)]
     pub patch_threshold: f64,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
 }
 
 /// Heat-map colour ranges: both metrics on [0, 1] so that colours mean the same across models (cosines below 0
@@ -43,7 +45,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         bail!("--seq-len must be positive");
     }
     common.check_output("--out", &args.out, OutputKind::Similarity, &[&args.model, &calib.file])?;
-    let model = common.load_model(&args.model, slm_model::Residency::Mapped)?;
+    let model = args.compute.compute_dtype.apply(&common.load_model(&args.model, slm_model::Residency::Mapped)?)?;
     let windows = calib.windows(&model)?;
 
     let start = Instant::now();

@@ -19,6 +19,64 @@ use crate::merge::{merge_window, MergeOp};
 /// of f32 each at V = 49,152; the KL holds about five such tensors at once).
 pub const LM_CHUNK: usize = 128;
 
+/// Positions scored at a time when the logits are streamed by vocabulary chunk (a narrower stored head):
+/// dense and candidate rows stacked, `2 × STREAM_ROWS × HEAD_CHUNK` f32 logits held (128 MiB).
+const STREAM_ROWS: usize = 2048;
+
+/// A running log-sum-exp of one row of logits, chunk by chunk, in f64.
+#[derive(Debug, Clone, Copy)]
+struct Lse {
+    max: f64,
+    sum: f64,
+}
+
+impl Default for Lse {
+    fn default() -> Self {
+        Lse { max: f64::NEG_INFINITY, sum: 0.0 }
+    }
+}
+
+impl Lse {
+    /// Adds a chunk; returns the factor the earlier sum was rescaled by (for sums kept alongside).
+    fn push(&mut self, x: &[f32]) -> f64 {
+        let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let mut scale = 1.0;
+        if m > self.max {
+            scale = (self.max - m).exp();
+            self.sum *= scale;
+            self.max = m;
+        }
+        self.sum += x.iter().map(|&v| (v as f64 - self.max).exp()).sum::<f64>();
+        scale
+    }
+
+    fn value(&self) -> f64 {
+        self.max + self.sum.ln()
+    }
+}
+
+/// One position's KL(p ‖ q) from its logits a (dense) and b (candidate), chunk by chunk:
+/// `Σ p (a − b) − lse(a) + lse(b)` with `Σ p (a − b) = t / Σ exp(a − max)`.
+#[derive(Debug, Clone, Copy, Default)]
+struct KlRow {
+    a: Lse,
+    b: Lse,
+    t: f64,
+}
+
+impl KlRow {
+    fn push(&mut self, a: &[f32], b: &[f32]) {
+        self.t *= self.a.push(a);
+        self.b.push(b);
+        let m = self.a.max;
+        self.t += a.iter().zip(b).map(|(&x, &y)| (x as f64 - m).exp() * (x as f64 - y as f64)).sum::<f64>();
+    }
+
+    fn kl(&self) -> f64 {
+        self.t / self.a.sum - self.a.value() + self.b.value()
+    }
+}
+
 /// How similar a candidate's output is to the dense model's, in (−1, 1]; higher is more similar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -245,11 +303,21 @@ impl<'m> Calibration<'m> {
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
     }
 
+    /// Whether the LM head is held narrower than f32 (bf16 embeddings of a mapped model): the KL and NLL then
+    /// stream the logits by vocabulary chunks, so the head is upcast once per candidate, not once per
+    /// [`LM_CHUNK`] positions and side (eight times at 8 × 64 calibration tokens).
+    fn narrow_head(&self) -> bool {
+        self.model.weights.lm_head().dtype() != DType::F32
+    }
+
     /// Mean over predicting positions of KL(p_dense ‖ p_candidate), the LM head applied [`LM_CHUNK`] rows at a
     /// time to both (no `[positions, V]` tensor is held: 1 GB for slm-dp's 40 × 128 calibration tokens).
     fn mean_kl(&self, fin: &Tensor) -> Result<f64> {
         let (dense, cand) = (Self::predicting_rows(&self.dense_final)?, Self::predicting_rows(fin)?);
         let n = dense.dim(0)?;
+        if self.narrow_head() {
+            return self.mean_kl_streamed(&dense, &cand);
+        }
         let mut sum = 0f64;
         for start in (0..n).step_by(LM_CHUNK) {
             let len = LM_CHUNK.min(n - start);
@@ -257,6 +325,29 @@ impl<'m> Calibration<'m> {
             let q = self.log_probs(&cand.narrow(0, start, len)?)?;
             let kl = (p.exp()? * (p - &q)?)?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all()?;
             sum += kl.to_scalar::<f64>()?;
+        }
+        Ok(sum / n as f64)
+    }
+
+    /// [`Calibration::mean_kl`] with the logits streamed by vocabulary chunk ([`Model::head_by_vocab_chunk`])
+    /// for [`STREAM_ROWS`] positions at a time, dense and candidate rows stacked: an online log-sum-exp of each
+    /// side and the running `Σ exp(a − max) (a − b)`, in f64.
+    fn mean_kl_streamed(&self, dense: &Tensor, cand: &Tensor) -> Result<f64> {
+        let n = dense.dim(0)?;
+        let mut sum = 0f64;
+        for start in (0..n).step_by(STREAM_ROWS) {
+            let len = STREAM_ROWS.min(n - start);
+            let rows = Tensor::cat(&[dense.narrow(0, start, len)?, cand.narrow(0, start, len)?], 0)?;
+            let mut acc = vec![KlRow::default(); len];
+            self.model.head_by_vocab_chunk(&rows, |_, logits| -> Result<()> {
+                let c = logits.dim(1)?;
+                let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                for (r, row) in acc.iter_mut().enumerate() {
+                    row.push(&v[r * c..(r + 1) * c], &v[(len + r) * c..(len + r + 1) * c]);
+                }
+                Ok(())
+            })?;
+            sum += acc.iter().map(KlRow::kl).sum::<f64>();
         }
         Ok(sum / n as f64)
     }
@@ -344,6 +435,29 @@ impl<'m> Calibration<'m> {
         let targets: Vec<u32> = self.windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
         let n = targets.len();
         let mut total = 0f64;
+        if self.narrow_head() {
+            for start in (0..n).step_by(STREAM_ROWS) {
+                let len = STREAM_ROWS.min(n - start);
+                let tgt = &targets[start..start + len];
+                let (mut lse, mut picked) = (vec![Lse::default(); len], vec![0f64; len]);
+                self.model.head_by_vocab_chunk(&rows.narrow(0, start, len)?, |s, logits| -> Result<()> {
+                    let c = logits.dim(1)?;
+                    let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                    for (r, acc) in lse.iter_mut().enumerate() {
+                        let row = &v[r * c..(r + 1) * c];
+                        acc.push(row);
+                        if (s..s + c).contains(&(tgt[r] as usize)) {
+                            picked[r] = row[tgt[r] as usize - s] as f64;
+                        }
+                    }
+                    Ok(())
+                })?;
+                total += lse.iter().zip(&picked).map(|(l, &p)| l.value() - p).sum::<f64>();
+            }
+            let v = finite(total, || format!("the calibration NLL of candidate {c:?}"))?;
+            self.memo.insert(key, v);
+            return Ok(v);
+        }
         for start in (0..n).step_by(LM_CHUNK) {
             let len = LM_CHUNK.min(n - start);
             let logp = self.log_probs(&rows.narrow(0, start, len)?)?;

@@ -575,3 +575,46 @@ fn a_mapped_model_gives_the_same_scores_plan_and_output_as_a_resident_one() {
     ob.save(&db, slm_model::StorageDType::F32, &[]).unwrap();
     assert_eq!(safetensors_files(&da), safetensors_files(&db));
 }
+
+/// On a head held in bf16 the KL and NLL stream the logits by vocabulary chunk (one head upcast per candidate,
+/// the reductions in f64); they equal an f64 log-softmax of the applied models' logits, and the position-chunked
+/// f32 path on the same weights upcast to f32 within its f32 rounding.
+#[test]
+fn streamed_kl_and_nll_on_a_bf16_head_equal_the_full_row_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bf16");
+    Model::load(&default_model_path(), &Device::Cpu).unwrap().save(&out, slm_model::StorageDType::BF16, &[]).unwrap();
+    let bf16 = Model::load_mapped(&out, &Device::Cpu).unwrap();
+    assert_eq!(bf16.weights.lm_head().dtype(), candle_core::DType::BF16);
+    let f32 = bf16.to_device(&Device::Cpu).unwrap();
+    assert_eq!(f32.weights.lm_head().dtype(), candle_core::DType::F32);
+    // 10 × 63 predicting positions: several position chunks on the full-row path.
+    let windows = default_calibration(&f32, 10, 64);
+    let mut a = Calibration::new(&bf16, windows.clone(), MergeOp::Top).unwrap();
+    let mut b = Calibration::new(&f32, windows.clone(), MergeOp::Top).unwrap();
+    let pos: Vec<Vec<usize>> = windows.iter().map(|w| (0..w.len() - 1).collect()).collect();
+    let logp = |m: &Model| {
+        let l = m.forward(&windows, &pos, false, Mode::Inference).unwrap().logits.unwrap();
+        candle_nn::ops::log_softmax(&l.to_dtype(candle_core::DType::F64).unwrap(), candle_core::D::Minus1).unwrap()
+    };
+    let p = logp(&f32);
+    let targets: Vec<u32> = windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
+    let idx = Tensor::from_vec(targets.clone(), (targets.len(), 1), &Device::Cpu).unwrap();
+    for (merges, removed) in [(vec![[20, 24]], vec![]), (vec![[3, 6]], vec![12])] {
+        let c = Candidate { merges: merges.clone(), removed: removed.clone() };
+        let q = logp(&apply(&f32, &DepthPlan::new(30, merges, removed, MergeOp::Top).unwrap()).unwrap());
+        let kl = (p.exp().unwrap() * (&p - &q).unwrap()).unwrap().sum(1).unwrap().mean_all().unwrap();
+        let want = (-kl.to_scalar::<f64>().unwrap()).exp();
+        let (x, y) = (a.similarity(Criterion::Kl, &c).unwrap(), b.similarity(Criterion::Kl, &c).unwrap());
+        eprintln!("{c:?}: kl similarity streamed {x}, f32 rows {y}, f64 reference {want}");
+        assert!((x - want).abs() <= 1e-6, "{c:?} kl similarity: streamed {x} vs f64 reference {want}");
+        assert!((x - y).abs() <= 1e-5, "{c:?} kl similarity: streamed {x} vs f32 rows {y}");
+        assert!(x < 0.999, "{c:?}: a pruned candidate should differ from the dense model ({x})");
+        let nll = -q.gather(&idx, 1).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let (x, y) = (a.nll(&c).unwrap(), b.nll(&c).unwrap());
+        assert!((x - nll).abs() / nll <= 1e-6, "{c:?} nll: streamed {x} vs f64 reference {nll}");
+        assert!((x - y).abs() / y <= 1e-5, "{c:?} nll: streamed {x} vs f32 rows {y}");
+    }
+    let dense = Candidate::default();
+    assert!((a.similarity(Criterion::Kl, &dense).unwrap() - 1.0).abs() <= 1e-9);
+}

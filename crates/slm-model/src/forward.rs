@@ -576,6 +576,26 @@ impl Model {
         Ok(Tensor::cat(&parts, 1)?)
     }
 
+    /// Streams the f32 logits of `rows: [N, hidden]` by vocabulary chunks: `f(start, logits)` gets the
+    /// `[N, len]` logits of vocabulary rows `start..start + len`, in order, [`HEAD_CHUNK`] at a time. Each head
+    /// chunk is upcast once for all N rows, so a caller that reduces over the vocabulary (a log-sum-exp, a KL)
+    /// on a narrower stored head pays one upcast of the head in all, with `[N, HEAD_CHUNK]` logits held.
+    pub fn head_by_vocab_chunk<E: From<ModelError>>(
+        &self,
+        rows: &Tensor,
+        mut f: impl FnMut(usize, Tensor) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let head = self.weights.lm_head();
+        let rows = rows.to_dtype(DType::F32).map_err(ModelError::from)?;
+        let v = head.dim(0).map_err(ModelError::from)?;
+        for s in (0..v).step_by(HEAD_CHUNK) {
+            let len = HEAD_CHUNK.min(v - s);
+            let chunk = head.narrow(0, s, len).and_then(|h| h.to_dtype(DType::F32));
+            f(s, chunk.and_then(|h| rows.matmul(&h.t()?)).map_err(ModelError::from)?)?;
+        }
+        Ok(())
+    }
+
     /// `scale ×` the mean next-token cross-entropy of final-norm rows `[N, hidden]` against `targets`, and its
     /// gradient with respect to the rows. A head in the rows' dtype goes through candle's autodiff (the kernels
     /// of the whole-graph pass, so the two agree bit for bit); a head stored narrower (bf16) is upcast

@@ -90,6 +90,17 @@ fn eval_writes_lm_eval_results_and_samples_that_match_the_golden_run() {
     }
     // Not all seven tasks: no avg-7.
     assert!(r.get("avg-7").is_none());
+    // slm's throughput record per task: counts of what was run and rates that agree with them.
+    for task in ["winogrande", "openbookqa"] {
+        let t = &r["throughput"][task];
+        assert_eq!(t["docs"], 25, "{task}: {t}");
+        assert_eq!(t["requests"], if task == "winogrande" { 50 } else { 100 }, "{task}: {t}");
+        let (secs, tokens) = (t["seconds"].as_f64().unwrap(), t["tokens"].as_f64().unwrap());
+        assert!(secs > 0.0 && tokens > 0.0 && t["logit_rows"].as_u64().unwrap() > 0, "{task}: {t}");
+        assert!((t["docs_per_s"].as_f64().unwrap() * secs - 25.0).abs() < 1e-6, "{task}: {t}");
+        assert!((t["tokens_per_s"].as_f64().unwrap() * secs - tokens).abs() < 1e-3, "{task}: {t}");
+        assert!(t["useful_gflop_per_s"].as_f64().unwrap() > 0.0, "{task}: {t}");
+    }
     // Per-document records next to the results file, one line per document, metrics as in the golden samples.
     let samples: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

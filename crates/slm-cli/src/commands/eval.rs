@@ -102,6 +102,27 @@ impl slm_eval::Progress for Bar {
     }
 }
 
+/// One task's entry of the results' `throughput`: what was computed and how fast (useful GFLOP/s counts the layer
+/// and LM-head matmuls of the tokens run, as [`slm_eval::EngineStats::useful_flops`]).
+fn throughput_record(
+    docs: usize,
+    requests: usize,
+    stats: &slm_eval::EngineStats,
+    flops: f64,
+    secs: f64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "docs": docs,
+        "requests": requests,
+        "tokens": stats.tokens,
+        "logit_rows": stats.logit_rows,
+        "seconds": secs,
+        "docs_per_s": docs as f64 / secs,
+        "tokens_per_s": stats.tokens as f64 / secs,
+        "useful_gflop_per_s": flops / secs / 1e9,
+    })
+}
+
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
@@ -134,21 +155,26 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         share_context: true,
     };
     let mut runs: Vec<TaskRun> = Vec::new();
+    let mut throughput = serde_json::Map::new();
     let (mut flops, mut seconds) = (0.0, 0.0);
     for &task in &tasks {
         let t0 = Instant::now();
         let run = slm_eval::evaluate(&model, task, &settings, &mut Bar(None))
             .with_context(|| format!("task {}", task.name()))?;
         let (f, secs) = (run.stats.useful_flops(&model.spec), t0.elapsed().as_secs_f64());
+        let docs = run.report.n_effective;
         tracing::info!(
             task = task.name(),
-            docs = run.report.n_effective,
+            docs,
             requests = run.requests,
             tokens = run.stats.tokens,
             seconds = format!("{secs:.1}"),
+            docs_per_s = format!("{:.2}", docs as f64 / secs),
+            tokens_per_s = format!("{:.0}", run.stats.tokens as f64 / secs),
             gflop_per_s = format!("{:.1}", f / secs / 1e9),
             "evaluated"
         );
+        throughput.insert(task.name().to_string(), throughput_record(docs, run.requests, &run.stats, f, secs));
         flops += f;
         seconds += secs;
         runs.push(run);
@@ -188,7 +214,9 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
             start_time,
             end_time: unix_now(),
         };
-        let json = results_json(&reports, &info, &data_dir.display().to_string());
+        let mut json = results_json(&reports, &info, &data_dir.display().to_string());
+        // slm's own key (lm-eval has none): how fast each task ran, on this machine, in this run.
+        json["throughput"] = serde_json::Value::Object(throughput);
         slm_model::write_file_atomically(&results_path, to_pretty_string(&json).as_bytes())?;
         println!("results: {}", results_path.display());
         if args.log_samples {

@@ -6,7 +6,8 @@
 //! sequences are sorted longest first (as lm-eval sorts requests) and batched; logits are computed only at the
 //! positions whose next token is scored.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use slm_model::{Batch, Mode, Model, PackedSequence};
 
 use crate::error::EvalError;
@@ -208,26 +209,108 @@ impl<'a> Engine<'a> {
         let batch = Batch::packed(&self.model.spec, &packs, &self.model.device)?;
         let out = self.model.forward_batch(&batch, &positions, false, Mode::Inference)?;
         let logits = out.logits.expect("every request has a continuation token");
-        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
         let n = targets.len();
         let mut st = self.stats.get();
         st.tokens += packs.iter().map(|p| p.len() as u64).sum::<u64>();
         st.logit_rows += n as u64;
         self.stats.set(st);
-        let idx = Tensor::from_vec(targets.clone(), (n, 1), logp.device())?;
-        let token_lp: Vec<f32> = logp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
-        let greedy: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        let scored = score_rows(&logits, &targets)?;
         let mut row = 0;
         for g in groups {
             for &i in &g.members {
                 let k = requests[i].continuation.len();
-                let lp = &token_lp[row..row + k];
-                let loglikelihood = lp.iter().fold(0.0f64, |a, &x| a + x as f64);
-                let is_greedy = (row..row + k).all(|r| greedy[r] == targets[r]);
+                let loglikelihood = scored[row..row + k].iter().fold(0.0f64, |a, s| a + s.log_prob as f64);
+                let is_greedy = scored[row..row + k].iter().all(|s| s.greedy);
                 results[i] = Some(RequestResult { loglikelihood, is_greedy });
                 row += k;
             }
         }
         Ok(())
+    }
+}
+
+/// One scored logit row: the log-softmax at its target and whether the target is the row's argmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoredRow {
+    pub log_prob: f32,
+    /// The target is the first maximum of the row (torch's `argmax`, as lm-eval's `is_greedy` uses).
+    pub greedy: bool,
+}
+
+/// Scores each row of `logits: [n, V]` against `targets[r]`: `log_softmax(row)[target]` as
+/// `(x_t − max) − ln Σ exp(x − max)` (the sum in f64) and whether the target is the first maximum. One parallel
+/// pass per row over the logits in place: no `[n, V]` temporaries (candle's `log_softmax` makes three, 400 MB each
+/// for 2,000 rows of a 49,152-token vocabulary, plus passes for `gather` and `argmax`).
+pub fn score_rows(logits: &Tensor, targets: &[u32]) -> Result<Vec<ScoredRow>, EvalError> {
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n {
+        return Err(EvalError::InvalidArgument(format!("{} targets for {n} logit rows", targets.len())));
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+        return Err(EvalError::InvalidArgument(format!("target token {t} is outside the vocabulary ({v})")));
+    }
+    let score = |row: &[f32], t: usize| {
+        let (mut max, mut first) = (f32::NEG_INFINITY, 0);
+        for (j, &x) in row.iter().enumerate() {
+            if x > max {
+                (max, first) = (x, j);
+            }
+        }
+        let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
+        ScoredRow { log_prob: (row[t] - max) - sum.ln() as f32, greedy: first == t }
+    };
+    let run = |all: &[f32]| -> Vec<ScoredRow> {
+        all.par_chunks(v).zip(targets.par_iter()).map(|(row, &t)| score(row, t as usize)).collect()
+    };
+    let logits = logits.to_dtype(DType::F32)?;
+    if let (candle_core::Device::Cpu, true) = (logits.device(), logits.is_contiguous()) {
+        let (storage, layout) = logits.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let all = cpu.as_slice::<f32>()?;
+            return Ok(run(&all[layout.start_offset()..layout.start_offset() + n * v]));
+        }
+    }
+    Ok(run(&logits.flatten_all()?.to_vec1::<f32>()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_rows_equals_log_softmax_gather_and_first_argmax() {
+        // A hand-worked row: logits [0, ln 3, 0] → softmax [1/5, 3/5, 1/5].
+        let l3 = 3f32.ln();
+        let t = Tensor::new(&[[0.0f32, l3, 0.0], [2.0, 2.0, 1.0]], &candle_core::Device::Cpu).unwrap();
+        let s = score_rows(&t, &[1, 1]).unwrap();
+        assert!((s[0].log_prob - (0.6f32).ln()).abs() < 1e-6 && s[0].greedy);
+        // A tie: the first maximum is the argmax, so target 1 is not greedy and target 0 is.
+        assert!(!s[1].greedy);
+        assert!(score_rows(&t, &[0, 0]).unwrap()[1].greedy);
+        // Against candle's log_softmax + gather + argmax on pseudo-random rows (a strided view too).
+        let (n, v) = (7, 1000);
+        let vals: Vec<f32> = (0..n * v).map(|i| ((i as f32 * 0.7311).sin() * 9.0) + (i % 13) as f32 * 0.1).collect();
+        let logits = Tensor::from_vec(vals, (n, v), &candle_core::Device::Cpu).unwrap();
+        let targets: Vec<u32> = (0..n as u32).map(|r| (r * 131) % v as u32).collect();
+        let lp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
+        let idx = Tensor::new(targets.as_slice(), &candle_core::Device::Cpu).unwrap().reshape((n, 1)).unwrap();
+        let want: Vec<f32> = lp.gather(&idx, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let arg: Vec<u32> = logits.argmax(candle_core::D::Minus1).unwrap().to_vec1().unwrap();
+        let mut targets2 = targets.clone();
+        targets2[3] = arg[3];
+        let strided = logits.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!strided.is_contiguous());
+        for (tg, view) in [(&targets, logits.clone()), (&targets2, strided)] {
+            let got = score_rows(&view, tg).unwrap();
+            for r in 0..n {
+                if tg[r] == targets[r] {
+                    assert!((got[r].log_prob - want[r]).abs() < 1e-5, "row {r}: {} vs {}", got[r].log_prob, want[r]);
+                }
+                assert_eq!(got[r].greedy, arg[r] == tg[r], "row {r}");
+            }
+            assert!(got[3].greedy == (tg[3] == arg[3]));
+        }
+        assert!(score_rows(&logits, &targets[..3]).is_err());
+        assert!(score_rows(&logits, &[5000; 7]).is_err());
     }
 }

@@ -352,6 +352,31 @@ impl<'m> Calibration<'m> {
         Ok(sum / n as f64)
     }
 
+    /// The total next-token NLL of `rows` against `targets` with the logits streamed by vocabulary chunk (as
+    /// [`Calibration::mean_kl_streamed`]): an online log-sum-exp per row minus the target's logit, in f64.
+    fn nll_streamed(&self, rows: &Tensor, targets: &[u32]) -> Result<f64> {
+        let mut total = 0f64;
+        for start in (0..targets.len()).step_by(STREAM_ROWS) {
+            let len = STREAM_ROWS.min(targets.len() - start);
+            let tgt = &targets[start..start + len];
+            let (mut lse, mut picked) = (vec![Lse::default(); len], vec![0f64; len]);
+            self.model.head_by_vocab_chunk(&rows.narrow(0, start, len)?, |s, logits| -> Result<()> {
+                let c = logits.dim(1)?;
+                let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                for (r, acc) in lse.iter_mut().enumerate() {
+                    let row = &v[r * c..(r + 1) * c];
+                    acc.push(row);
+                    if (s..s + c).contains(&(tgt[r] as usize)) {
+                        picked[r] = row[tgt[r] as usize - s] as f64;
+                    }
+                }
+                Ok(())
+            })?;
+            total += lse.iter().zip(&picked).map(|(l, &p)| l.value() - p).sum::<f64>();
+        }
+        Ok(total)
+    }
+
     /// The candidate's similarity to the dense model (memoised).
     pub fn similarity(&mut self, criterion: Criterion, c: &Candidate) -> Result<f64> {
         let key = (c.clone(), Quantity::Similarity(criterion));
@@ -434,37 +459,19 @@ impl<'m> Calibration<'m> {
         let rows = Self::predicting_rows(&self.candidate_final(c)?)?;
         let targets: Vec<u32> = self.windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
         let n = targets.len();
-        let mut total = 0f64;
-        if self.narrow_head() {
-            for start in (0..n).step_by(STREAM_ROWS) {
-                let len = STREAM_ROWS.min(n - start);
-                let tgt = &targets[start..start + len];
-                let (mut lse, mut picked) = (vec![Lse::default(); len], vec![0f64; len]);
-                self.model.head_by_vocab_chunk(&rows.narrow(0, start, len)?, |s, logits| -> Result<()> {
-                    let c = logits.dim(1)?;
-                    let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-                    for (r, acc) in lse.iter_mut().enumerate() {
-                        let row = &v[r * c..(r + 1) * c];
-                        acc.push(row);
-                        if (s..s + c).contains(&(tgt[r] as usize)) {
-                            picked[r] = row[tgt[r] as usize - s] as f64;
-                        }
-                    }
-                    Ok(())
-                })?;
-                total += lse.iter().zip(&picked).map(|(l, &p)| l.value() - p).sum::<f64>();
+        let total = if self.narrow_head() {
+            self.nll_streamed(&rows, &targets)?
+        } else {
+            let mut total = 0f64;
+            for start in (0..n).step_by(LM_CHUNK) {
+                let len = LM_CHUNK.min(n - start);
+                let logp = self.log_probs(&rows.narrow(0, start, len)?)?;
+                let idx = Tensor::new(&targets[start..start + len], logp.device())?.reshape((len, 1))?;
+                let lp: Vec<f32> = logp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
+                total -= lp.iter().map(|&x| x as f64).sum::<f64>();
             }
-            let v = finite(total, || format!("the calibration NLL of candidate {c:?}"))?;
-            self.memo.insert(key, v);
-            return Ok(v);
-        }
-        for start in (0..n).step_by(LM_CHUNK) {
-            let len = LM_CHUNK.min(n - start);
-            let logp = self.log_probs(&rows.narrow(0, start, len)?)?;
-            let idx = Tensor::new(&targets[start..start + len], logp.device())?.reshape((len, 1))?;
-            let lp: Vec<f32> = logp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
-            total -= lp.iter().map(|&x| x as f64).sum::<f64>();
-        }
+            total
+        };
         let v = finite(total, || format!("the calibration NLL of candidate {c:?}"))?;
         self.memo.insert(key, v);
         Ok(v)

@@ -568,11 +568,11 @@ impl Model {
         if head.dtype() == rows.dtype() {
             return Ok(rows.matmul(&head.t()?)?);
         }
-        let v = head.dim(0)?;
-        let parts = (0..v)
-            .step_by(HEAD_CHUNK)
-            .map(|s| rows.matmul(&head.narrow(0, s, HEAD_CHUNK.min(v - s))?.to_dtype(rows.dtype())?.t()?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut parts = Vec::new();
+        self.head_by_vocab_chunk(rows, |_, logits| -> Result<()> {
+            parts.push(logits);
+            Ok(())
+        })?;
         Ok(Tensor::cat(&parts, 1)?)
     }
 

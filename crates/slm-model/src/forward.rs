@@ -367,6 +367,14 @@ impl<'a> LayerCtx<'a> {
         })
     }
 
+    /// The residual sum `x + y`: on every core in inference (candle's add runs on one), the tracked add otherwise.
+    fn residual(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        Ok(match self.mode {
+            Mode::Inference => crate::fused::add(x, y)?,
+            Mode::Differentiable => (x + y)?,
+        })
+    }
+
     fn norm_opt(&self, x: Tensor, w: Option<&Tensor>) -> Result<Tensor> {
         match w {
             Some(w) => self.norm(&x, w),
@@ -382,7 +390,7 @@ pub fn layer(x: &Tensor, w: &LayerWeights, l: &LayerSpec, ctx: &LayerCtx, att: &
     let h = attention(x, w, l, ctx, att)?;
     let a = mlp_activations(&h, w, ctx)?;
     let y = ctx.project("down_proj", &a, &w.down_proj, None)?;
-    Ok((&h + ctx.norm_opt(y, w.mlp_out_norm.as_ref())?)?)
+    ctx.residual(&h, &ctx.norm_opt(y, w.mlp_out_norm.as_ref())?)
 }
 
 /// The attention half of a layer: `x + [out_norm](o_proj(attn(input_layernorm(x))))`.
@@ -420,7 +428,7 @@ pub fn attention(x: &Tensor, w: &LayerWeights, l: &LayerSpec, ctx: &LayerCtx, at
     };
     let ctx_out = grouped_attention(&q, &k, &v, att.mask.as_ref(), ctx.arch.attn_scale(hd), ctx.mode)?;
     let o = ctx.project("o_proj", &ctx_out, &w.o_proj, None)?;
-    Ok((x + ctx.norm_opt(o, w.attn_out_norm.as_ref())?)?)
+    ctx.residual(x, &ctx.norm_opt(o, w.attn_out_norm.as_ref())?)
 }
 
 /// [`layer`] on a prepared batch.
@@ -454,12 +462,15 @@ pub(crate) fn grouped_attention(
     // Scores, mask and softmax in f32 whatever the compute dtype (as transformers' eager attention does for
     // bf16): a bf16 softmax over long rows loses the small probabilities. The probabilities go back to v's dtype.
     let mut scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, s))?.to_dtype(DType::F32)?;
-    if let Some(m) = mask {
-        scores = scores.broadcast_add(m)?;
-    }
-    let probs = match mode {
-        Mode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
-        Mode::Differentiable => crate::fused::softmax_last_dim(&scores)?,
+    let probs = match (mode, mask) {
+        (Mode::Inference, Some(m)) => crate::fused::masked_softmax_last_dim(&scores, m)?,
+        (Mode::Inference, None) => candle_nn::ops::softmax_last_dim(&scores)?,
+        (Mode::Differentiable, m) => {
+            if let Some(m) = m {
+                scores = scores.broadcast_add(m)?;
+            }
+            crate::fused::softmax_last_dim(&scores)?
+        }
     }
     .to_dtype(v.dtype())?;
     let ctx = probs.reshape((b, nkv, rep * t, s))?.matmul(v)?;
@@ -473,8 +484,8 @@ pub fn mlp_activations(h: &Tensor, w: &LayerWeights, ctx: &LayerCtx) -> Result<T
     let gate = ctx.project("gate_proj", &hn, &w.gate_proj, None)?;
     let up = ctx.project("up_proj", &hn, &w.up_proj, None)?;
     Ok(match (ctx.arch.activation, ctx.mode) {
-        (Activation::Silu, Mode::Inference) => (gate.silu()? * up)?,
-        (Activation::Silu, Mode::Differentiable) => crate::fused::swiglu(&gate, &up)?,
+        // The fused kernel computes candle's `silu(gate) * up` with the same arithmetic, on every core.
+        (Activation::Silu, _) => crate::fused::swiglu(&gate, &up)?,
         // candle's `gelu` is the tanh approximation (PyTorch's gelu(approximate="tanh")), differentiable.
         (Activation::GeluTanh, _) => (gate.gelu()? * up)?,
     })

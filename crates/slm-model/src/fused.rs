@@ -4,7 +4,7 @@
 //! pass forward and one backward, row-parallel. Gradients reach every input that can carry one (RMSNorm's weight
 //! too), so they are drop-in replacements for any gradient user. Off the CPU the composed ops are used.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The contiguous f32 data of a CPU storage (custom ops take f32, contiguous inputs only).
@@ -97,7 +97,7 @@ impl CustomOp2 for RmsNorm {
 
 /// `x / sqrt(mean(x², last) + eps) * w`, differentiable in `x` and `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return candle_nn::ops::rms_norm_slow(x, w, eps);
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
@@ -144,7 +144,7 @@ impl CustomOp1 for Softmax {
 
 /// Softmax over the last dimension, differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return candle_nn::ops::softmax(x, candle_core::D::Minus1);
     }
     x.contiguous()?.apply_op1(Softmax)
@@ -193,7 +193,7 @@ impl CustomOp1 for Rope {
 
 /// Differentiable rotary embedding for `x: [B, H, T, hd]`, `cos`/`sin: [T, hd/2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || cos.rank() != 2 || x.rank() != 4 {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || cos.rank() != 2 || x.rank() != 4 {
         return candle_nn::rotary_emb::rope_slow(x, cos, sin);
     }
     let t = x.dim(2)?;
@@ -257,10 +257,113 @@ impl CustomOp2 for SwiGlu {
 
 /// `silu(gate) * up`, differentiable in both.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    if !gate.device().is_cpu() || gate.dtype() != candle_core::DType::F32 || gate.shape() != up.shape() {
+    if !gate.device().is_cpu() || gate.dtype() != DType::F32 || gate.shape() != up.shape() {
         return gate.silu()? * up;
     }
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct MaskedSoftmax;
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::cpu::kernels::VecOps;
+        let x = f32_slice(s1, l1, "masked-softmax")?;
+        let m = match s2 {
+            CpuStorage::F32(v) => v.as_slice(),
+            _ => candle_core::bail!("masked-softmax: the mask must be f32"),
+        };
+        let (d, md) = (l1.shape().dims(), l2.shape().dims());
+        let (st, off) = (l2.stride(), l2.start_offset());
+        let (t, s) = (d[3], d[4]);
+        let per_b = d[1] * d[2] * t;
+        // Mask element (batch `bi`, query `i`, key `j`), batch broadcast when the mask has one.
+        let bstride = if md[0] == 1 { 0 } else { st[0] };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(s).zip(x.par_chunks(s)).enumerate().with_min_len(min_rows(s)).for_each(|(r, (y, x))| {
+            let base = off + (r / per_b) * bstride + (r % t) * st[3];
+            for (j, (y, x)) in y.iter_mut().zip(x).enumerate() {
+                *y = x + m[base + j * st[4]];
+            }
+            // The arithmetic of candle's `softmax_last_dim`, step for step, so that the result is the same bits.
+            let mut max = f32::NEG_INFINITY;
+            // SAFETY: `y` holds `s > 0` elements and `max` is a valid f32.
+            unsafe { f32::vec_reduce_max(y.as_ptr(), &mut max, s) };
+            y.iter_mut().for_each(|v| *v = (*v - max).exp());
+            let mut sum = 0f32;
+            // SAFETY: as above.
+            unsafe { f32::vec_reduce_sum(y.as_ptr(), &mut sum, s) };
+            y.iter_mut().for_each(|v| *v /= sum);
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+/// `softmax_last_dim(scores + mask)` for `scores: [B, H, R, T, S]` and an additive `mask: [B or 1, 1, 1, T, S]`
+/// (any strides), in one pass without the broadcast sum as a tensor: the same values, bit for bit, as candle's
+/// `broadcast_add` then `softmax_last_dim`. Inference only (no backward); other shapes, dtypes and devices take the
+/// composed ops.
+pub fn masked_softmax_last_dim(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let (d, md) = (scores.dims(), mask.dims());
+    let fits = d.len() == 5
+        && md.len() == 5
+        && (md[0] == d[0] || md[0] == 1)
+        && md[1] == 1
+        && md[2] == 1
+        && md[3] == d[3]
+        && md[4] == d[4]
+        && d[4] > 0;
+    if !fits || !scores.device().is_cpu() || scores.dtype() != DType::F32 || mask.dtype() != DType::F32 {
+        return candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?);
+    }
+    scores.contiguous()?.apply_op2_no_bwd(mask, &MaskedSoftmax)
+}
+
+struct Add;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "par-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (f32_slice(s1, l1, "add")?, f32_slice(s2, l2, "add")?);
+        if a.len() != b.len() {
+            candle_core::bail!("add: the operands differ in size");
+        }
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(16384).zip(a.par_chunks(16384).zip(b.par_chunks(16384))).for_each(|(y, (a, b))| {
+            for i in 0..y.len() {
+                y[i] = a[i] + b[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+/// `a + b` of two f32 CPU tensors of one shape, row-parallel (candle's elementwise ops run on one thread).
+/// Inference only (no backward); anything else takes candle's add.
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if !a.device().is_cpu() || a.dtype() != DType::F32 || b.dtype() != DType::F32 || a.shape() != b.shape() {
+        return a + b;
+    }
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)
 }
 
 /// `x @ w^T` as a plain matmul (no autograd op recorded for `w`).
@@ -334,7 +437,7 @@ mod tests {
         let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5), &dev).unwrap()).unwrap();
         let w32 = Tensor::randn(0f32, 1., (4, 5), &dev).unwrap();
         for w in [w32.clone(), w32.to_dtype(candle_core::DType::BF16).unwrap()] {
-            let reference = w.to_dtype(candle_core::DType::F32).unwrap();
+            let reference = w.to_dtype(DType::F32).unwrap();
             let y1 = frozen_linear(x.as_tensor(), &w).unwrap();
             let y2 = x.as_tensor().broadcast_matmul(&reference.t().unwrap()).unwrap();
             let d = |a: &Tensor, b: &Tensor| {
@@ -388,5 +491,44 @@ mod tests {
             |t| swiglu(t[0], t[1]).unwrap(),
             |t| (t[0].silu().unwrap() * t[1]).unwrap(),
         );
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn inference_kernels_give_the_composed_ops_bit_for_bit() {
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| Tensor::randn(0f32, 3., s, &dev).unwrap();
+        // A causal + padding mask [B, 1, 1, 9, 9] narrowed to 6 queries and keys (strided, as `Batch::attend`
+        // gives it for a shorter layer input), per sequence and shared by the batch.
+        let (b, t) = (3, 9);
+        let full: Vec<f32> = (0..b * t * t)
+            .map(|n| {
+                let (s, i, j) = (n / (t * t), (n / t) % t, n % t);
+                if j > i || j >= t - 2 * s {
+                    f32::NEG_INFINITY
+                } else {
+                    0.
+                }
+            })
+            .collect();
+        let full = Tensor::from_vec(full, (b, 1, 1, t, t), &dev).unwrap();
+        let narrowed = full.narrow(3, 0, 6).unwrap().narrow(4, 0, 6).unwrap();
+        let shared = full.narrow(0, 0, 1).unwrap();
+        for (scores, mask) in
+            [(r(&[b, 2, 3, t, t]), full.clone()), (r(&[b, 2, 3, 6, 6]), narrowed), (r(&[b, 2, 3, t, t]), shared)]
+        {
+            let fused = masked_softmax_last_dim(&scores, &mask).unwrap();
+            let composed = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+            assert_eq!(bits(&fused), bits(&composed), "masked softmax, mask {:?}", mask.dims());
+        }
+        let (g, u) = (r(&[4, 3000]), r(&[4, 3000]));
+        assert_eq!(bits(&swiglu(&g, &u).unwrap()), bits(&(g.silu().unwrap() * &u).unwrap()), "swiglu");
+        assert_eq!(bits(&add(&g, &u).unwrap()), bits(&(&g + &u).unwrap()), "add");
+        // A transposed (strided) operand is made contiguous first.
+        let gt = r(&[3000, 4]).t().unwrap();
+        assert_eq!(bits(&add(&gt, &u).unwrap()), bits(&(&gt + &u).unwrap()), "add, strided");
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use slm_eval::{build_token_requests, score_docs, Engine, Task, TokenRequest};
-use slm_model::testing::{data_dir, default_model_path, golden_dir};
+use slm_model::testing::{data_dir, default_model_path, golden_dir, test_device};
 use slm_model::Model;
 
 fn golden(set: &str, task: &str) -> Vec<Value> {
@@ -27,8 +27,9 @@ fn gemma_path() -> PathBuf {
     p
 }
 
+/// On `SLM_TEST_DEVICE` (cpu unless set; `scripts/gpu_check.sh` runs these on cuda).
 fn check(model_path: &std::path::Path, set: &str, name: &str) {
-    let model = Model::load(model_path, &candle_core::Device::Cpu).unwrap();
+    let model = Model::load(model_path, &test_device()).unwrap();
     let task = Task::from_name(name).unwrap();
     let gold = golden(set, name);
     let docs = task.load_docs(&data_dir(), Some(gold.len())).unwrap();

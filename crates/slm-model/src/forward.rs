@@ -651,7 +651,9 @@ impl Model {
         let mut grad = rows.zeros_like()?;
         for s in (0..v).step_by(HEAD_CHUNK) {
             let len = HEAD_CHUNK.min(v - s);
-            grad = (grad + p.narrow(1, s, len)?.matmul(&head.narrow(0, s, len)?.to_dtype(rows.dtype())?)?)?;
+            // A column block of `p` has row stride `v`: cuBLAS takes only tight operands (the CPU gemm any).
+            let block = p.narrow(1, s, len)?.contiguous()?;
+            grad = (grad + block.matmul(&head.narrow(0, s, len)?.to_dtype(rows.dtype())?)?)?;
         }
         Ok((loss * w, grad))
     }

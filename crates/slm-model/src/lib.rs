@@ -339,7 +339,14 @@ pub fn parse_device(s: &str) -> Result<Device> {
             "device `{s}`: this build of slm has no CUDA support (rebuild with `--features cuda`)"
         )));
     }
-    Ok(Device::new_cuda(ordinal)?)
+    // candle's error carries a backtrace in its text: the first line says what failed.
+    Device::new_cuda(ordinal).map_err(|e| {
+        let e = e.to_string();
+        ModelError::InvalidArgument(format!(
+            "device `{s}`: CUDA did not start ({}); is there a GPU with its driver (libcuda.so.1)?",
+            e.lines().next().unwrap_or_default()
+        ))
+    })
 }
 
 /// Whether a loaded model's layers are read into memory at once, or left in the file and read when used.
@@ -417,3 +424,28 @@ impl std::str::FromStr for Residency {
 
 /// Path of the default model fetched by `scripts/setup.sh`, relative to the workspace root.
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[cfg(test)]
+mod device_tests {
+    use super::parse_device;
+
+    /// Without a GPU (or, in a CPU build, without CUDA at all) `--device cuda` is one clear line, never candle's
+    /// backtrace; with one it is a CUDA device.
+    #[test]
+    fn a_cuda_device_that_cannot_start_is_a_one_line_error() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        let e = parse_device("tpu").unwrap_err().to_string();
+        assert!(e.contains("unknown device `tpu`"), "{e}");
+        match parse_device("cuda:0") {
+            Ok(d) => assert!(d.is_cuda()),
+            Err(e) => {
+                let e = e.to_string();
+                assert_eq!(e.lines().count(), 1, "{e}");
+                assert!(e.contains("device `cuda:0`"), "{e}");
+                if !cfg!(feature = "cuda") {
+                    assert!(e.contains("--features cuda"), "{e}");
+                }
+            }
+        }
+    }
+}

@@ -3,14 +3,18 @@
 
 use std::path::PathBuf;
 
-/// The workspace root (two levels above this crate).
+/// The workspace root: `SLM_WORKSPACE` when set (test executables run from a copy of the repository elsewhere, as
+/// `scripts/gpu_check.sh` does), else the checkout they were built in (two levels above this crate).
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    match std::env::var_os("SLM_WORKSPACE") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
 }
 
 /// The evaluation and calibration data the repository carries (`data/`).
 pub fn data_dir() -> PathBuf {
-    crate::data::source_data_dir()
+    workspace_root().join("data")
 }
 
 /// The reference outputs of transformers and lm-evaluation-harness the repository carries (`golden/`).
@@ -135,4 +139,11 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .and_then(|d| d.max(0))
         .and_then(|d| d.to_scalar::<f32>())
         .expect("same shapes")
+}
+
+/// The device the device-aware tests run on: `SLM_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`), `cpu` when unset.
+/// `scripts/gpu_check.sh` sets it to run the golden tests on a GPU with test executables built here.
+pub fn test_device() -> candle_core::Device {
+    let name = std::env::var("SLM_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    crate::parse_device(&name).unwrap_or_else(|e| panic!("SLM_TEST_DEVICE={name}: {e}"))
 }

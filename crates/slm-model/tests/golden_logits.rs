@@ -2,7 +2,7 @@
 //! holds, for four prompts, the reference token ids and the logits at every position.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use slm_model::testing::{default_model_path, golden_dir};
+use slm_model::testing::{default_model_path, golden_dir, test_device};
 use slm_model::{Mode, Model};
 
 const PROMPTS: [&str; 4] = [
@@ -23,7 +23,8 @@ fn argmax_rows(t: &Tensor) -> Vec<u32> {
 
 #[test]
 fn gguf_logits_and_token_ids_match_transformers() {
-    let model = Model::load(&default_model_path(), &Device::Cpu).unwrap();
+    // On `SLM_TEST_DEVICE` (cpu unless set; `scripts/gpu_check.sh` runs this on cuda).
+    let model = Model::load(&default_model_path(), &test_device()).unwrap();
     let g = golden();
     let tok = model.tokenizer().unwrap();
     for (i, prompt) in PROMPTS.iter().enumerate() {
@@ -38,7 +39,7 @@ fn gguf_logits_and_token_ids_match_transformers() {
         let ids = tok.encode(prompt).unwrap();
         assert_eq!(ids, want_ids, "token ids of prompt {i}");
 
-        let logits = model.logits_all(&ids).unwrap();
+        let logits = model.logits_all(&ids).unwrap().to_device(&Device::Cpu).unwrap();
         let want = &g[&format!("logits_{i}")];
         assert_eq!(logits.dims(), want.dims());
         let diff = (&logits - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

@@ -32,7 +32,9 @@ say() { echo "build_cuda: $*" >&2; }
 if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null 2>&1; then
   CUDA_HOME="$(cd "$(dirname "$(command -v nvcc)")/.." && pwd)"
 fi
+own=""
 if [[ -z "${CUDA_HOME:-}" ]]; then
+  own=1
   tk="$root/.cuda/pypi"
   CUDA_HOME="$tk/nvidia/cu13"
   wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
@@ -54,8 +56,15 @@ export PATH="$CUDA_HOME/bin:$PATH"
 say "toolkit $CUDA_HOME: $(nvcc --version | grep -o 'release [0-9.]*'), compute capability $CUDA_COMPUTE_CAP"
 
 # ---- link names: wheels carry only versioned libraries (libcublas.so.13); the linker looks for libcublas.so ----
+# Made inside the toolkit only when it is the one assembled here; a user's toolkit is never written to: what it
+# lacks goes to .cuda/link, passed to the linker with RUSTFLAGS.
 lib="$CUDA_HOME/lib"
-if [[ -d "$lib" ]]; then
+if [[ -z "$own" ]]; then
+  lib="$root/.cuda/link"
+  mkdir -p "$lib/stubs"
+  export RUSTFLAGS="${RUSTFLAGS:-} -L native=$lib -L native=$lib/stubs"
+fi
+if [[ -n "$own" ]]; then
   for n in cublas cublasLt curand nvrtc cudart; do
     if [[ ! -e "$lib/lib$n.so" ]]; then
       v="$(ls "$lib"/lib"$n".so.[0-9]* 2>/dev/null | head -1 || true)"

@@ -58,19 +58,18 @@ say "toolkit $CUDA_HOME: $(nvcc --version | grep -o 'release [0-9.]*'), compute 
 # ---- link names: wheels carry only versioned libraries (libcublas.so.13); the linker looks for libcublas.so ----
 # Made inside the toolkit only when it is the one assembled here; a user's toolkit is never written to: what it
 # lacks goes to .cuda/link, passed to the linker with RUSTFLAGS.
-lib="$CUDA_HOME/lib"
-if [[ -z "$own" ]]; then
-  lib="$root/.cuda/link"
-  mkdir -p "$lib/stubs"
-  export RUSTFLAGS="${RUSTFLAGS:-} -L native=$lib -L native=$lib/stubs"
-fi
 if [[ -n "$own" ]]; then
+  lib="$CUDA_HOME/lib"
   for n in cublas cublasLt curand nvrtc cudart; do
     if [[ ! -e "$lib/lib$n.so" ]]; then
       v="$(ls "$lib"/lib"$n".so.[0-9]* 2>/dev/null | head -1 || true)"
       [[ -n "$v" ]] && ln -sf "$(basename "$v")" "$lib/lib$n.so"
     fi
   done
+else
+  lib="$root/.cuda/link"
+  mkdir -p "$lib/stubs"
+  export RUSTFLAGS="${RUSTFLAGS:-} -L native=$lib -L native=$lib/stubs"
 fi
 
 # ---- libcuda.so: the driver's, the toolkit's stub, or one made here ----

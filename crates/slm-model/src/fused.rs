@@ -28,6 +28,17 @@ fn min_rows(d: usize) -> usize {
     (4096 / d.max(1)).max(1)
 }
 
+/// `f(a[i], b[i])` for every `i`, in blocks on every core (same-length inputs).
+fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(|(y, (a, b))| {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = f(a, b);
+        }
+    });
+    y
+}
+
 struct RmsNorm {
     eps: f32,
 }
@@ -219,12 +230,7 @@ impl CustomOp2 for SwiGlu {
         if g.len() != u.len() {
             candle_core::bail!("swiglu: gate and up differ in size");
         }
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
-            for i in 0..y.len() {
-                y[i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
-            }
-        });
+        let y = par_zip_map(g, u, |g, u| g / (1.0 + (-g).exp()) * u);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -347,13 +353,7 @@ impl CustomOp2 for Add {
         if a.len() != b.len() {
             candle_core::bail!("add: the operands differ in size");
         }
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(16384).zip(a.par_chunks(16384).zip(b.par_chunks(16384))).for_each(|(y, (a, b))| {
-            for i in 0..y.len() {
-                y[i] = a[i] + b[i];
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(par_zip_map(a, b, |a, b| a + b)), l1.shape().clone()))
     }
 }
 

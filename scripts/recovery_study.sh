@@ -5,22 +5,26 @@
 # (against the gold share) and the LoRA validation loss before and after. Steps whose output exists are kept.
 #
 # Env: METHOD (shortgpt), LAYERS (13), LIMIT (200), STEPS (30), BATCH (8), VARIANTS (a space-separated list of
-#      name=flags, default: "lr5e-4=--lr=5e-4 lr1e-4=--lr=1e-4"), OUT (out/recovery-study).
+#      name=flags, flags separated by commas, default: "lr5e-4=--lr=5e-4 lr1e-4=--lr=1e-4"), SLM_BIN (a built slm, for
+#      a study that runs while the tree changes), TASKS (avg7,wikitext:
+#      WikiText-2's word perplexity gets its own column), OUT (out/recovery-study). A variant's flags may name
+#      --train layers (full tuning) or --distill; every variant is `slm lora BASE --max-steps STEPS ...`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 method="${METHOD:-shortgpt}" layers="${LAYERS:-13}" limit="${LIMIT:-200}" steps="${STEPS:-30}" batch="${BATCH:-8}"
 out="${OUT:-$root/out/recovery-study}"
 variants="${VARIANTS:-lr5e-4=--lr=5e-4 lr1e-4=--lr=1e-4}"
-slm="$root/target/release/slm"
+tasks="${TASKS:-avg7,wikitext}"
+slm="${SLM_BIN:-$root/target/release/slm}"
 model="${SLM_MODEL:-$root/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 bash scripts/setup.sh >/dev/null
-cargo build --release -q -p slm-cli
+[[ -n "${SLM_BIN:-}" ]] || cargo build --release -q -p slm-cli
 mkdir -p "$out"
 base="$out/$method-$layers"
 [[ -f "$base/slm_plan.json" ]] || "$slm" depth "$model" --method "$method" --target-layers "$layers" --out "$base"
 evaluate() { # MODEL_DIR NAME
-  [[ -d "$out/eval-$2" ]] || "$slm" eval "$1" --tasks avg7 --limit "$limit" --output-path "$out/eval-$2" --log-samples
+  [[ -d "$out/eval-$2" ]] || "$slm" eval "$1" --tasks "$tasks" --limit "$limit" --output-path "$out/eval-$2" --log-samples
 }
 evaluate "$base" "$method-$layers"
 names=("$method-$layers")
@@ -38,8 +42,8 @@ import glob, json, sys
 out, names = sys.argv[1], sys.argv[2:]
 metric = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc",
           "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
-print("| model | " + " | ".join(metric) + " | avg-7 | avg-6 (no BoolQ) | BoolQ predicted yes (gold) | val loss before -> after |")
-print("|---" * (len(metric) + 5) + "|")
+print("| model | " + " | ".join(metric) + " | avg-7 | avg-6 (no BoolQ) | BoolQ predicted yes (gold) | WikiText-2 word ppl | val loss before -> after |")
+print("|---" * (len(metric) + 6) + "|")
 for n in names:
     res = json.load(open(glob.glob(f"{out}/eval-{n}/*/results_*.json")[0]))["results"]
     vals = {t: res[t][f"{m},none"] for t, m in metric.items()}
@@ -51,8 +55,9 @@ for n in names:
     if lora:
         r = json.load(open(lora[0]))
         val = f"{r['val_before']['loss']:.3f} -> {r['report']['best_val_loss']:.3f}" if r.get("val_before") else ""
+    ppl = f"{res['wikitext']['word_perplexity,none']:.2f}" if "wikitext" in res else ""
     a7 = sum(vals.values()) / 7
     a6 = sum(v for t, v in vals.items() if t != "boolq") / 6
     print(f"| {n} | " + " | ".join(f"{100 * vals[t]:.2f}" for t in metric)
-          + f" | {100 * a7:.2f} | {100 * a6:.2f} | {100 * yes:.1f}% ({100 * gold:.1f}%) | {val} |")
+          + f" | {100 * a7:.2f} | {100 * a6:.2f} | {100 * yes:.1f}% ({100 * gold:.1f}%) | {ppl} | {val} |")
 PY

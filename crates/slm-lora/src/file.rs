@@ -26,6 +26,36 @@ pub enum Objective {
     Lm,
     /// KL to the teacher's token distributions.
     Distill,
+    /// Hidden-state matching to the teacher's layers.
+    Hidden,
+    /// A weighted mix (see `objective_weights`).
+    Mix,
+}
+
+impl Objective {
+    /// The name of a set of weights: one term alone, or a mix.
+    pub fn of(w: &crate::train::ObjectiveWeights) -> Self {
+        match (w.lm > 0.0, w.kl > 0.0, w.hidden > 0.0) {
+            (true, false, false) => Objective::Lm,
+            (false, true, false) => Objective::Distill,
+            (false, false, true) => Objective::Hidden,
+            _ => Objective::Mix,
+        }
+    }
+}
+
+/// What a run trained: LoRA adapters, or chosen layers (every tensor of each) and optionally the final norm
+/// with the LM head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Trained {
+    /// `lora` or `layers`.
+    pub kind: String,
+    /// The fully tuned layers (indices of the trained model), for `layers`.
+    #[serde(default)]
+    pub layers: Vec<usize>,
+    /// Whether the final norm and the LM head trained.
+    #[serde(default)]
+    pub head: bool,
 }
 
 /// `slm_lora.json`: what a LoRA run trained on, with which settings, and what it measured.
@@ -41,8 +71,14 @@ pub struct LoraRunFile {
     /// Tokens per training sequence.
     pub cutoff: usize,
     pub lora: LoraConfig,
+    /// What trained (absent in files of runs before full tuning existed: LoRA).
+    #[serde(default)]
+    pub trained: Option<Trained>,
     pub train: TrainConfig,
     pub objective: Objective,
+    /// The weights of the objective's terms (absent in files of runs before the mix existed).
+    #[serde(default)]
+    pub objective_weights: Option<crate::train::ObjectiveWeights>,
     /// The teacher model of a distillation.
     pub teacher: Option<String>,
     /// Distillation temperature.
@@ -108,8 +144,10 @@ mod tests {
             format: Format::Text,
             cutoff: 64,
             lora: LoraConfig::default(),
+            trained: Some(Trained { kind: "layers".into(), layers: vec![3, 4], head: true }),
             train: TrainConfig::default(),
             objective: Objective::Distill,
+            objective_weights: Some(crate::train::ObjectiveWeights { lm: 0.0, kl: 1.0, hidden: 0.0 }),
             teacher: Some("dense".into()),
             temperature: Some(2.0),
             trainable_parameters: 10,

@@ -38,8 +38,8 @@ fn checkpointed_lora_gradients_equal_the_whole_graph_and_a_mapped_base_gives_the
     let lora = lora_with_nonzero_b(&resident);
     assert!(lora.config.dropout > 0.0, "dropout must be on: the recomputation has to draw the same masks");
     let ex = examples(&resident);
-    let (lw, gw) = micro_batch_gradients(&resident, &lora, &ex, false, 11).unwrap();
-    let (lc, gc) = micro_batch_gradients(&resident, &lora, &ex, true, 11).unwrap();
+    let (lw, gw) = micro_batch_gradients(&resident, &lora, &ex, None, false, 11).unwrap();
+    let (lc, gc) = micro_batch_gradients(&resident, &lora, &ex, None, true, 11).unwrap();
     assert!((lw - lc).abs() <= 1e-6 * lw, "loss {lw} vs {lc}");
     assert_eq!(gw.len(), gc.len());
     let mut worst = 0f64;
@@ -50,10 +50,10 @@ fn checkpointed_lora_gradients_equal_the_whole_graph_and_a_mapped_base_gives_the
     }
     assert!(worst <= 1e-5, "checkpointed gradients differ by {worst} of their largest entry");
     // Another dropout seed changes the gradients: the masks are really drawn.
-    let (_, other) = micro_batch_gradients(&resident, &lora, &ex, true, 12).unwrap();
+    let (_, other) = micro_batch_gradients(&resident, &lora, &ex, None, true, 12).unwrap();
     assert!(max_abs_diff(&other[0], &gc[0]) > 0.0);
     // A base read when used: the same checkpointed computation, bit for bit.
-    let (lm, gm) = micro_batch_gradients(&mapped, &lora, &ex, true, 11).unwrap();
+    let (lm, gm) = micro_batch_gradients(&mapped, &lora, &ex, None, true, 11).unwrap();
     assert_eq!(lm.to_bits(), lc.to_bits());
     for (a, b) in gm.iter().zip(&gc) {
         assert_eq!(max_abs_diff(a, b), 0.0);

@@ -117,7 +117,7 @@ fn a_few_steps_lower_the_training_loss() {
     let lora = Lora::new(&model.spec, LoraConfig::default(), 1, &Device::Cpu).unwrap();
     let data = text_examples(8, 24, 1);
     let before = mean_loss(&model, &lora, &data, None).unwrap();
-    let report = slm_lora::train(&model, &lora, &data, &[], &cfg(15), None, &mut |_| {}).unwrap();
+    let report = slm_lora::train(&model, &lora, &data, &[], &cfg(15), None, None, &mut |_| {}).unwrap();
     let after = mean_loss(&model, &lora, &data, None).unwrap();
     assert_eq!(report.steps, 15);
     assert!(after < before - 0.05, "loss {before} -> {after}");
@@ -141,7 +141,8 @@ fn every_a_and_b_receives_a_gradient() {
         }
     }
     // After one optimiser step B ≠ 0, and every A gets a non-zero gradient too.
-    slm_lora::train(&model, &lora, &data, &[], &TrainConfig { warmup_steps: 0, ..cfg(1) }, None, &mut |_| {}).unwrap();
+    slm_lora::train(&model, &lora, &data, &[], &TrainConfig { warmup_steps: 0, ..cfg(1) }, None, None, &mut |_| {})
+        .unwrap();
     let grads = token_losses(&model, &lora, &data, true, 1).unwrap().sum_all().unwrap().backward().unwrap();
     for (i, pairs) in lora.layers.iter().enumerate() {
         for (k, p) in pairs.iter().enumerate() {
@@ -163,7 +164,7 @@ fn same_seed_gives_bit_identical_adapters() {
     let run = |seed: u64| {
         let lora =
             Lora::new(&model.spec, LoraConfig { dropout: 0.1, ..LoraConfig::default() }, seed, &Device::Cpu).unwrap();
-        slm_lora::train(&model, &lora, &train, &val, &TrainConfig { seed, ..cfg(6) }, None, &mut |_| {}).unwrap();
+        slm_lora::train(&model, &lora, &train, &val, &TrainConfig { seed, ..cfg(6) }, None, None, &mut |_| {}).unwrap();
         snapshot(&lora)
     };
     let (a, b, c) = (run(11), run(11), run(12));
@@ -178,7 +179,7 @@ fn best_checkpoint_by_validation_loss_is_restored() {
     let (train, val) = slm_lora::train::split_validation(data, 2, 1).unwrap();
     let lora = Lora::new(&model.spec, LoraConfig::default(), 1, &Device::Cpu).unwrap();
     let c = TrainConfig { eval_steps: 2, ..cfg(8) };
-    let report = slm_lora::train(&model, &lora, &train, &val, &c, None, &mut |_| {}).unwrap();
+    let report = slm_lora::train(&model, &lora, &train, &val, &c, None, None, &mut |_| {}).unwrap();
     let evals: Vec<(usize, f64)> = report.history.iter().filter_map(|s| s.val_loss.map(|v| (s.step, v))).collect();
     assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 4, 6, 8]);
     let best = evals.iter().cloned().fold((0, f64::INFINITY), |b, e| if e.1 < b.1 { e } else { b });
@@ -196,9 +197,9 @@ fn distillation_lowers_the_kl_to_the_teacher() {
     student.weights.layers.remove(1);
     let data = text_examples(8, 20, 5);
     let lora = Lora::new(&student.spec, LoraConfig::default(), 1, &Device::Cpu).unwrap();
-    let d = Distill { teacher: &teacher, temperature: 2.0 };
+    let d = Distill::kl(&teacher, 2.0);
     let before = mean_loss(&student, &lora, &data, Some(&d)).unwrap();
-    slm_lora::train(&student, &lora, &data, &[], &cfg(10), Some(&d), &mut |_| {}).unwrap();
+    slm_lora::train(&student, &lora, &data, &[], &cfg(10), Some(&d), None, &mut |_| {}).unwrap();
     let after = mean_loss(&student, &lora, &data, Some(&d)).unwrap();
     assert!(before > 0.0 && after < before * 0.9, "KL {before} -> {after}");
 }

@@ -247,7 +247,7 @@ fn lora_train_layers_writes_the_tuned_model_and_refuses_bad_choices() {
     assert!(e.contains("--train layers"), "{e}");
     let e = run_err(&mut base_cmd(&["--objective", "lm=1,rl=2"]));
     assert!(e.contains("unknown term `rl`"), "{e}");
-    let e = run_err(&mut base_cmd(&["--objective", "kl", "--distill", "--teacher"]).arg(&model));
+    let e = run_err(base_cmd(&["--objective", "kl", "--distill", "--teacher"]).arg(&model));
     assert!(e.contains("--distill is --objective kl"), "{e}");
 
     // A teacher with the same vocabulary size but another tokenizer (two tokens' ids swapped).
@@ -260,6 +260,6 @@ fn lora_train_layers_writes_the_tuned_model_and_refuses_bad_choices() {
     vocab.insert("the".into(), y);
     vocab.insert("Ġthe".into(), x);
     std::fs::write(&tok_path, serde_json::to_vec(&tok).unwrap()).unwrap();
-    let e = run_err(&mut base_cmd(&["--objective", "kl", "--teacher"]).arg(&teacher));
+    let e = run_err(base_cmd(&["--objective", "kl", "--teacher"]).arg(&teacher));
     assert!(e.contains("--teacher") && e.contains("tokenizer differs"), "{e}");
 }

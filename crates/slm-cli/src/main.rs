@@ -37,6 +37,8 @@ enum Command {
     Run(commands::run::Args),
     /// LoRA recovery training (optionally distilled from the dense model); PEFT adapter files, optional merge.
     Lora(commands::lora::Args),
+    /// Sequence-level distillation data: the model's continuations of corpus prompts, as JSONL for `slm lora`.
+    DistillData(commands::distill_data::Args),
     /// Write a Llama-shaped HF directory of any size with seeded random weights (bf16, sharded), for scale tests.
     Synth(commands::synth::Args),
 }
@@ -68,6 +70,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(a) => commands::bench::run(&cli.common, a),
         Command::Run(a) => commands::run::run(&cli.common, a),
         Command::Lora(a) => commands::lora::run(&cli.common, a),
+        Command::DistillData(a) => commands::distill_data::run(&cli.common, a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
-//! Training data: Alpaca-format instructions (loss on the response only, as Alpaca-LoRA / LLM-Pruner do) or plain
-//! text cut into fixed-length windows.
+//! Training data: Alpaca-format instructions (loss on the response only, as Alpaca-LoRA / LLM-Pruner do), plain
+//! text cut into fixed-length windows, or prompt/completion records (sequence-level distillation data from
+//! [`crate::distill_data`]: loss on the completion only).
 
 use std::path::Path;
 
@@ -50,6 +51,15 @@ impl Instruction {
 pub enum Records {
     Alpaca(Vec<Instruction>),
     Text(Vec<String>),
+    Completion(Vec<Completion>),
+}
+
+/// A prompt and its completion, as token ids when the file has them (distillation data), else as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub prompt: String,
+    pub completion: String,
+    pub ids: Option<(Vec<u32>, Vec<u32>)>,
 }
 
 /// Data format choice.
@@ -60,7 +70,12 @@ pub enum Format {
     Auto,
     Alpaca,
     Text,
+    /// `prompt`/`completion` records (optionally with `prompt_ids`/`completion_ids`): loss on the completion.
+    Completion,
 }
+
+/// The key of the settings line that may open a distillation data file (skipped when reading records).
+pub const DISTILL_HEADER_KEY: &str = "slm_distill_data";
 
 impl std::str::FromStr for Format {
     type Err = LoraError;
@@ -69,7 +84,10 @@ impl std::str::FromStr for Format {
             "auto" => Ok(Format::Auto),
             "alpaca" => Ok(Format::Alpaca),
             "text" => Ok(Format::Text),
-            _ => Err(LoraError::InvalidArgument(format!("unknown data format `{s}` (expected auto, alpaca or text)"))),
+            "completion" => Ok(Format::Completion),
+            _ => Err(LoraError::InvalidArgument(format!(
+                "unknown data format `{s}` (expected auto, alpaca, text or completion)"
+            ))),
         }
     }
 }
@@ -94,12 +112,16 @@ pub fn read_records(path: &Path, format: Format) -> Result<Records> {
         }
         out
     };
+    // A distillation data file's settings line is not a record.
+    let values: Vec<(usize, serde_json::Value)> =
+        values.into_iter().filter(|(_, v)| v.get(DISTILL_HEADER_KEY).is_none()).collect();
     let what = if content.trim_start().starts_with('[') { "record" } else { "line" };
     let Some((_, first)) = values.first() else {
         return Err(LoraError::file(path, "the dataset is empty (no records)"));
     };
     let format = match format {
         Format::Auto if first.get("text").is_some() && first.get("instruction").is_none() => Format::Text,
+        Format::Auto if first.get("completion").is_some() => Format::Completion,
         Format::Auto => Format::Alpaca,
         f => f,
     };
@@ -111,8 +133,46 @@ pub fn read_records(path: &Path, format: Format) -> Result<Records> {
             Some(_) => Err(LoraError::file(path, format!("{what} {n}: field `{k}` is not a string"))),
         }
     };
+    let ids = |n: usize, v: &serde_json::Value, k: &str| -> Result<Option<Vec<u32>>> {
+        match v.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Array(a)) => {
+                a.iter()
+                    .map(|x| {
+                        x.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32).ok_or_else(|| {
+                            LoraError::file(path, format!("{what} {n}: `{k}` holds {x}, not a token id"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some)
+            }
+            Some(_) => Err(LoraError::file(path, format!("{what} {n}: `{k}` is not an array of token ids"))),
+        }
+    };
     Ok(match format {
         Format::Text => Records::Text(values.iter().map(|(n, v)| field(*n, v, "text", true)).collect::<Result<_>>()?),
+        Format::Completion => Records::Completion(
+            values
+                .iter()
+                .map(|(n, v)| {
+                    let pair = match (ids(*n, v, "prompt_ids")?, ids(*n, v, "completion_ids")?) {
+                        (Some(p), Some(c)) => Some((p, c)),
+                        (None, None) => None,
+                        _ => {
+                            return Err(LoraError::file(
+                                path,
+                                format!("{what} {n}: `prompt_ids` and `completion_ids` go together"),
+                            ))
+                        }
+                    };
+                    Ok(Completion {
+                        prompt: field(*n, v, "prompt", true)?,
+                        completion: field(*n, v, "completion", true)?,
+                        ids: pair,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        ),
         _ => Records::Alpaca(
             values
                 .iter()
@@ -140,6 +200,27 @@ pub fn alpaca_example(r: &Instruction, tok: &Tokenizer, eos: Option<u32>, cutoff
             ids.push(e);
         }
     }
+    let target = (0..ids.len()).map(|p| p > 0 && p >= n_prompt).collect();
+    Ok(Example { ids, target })
+}
+
+/// A prompt/completion record as one sequence `prompt + completion` truncated to `cutoff`, the completion scored.
+/// Token ids in the record are used as they are (checked against the vocabulary), so that a distillation file
+/// trains on exactly the teacher's tokens; text alone is tokenised (prompt, then prompt + completion).
+pub fn completion_example(c: &Completion, tok: &Tokenizer, cutoff: usize) -> Result<Example> {
+    let (n_prompt, mut ids) = match &c.ids {
+        Some((p, q)) => {
+            let v = tok.vocab_size();
+            if let Some(bad) = p.iter().chain(q).find(|&&t| t as usize >= v) {
+                return Err(LoraError::InvalidArgument(format!(
+                    "token id {bad} is outside the tokenizer's vocabulary of {v} (data from another tokenizer?)"
+                )));
+            }
+            (p.len(), [p.as_slice(), q.as_slice()].concat())
+        }
+        None => (tok.encode(&c.prompt)?.len(), tok.encode(&format!("{}{}", c.prompt, c.completion))?),
+    };
+    ids.truncate(cutoff);
     let target = (0..ids.len()).map(|p| p > 0 && p >= n_prompt).collect();
     Ok(Example { ids, target })
 }
@@ -183,6 +264,17 @@ pub fn load_examples(
             .filter(|e| !matches!(e, Ok(e) if e.num_targets() == 0))
             .collect::<Result<Vec<_>>>()?,
         Records::Text(ts) => text_windows(&ts, tok, cutoff)?,
+        Records::Completion(cs) => cs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                completion_example(c, tok, cutoff).map_err(|e| match e {
+                    LoraError::InvalidArgument(m) => LoraError::file(path, format!("record {}: {m}", i + 1)),
+                    e => e,
+                })
+            })
+            .filter(|e| !matches!(e, Ok(e) if e.num_targets() == 0))
+            .collect::<Result<Vec<_>>>()?,
     };
     if examples.is_empty() {
         return Err(LoraError::file(

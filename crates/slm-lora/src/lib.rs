@@ -6,6 +6,7 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod data;
+pub mod distill_data;
 pub mod error;
 pub mod file;
 pub mod ops;

@@ -89,10 +89,16 @@ impl Model {
 
     /// Runs `ids` (at positions `pos..`) through every layer with the cache; returns the last position's logits.
     fn step(&self, cache: &mut Cache, ids: &[u32], pos: usize) -> Result<Tensor> {
-        let t = ids.len();
+        let ids_t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &self.device)?;
+        Ok(self.step_batch(cache, &ids_t, pos)?.squeeze(0)?)
+    }
+
+    /// Runs `ids: [B, t]` (every row at positions `pos..`) through every layer with the cache; returns the last
+    /// position's logits `[B, vocab]`.
+    fn step_batch(&self, cache: &mut Cache, ids_t: &Tensor, pos: usize) -> Result<Tensor> {
+        let (b, t) = ids_t.dims2()?;
         let s = pos + t;
-        let ids_t = Tensor::from_vec(ids.to_vec(), (1, t), &self.device)?;
-        let mut x = self.embed_ids(&ids_t)?;
+        let mut x = self.embed_ids(ids_t)?;
         // Query i (absolute position pos + i) sees keys 0..=pos + i, and a sliding-window layer only the last
         // `window` of them.
         let mask = |window: Option<usize>| -> Result<Option<Tensor>> {
@@ -120,8 +126,62 @@ impl Model {
             let w = w.get()?;
             x = layer(&x, &w, l, &self.layer_ctx(i, Mode::Inference, &NoAdapter), &mut att)?;
         }
-        let last = x.narrow(1, t - 1, 1)?.reshape((1, self.spec.hidden_size))?;
+        let last = x.narrow(1, t - 1, 1)?.reshape((b, self.spec.hidden_size))?;
         let fin = self.final_norm(&last, Mode::Inference)?;
-        Ok(self.head(&fin)?.squeeze(0)?)
+        self.head(&fin)
+    }
+
+    /// Generation for a batch of prompts of one length, `new_tokens` each, with a KV cache: one prefill of the
+    /// whole batch, then one step per token for every row. `choose(row, logits)` picks row `row`'s next token from
+    /// its f32 logits (greedy, or sampling with the row's own seeded generator). Returns the new tokens per row.
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        new_tokens: usize,
+        choose: &mut dyn FnMut(usize, &[f32]) -> u32,
+    ) -> Result<Vec<Vec<u32>>> {
+        let p = prompts.first().map_or(0, Vec::len);
+        if p == 0 || prompts.iter().any(|x| x.len() != p) {
+            return Err(ModelError::InvalidArgument("batched generation needs non-empty prompts of one length".into()));
+        }
+        if new_tokens == 0 {
+            return Ok(vec![Vec::new(); prompts.len()]);
+        }
+        let total = p + new_tokens;
+        if total > self.spec.max_position_embeddings {
+            return Err(ModelError::InvalidArgument(format!(
+                "{p} prompt + {new_tokens} new tokens exceed max_position_embeddings {}",
+                self.spec.max_position_embeddings
+            )));
+        }
+        let mut rotary = Vec::new();
+        for (head_dim, rope) in rotary_kinds(&self.spec) {
+            let (cos, sin) = rotary_tables(head_dim, total, &rope);
+            let half = head_dim / 2;
+            rotary.push((
+                head_dim,
+                rope,
+                Tensor::from_vec(cos, (total, half), &self.device)?,
+                Tensor::from_vec(sin, (total, half), &self.device)?,
+            ));
+        }
+        let n = self.spec.num_layers();
+        let mut cache = Cache { layers: (0..n).map(|_| KvCache::default()).collect(), rotary };
+        let b = prompts.len();
+        let flat: Vec<u32> = prompts.iter().flatten().copied().collect();
+        let mut logits = self.step_batch(&mut cache, &Tensor::from_vec(flat, (b, p), &self.device)?, 0)?;
+        let mut out = vec![Vec::with_capacity(new_tokens); b];
+        for step in 0..new_tokens {
+            let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+            let next: Vec<u32> = rows.iter().enumerate().map(|(r, l)| choose(r, l)).collect();
+            for (o, &t) in out.iter_mut().zip(&next) {
+                o.push(t);
+            }
+            if step + 1 == new_tokens {
+                break;
+            }
+            logits = self.step_batch(&mut cache, &Tensor::from_vec(next, (b, 1), &self.device)?, p + step)?;
+        }
+        Ok(out)
     }
 }

@@ -41,3 +41,44 @@ fn generation_rejects_an_empty_prompt_and_too_many_tokens() {
     assert!(m.generate_greedy(&[], 3, false).unwrap_err().to_string().contains("non-empty prompt"));
     assert!(m.generate_greedy(&[1, 2], 255, false).unwrap_err().to_string().contains("exceed max_position_embeddings"));
 }
+
+/// The argmax of a logits row (the first of equal maxima).
+fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in l.iter().enumerate() {
+        if v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn batched_generation_gives_each_rows_full_forward_logits() {
+    let m = tiny_model(3, 23);
+    let prompts = vec![vec![3u32, 9, 27, 17], vec![5, 5, 60, 1], vec![40, 2, 8, 33]];
+    let mut seen: Vec<Vec<Vec<f32>>> = vec![vec![]; 3];
+    let out = m
+        .generate_batch(&prompts, 7, &mut |r, l| {
+            seen[r].push(l.to_vec());
+            argmax(l)
+        })
+        .unwrap();
+    for (r, p) in prompts.iter().enumerate() {
+        assert_eq!(out[r].len(), 7);
+        // Each row is what the uncached forward pass of that row alone gives, step by step.
+        let mut seq = p.clone();
+        seq.extend_from_slice(&out[r][..6]);
+        let positions: Vec<usize> = (p.len() - 1..seq.len()).collect();
+        let full = m.forward(&[seq], &[positions], false, Mode::Inference).unwrap().logits.unwrap();
+        for (k, l) in seen[r].iter().enumerate() {
+            let f = full.get(k).unwrap().to_vec1::<f32>().unwrap();
+            let d = f.iter().zip(l).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-5, "row {r} step {k}: batched and full logits differ by {d}");
+        }
+        // And batch-1 greedy generation agrees.
+        assert_eq!(m.generate_greedy(p, 6, false).unwrap().tokens, out[r]);
+    }
+    let e = m.generate_batch(&[vec![1, 2], vec![3]], 2, &mut |_, l| argmax(l)).unwrap_err().to_string();
+    assert!(e.contains("prompts of one length"), "{e}");
+}

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod depth;
+pub mod distill_data;
 pub mod eval;
 pub mod export;
 pub mod inspect;

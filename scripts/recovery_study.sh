@@ -6,8 +6,10 @@
 #
 # Env: METHOD (shortgpt), LAYERS (13), LIMIT (200), STEPS (30), BATCH (8), VARIANTS (a space-separated list of
 #      name=flags, flags separated by commas, default: "lr5e-4=--lr=5e-4 lr1e-4=--lr=1e-4"), SLM_BIN (a built slm, for
-#      a study that runs while the tree changes), TASKS (avg7,wikitext:
-#      WikiText-2's word perplexity gets its own column), OUT (out/recovery-study). A variant's flags may name
+#      a study that runs while the tree changes), TASKS (avg7,wikitext2-128:
+#      the LLM-Pruner/SLM WikiText-2 perplexity, 128-token windows, the first LIMIT of them, gets its own column;
+#      `wikitext` (lm-eval's document-level word perplexity, 8192-token windows here) takes about 25 minutes a
+#      model on 2 cores), OUT (out/recovery-study). A variant's flags may name
 #      --train layers (full tuning) or --distill; every variant is `slm lora BASE --max-steps STEPS ...`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +17,7 @@ cd "$root"
 method="${METHOD:-shortgpt}" layers="${LAYERS:-13}" limit="${LIMIT:-200}" steps="${STEPS:-30}" batch="${BATCH:-8}"
 out="${OUT:-$root/out/recovery-study}"
 variants="${VARIANTS:-lr5e-4=--lr=5e-4 lr1e-4=--lr=1e-4}"
-tasks="${TASKS:-avg7,wikitext}"
+tasks="${TASKS:-avg7,wikitext2-128}"
 slm="${SLM_BIN:-$root/target/release/slm}"
 model="${SLM_MODEL:-$root/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 bash scripts/setup.sh >/dev/null
@@ -42,7 +44,7 @@ import glob, json, sys
 out, names = sys.argv[1], sys.argv[2:]
 metric = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc",
           "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
-print("| model | " + " | ".join(metric) + " | avg-7 | avg-6 (no BoolQ) | BoolQ predicted yes (gold) | WikiText-2 word ppl | val loss before -> after |")
+print("| model | " + " | ".join(metric) + " | avg-7 | avg-6 (no BoolQ) | BoolQ predicted yes (gold) | WikiText-2 ppl | val loss before -> after |")
 print("|---" * (len(metric) + 6) + "|")
 for n in names:
     res = json.load(open(glob.glob(f"{out}/eval-{n}/*/results_*.json")[0]))["results"]
@@ -55,7 +57,8 @@ for n in names:
     if lora:
         r = json.load(open(lora[0]))
         val = f"{r['val_before']['loss']:.3f} -> {r['report']['best_val_loss']:.3f}" if r.get("val_before") else ""
-    ppl = f"{res['wikitext']['word_perplexity,none']:.2f}" if "wikitext" in res else ""
+    ppl = (f"{res['wikitext2-128']['perplexity,none']:.2f}" if "wikitext2-128" in res
+           else f"{res['wikitext']['word_perplexity,none']:.2f} (word)" if "wikitext" in res else "")
     a7 = sum(vals.values()) / 7
     a6 = sum(v for t, v in vals.items() if t != "boolq") / 6
     print(f"| {n} | " + " | ".join(f"{100 * vals[t]:.2f}" for t in metric)

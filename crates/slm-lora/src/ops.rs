@@ -66,6 +66,104 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
+/// Logit rows per chunk of [`head_cross_entropy`]: about 32 MiB of f32 logits at a time.
+fn head_chunk_rows(vocab: usize) -> usize {
+    ((8 << 20) / vocab.max(1)).max(1)
+}
+
+struct HeadCrossEntropy {
+    /// The frozen LM head `[vocab, hidden]`, f32.
+    w: Tensor,
+    targets: Vec<u32>,
+    chunk: usize,
+}
+
+impl HeadCrossEntropy {
+    /// Runs `f(start, logits)` for each chunk of rows of `x: [N, hidden]`, `logits: [rows, vocab]` as a vector.
+    fn chunks(
+        &self,
+        x: &Tensor,
+        mut f: impl FnMut(usize, Vec<f32>) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
+        let n = x.dim(0)?;
+        let mut s = 0;
+        while s < n {
+            let len = self.chunk.min(n - s);
+            let logits = x.narrow(0, s, len)?.matmul(&self.w.t()?)?;
+            f(s, logits.flatten_all()?.to_vec1::<f32>()?)?;
+            s += len;
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for HeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "head-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = Tensor::from_slice(f32_slice(s, l, "head-cross-entropy")?, l.shape(), &Device::Cpu)?;
+        let (n, v) = (x.dim(0)?, self.w.dim(0)?);
+        let mut losses = vec![0f32; n];
+        self.chunks(&x, |start, logits| {
+            let rows = logits.len() / v;
+            losses[start..start + rows].par_iter_mut().enumerate().for_each_init(
+                || vec![0f32; v],
+                |tmp, (r, loss)| {
+                    let row = &logits[r * v..(r + 1) * v];
+                    *loss = softmax_row(row, 1.0, tmp) - row[self.targets[start + r] as usize];
+                },
+            );
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.to_vec1::<f32>()?;
+        let v = self.w.dim(0)?;
+        let mut parts = Vec::new();
+        self.chunks(arg, |start, mut logits| {
+            let rows = logits.len() / v;
+            logits.par_chunks_mut(v).enumerate().for_each_init(
+                || vec![0f32; v],
+                |tmp, (r, row)| {
+                    softmax_row(row, 1.0, tmp);
+                    tmp[self.targets[start + r] as usize] -= 1.0;
+                    let gr = g[start + r];
+                    row.iter_mut().zip(tmp.iter()).for_each(|(o, p)| *o = p * gr);
+                },
+            );
+            // d loss / d rows = (softmax − onehot) · g @ W.
+            parts.push(Tensor::from_vec(logits, (rows, v), &Device::Cpu)?.matmul(&self.w)?);
+            Ok(())
+        })?;
+        Ok(Some(Tensor::cat(&parts, 0)?.to_device(arg.device())?))
+    }
+}
+
+/// Per-row cross-entropy of the logits `rows @ head^T` (`rows: [N, hidden]`, a frozen `head: [vocab, hidden]`)
+/// without the `[N, vocab]` logits: [`head_chunk_rows`] rows at a time forward, and again in the backward pass
+/// (the logits recomputed, then `(softmax − onehot) @ head`), so the memory of the 49,152-way softmax is one
+/// chunk's whatever N. The gradient flows to `rows` only. The same values as
+/// `token_cross_entropy(rows @ head^T)` up to float rounding (tests). Off the CPU, or for a head not stored in f32,
+/// it is that composition.
+pub fn head_cross_entropy(rows: &Tensor, head: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    let (n, v) = (rows.dim(0)?, head.dim(0)?);
+    if targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
+        candle_core::bail!("head-cross-entropy: {} targets for {n} rows of a {v}-token head", targets.len());
+    }
+    if !rows.device().is_cpu() || head.dtype() != candle_core::DType::F32 || rows.dtype() != candle_core::DType::F32 {
+        return token_cross_entropy(&frozen_linear(rows, head)?, targets);
+    }
+    rows.contiguous()?.apply_op1(HeadCrossEntropy {
+        w: head.contiguous()?,
+        targets: targets.to_vec(),
+        chunk: head_chunk_rows(v),
+    })
+}
+
 /// Per-row cross-entropy `-log softmax(logits[r])[targets[r]]`, `[N]`, for `logits: [N, vocab]`.
 pub fn token_cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
     let (n, v) = logits.dims2()?;
@@ -171,6 +269,25 @@ mod tests {
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
         let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d <= tol, "max diff {d}");
+    }
+
+    #[test]
+    fn chunked_head_cross_entropy_matches_the_full_logits() {
+        let dev = Device::Cpu;
+        // 9000-token head: 932 rows per chunk, so 2100 rows take three chunks (the last partial).
+        let (n, h, v) = (2100, 16, 9000);
+        let rows = Var::from_tensor(&Tensor::randn(0f32, 1., (n, h), &dev).unwrap()).unwrap();
+        let head = Tensor::randn(0f32, 0.5, (v, h), &dev).unwrap();
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+        assert!(head_chunk_rows(v) < n && n % head_chunk_rows(v) != 0);
+        let chunked = head_cross_entropy(rows.as_tensor(), &head, &targets).unwrap();
+        let full = token_cross_entropy(&rows.as_tensor().matmul(&head.t().unwrap()).unwrap(), &targets).unwrap();
+        close(&chunked, &full, 1e-4);
+        let w = Tensor::from_vec((0..n).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), n, &dev).unwrap();
+        let g1 = (&chunked * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&full * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        close(g1.get(rows.as_tensor()).unwrap(), g2.get(rows.as_tensor()).unwrap(), 1e-5);
+        assert!(head_cross_entropy(rows.as_tensor(), &head, &targets[1..]).is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::adapter::Lora;
 pub use crate::checkpoint::Checkpoints;
 use crate::data::Example;
 use crate::error::{LoraError, Result};
-use crate::ops::{frozen_linear, token_cross_entropy, token_kl};
+use crate::ops::{frozen_linear, head_cross_entropy, token_cross_entropy, token_kl};
 use crate::trainable::{TrainHook, Trainable};
 
 /// Optimisation settings. Defaults: the LLM-Pruner recipe (lr 1e-4, 2 epochs, batch 64 = 4 × 16, 100 warm-up
@@ -370,6 +370,11 @@ fn losses_from_top(
         return Ok(Tensor::zeros(n, candle_core::DType::F32, &model.device)?);
     }
     let picked = fin.reshape((examples.len() * t, h))?.index_select(&idx, 0)?;
+    if train == Some(Head::Frozen) && kl_w == 0.0 {
+        // Cross-entropy alone through a frozen head: chunked, no [N, vocab] logits kept.
+        let ce = head_cross_entropy(&picked, model.weights.lm_head(), &targets)?;
+        return Ok(if lm_w == 1.0 { ce } else { (ce * lm_w)? });
+    }
     let logits = match train {
         Some(Head::Frozen) => frozen_linear(&picked, model.weights.lm_head())?,
         Some(Head::Trained) => slm_model::forward::linear(&picked, model.weights.lm_head())?,

@@ -81,9 +81,15 @@ fn per_layer(c: &Content, key: &str, n: usize, path: &Path) -> Result<Option<Vec
     }
 }
 
-/// The GGUF architectures slm reads, with the family each stands for (Mistral GGUFs are `llama`).
-const ARCHS: [(&str, Family); 4] =
-    [("llama", Family::Llama), ("qwen2", Family::Qwen2), ("qwen3", Family::Qwen3), ("gemma3", Family::Gemma3)];
+/// The GGUF architectures slm reads, with the family each stands for (Mistral GGUFs are `llama`; `deci` is
+/// llama.cpp's Llama with per-layer widths, what `slm export` writes for a width-pruned Llama).
+const ARCHS: [(&str, Family); 5] = [
+    ("llama", Family::Llama),
+    ("deci", Family::Llama),
+    ("qwen2", Family::Qwen2),
+    ("qwen3", Family::Qwen3),
+    ("gemma3", Family::Gemma3),
+];
 
 /// The GGUF architecture name of a model (its metadata key prefix).
 pub fn gguf_arch(c: &Content, path: &Path) -> Result<(String, Family)> {

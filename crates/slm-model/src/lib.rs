@@ -14,6 +14,7 @@ pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_header;
+pub mod gguf_write;
 pub mod hf;
 pub mod mapped;
 pub mod output;

@@ -51,6 +51,8 @@ pub enum OutputKind {
     StepMarker,
     /// `report.json` of `slm run`.
     RunReport,
+    /// A GGUF model file (`slm export --out FILE.gguf`); its stamp is the metadata key `slm.output`.
+    Gguf,
 }
 
 impl OutputKind {
@@ -68,6 +70,7 @@ impl OutputKind {
             OutputKind::LoraRun => "lora-run",
             OutputKind::StepMarker => "step-marker",
             OutputKind::RunReport => "run-report",
+            OutputKind::Gguf => "gguf-model",
         }
     }
 
@@ -265,7 +268,9 @@ pub fn check_output(out: &Path, kind: OutputKind, inputs: &[&Path], replace: Rep
             return Ok(());
         }
     }
-    match read_stamp(out, kind.is_dir()) {
+    let stamp =
+        if kind == OutputKind::Gguf { crate::gguf_write::read_gguf_stamp(out) } else { read_stamp(out, kind.is_dir()) };
+    match stamp {
         Some(s) if s.kind == kind && s.version == STAMP_VERSION => Ok(()),
         Some(s) if s.kind != kind => Err(refuse(
             out,

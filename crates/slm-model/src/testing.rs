@@ -72,6 +72,21 @@ pub fn tiny_model(num_layers: usize, seed: u64) -> crate::Model {
 /// layer sliding with a window of 4, local rotary base 10000, `query_pre_attn_scalar` 16), every optional part
 /// random. Deterministic in `seed`.
 pub fn tiny_model_of(family: crate::spec::Family, num_layers: usize, seed: u64) -> crate::Model {
+    let layers = (0..num_layers)
+        .map(|i| crate::LayerSpec {
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            intermediate_size: 48,
+            sliding: family == crate::spec::Family::Gemma3 && i % 2 == 0,
+        })
+        .collect();
+    tiny_model_with(family, layers, seed)
+}
+
+/// [`tiny_model_of`] with the given layer shapes (widths may differ per layer; for Gemma-3 the layers' own
+/// `sliding` flags). Deterministic in `seed`.
+pub fn tiny_model_with(family: crate::spec::Family, layers: Vec<crate::LayerSpec>, seed: u64) -> crate::Model {
     use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
     let spec = crate::ModelSpec {
@@ -83,15 +98,7 @@ pub fn tiny_model_of(family: crate::spec::Family, num_layers: usize, seed: u64) 
         bos_token_id: Some(1),
         eos_token_id: Some(2),
         arch: family.arch(),
-        layers: (0..num_layers)
-            .map(|i| crate::LayerSpec {
-                num_attention_heads: 4,
-                num_key_value_heads: 2,
-                head_dim: 8,
-                intermediate_size: 48,
-                sliding: family == crate::spec::Family::Gemma3 && i % 2 == 0,
-            })
-            .collect(),
+        layers,
     };
     let mut spec = spec;
     if family == crate::spec::Family::Gemma3 {

@@ -426,6 +426,166 @@ impl Tokenizer {
     }
 }
 
+/// The GGUF pre-tokenizer names written for each rebuilt pipeline (the first name [`BytePre::of`] accepts).
+const PRE_NAMES: [(&str, BytePre); 4] =
+    [("smollm", BytePre::Smollm), ("gpt2", BytePre::Gpt2), ("llama-bpe", BytePre::Llama3), ("qwen2", BytePre::Qwen2)];
+
+/// GGUF token types (llama.cpp `llama_token_type`).
+const TYPE_NORMAL: i32 = 1;
+const TYPE_UNKNOWN: i32 = 2;
+const TYPE_CONTROL: i32 = 3;
+const TYPE_USER_DEFINED: i32 = 4;
+const TYPE_UNUSED: i32 = 5;
+const TYPE_BYTE: i32 = 6;
+
+impl Tokenizer {
+    /// The `tokenizer.ggml.*` metadata of this tokenizer for a GGUF of `spec` (its vocabulary padded to
+    /// `spec.vocab_size` with unused `[PAD{id}]` tokens, as llama.cpp's converter pads): copied from
+    /// `source_gguf` when the model was loaded from one (chat template and all), else rebuilt from the pipeline:
+    ///
+    /// - byte-level BPE → `gpt2` with its merges and the pre-tokenizer name whose pipeline ([`BytePre`]) is
+    ///   exactly this one's (its pre-tokenizer and normaliser compared as JSON), so that slm and llama.cpp
+    ///   tokenise alike; a pipeline of none of them is refused, naming the ones known;
+    /// - Gemma's sentencepiece BPE (byte fallback, `▁` for spaces) → `llama` with the vocabulary in merge order as
+    ///   scores (earlier is merged first, what [`gemma_bpe`] reads back), runs of `▁` spelled as spaces and
+    ///   user-defined as Gemma's GGUF spells them.
+    ///
+    /// Added special tokens are control tokens (type 3), other added tokens user-defined (4).
+    pub fn gguf_metadata(&self, spec: &crate::ModelSpec, source_gguf: Option<&Path>) -> Result<Vec<(String, Value)>> {
+        if let Some(p) = source_gguf {
+            let (c, _) = crate::gguf_header::read_gguf_header(p)?;
+            let mut keys: Vec<(String, Value)> =
+                c.metadata.into_iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect();
+            if !keys.is_empty() {
+                keys.sort_by(|a, b| a.0.cmp(&b.0));
+                return Ok(keys);
+            }
+        }
+        let here = Path::new("<tokenizer.json>");
+        let err = |m: String| tok_err(here, m);
+        let json: serde_json::Value = serde_json::from_str(
+            &self.inner.to_string(false).map_err(|e| err(format!("cannot serialise the tokenizer: {e}")))?,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let model = &json["model"];
+        if model["type"] != "BPE" {
+            return Err(err(format!(
+                "a {} tokenizer model cannot be written as a GGUF vocabulary (only BPE)",
+                model["type"]
+            )));
+        }
+        let n = spec.vocab_size;
+        let mut tokens: Vec<Option<String>> = vec![None; n];
+        let mut types = vec![TYPE_NORMAL; n];
+        let mut place = |id: u64, t: &str| -> Result<()> {
+            let slot = tokens
+                .get_mut(id as usize)
+                .ok_or_else(|| err(format!("token `{t}` has id {id}, past the model's {n} embeddings")))?;
+            *slot = Some(t.to_string());
+            Ok(())
+        };
+        for (t, id) in model["vocab"].as_object().ok_or_else(|| err("the BPE model has no vocab".into()))? {
+            place(id.as_u64().ok_or_else(|| err(format!("token `{t}` has no integer id")))?, t)?;
+        }
+        for a in json["added_tokens"].as_array().into_iter().flatten() {
+            let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
+            place(id, t)?;
+            types[id as usize] = if a["special"].as_bool() == Some(true) { TYPE_CONTROL } else { TYPE_USER_DEFINED };
+        }
+        let merges: Vec<Value> = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match (m.as_str(), m.as_array()) {
+                (Some(s), _) => Ok(Value::String(s.to_string())),
+                (_, Some(pair)) if pair.len() == 2 => {
+                    Ok(Value::String(format!("{} {}", pair[0].as_str().unwrap_or(""), pair[1].as_str().unwrap_or(""))))
+                }
+                _ => Err(err(format!("malformed merge {m}"))),
+            })
+            .collect::<Result<_>>()?;
+        let unk = model["unk_token"].as_str().and_then(|t| self.inner.token_to_id(t));
+        let mut m: Vec<(String, Value)> = Vec::new();
+        let gemma = model["byte_fallback"].as_bool() == Some(true);
+        if gemma {
+            let replace = Replace::new(" ", "▁").map_err(|e| err(e.to_string()))?;
+            if json["normalizer"] != serde_json::to_value(&replace).map_err(|e| err(e.to_string()))? {
+                return Err(err("a byte-fallback BPE whose normaliser is not Gemma's (spaces as `▁`): only Gemma's \
+                     sentencepiece vocabulary can be written as a GGUF `llama` vocabulary"
+                    .into()));
+            }
+            let mut scores = Vec::with_capacity(n);
+            for (id, (t, ty)) in tokens.iter_mut().zip(types.iter_mut()).enumerate() {
+                let Some(tok) = t.as_mut() else {
+                    scores.push(Value::F32(-1000.0));
+                    continue;
+                };
+                if tok.chars().count() >= 2 && tok.chars().all(|c| c == '▁') {
+                    *tok = " ".repeat(tok.chars().count());
+                    *ty = TYPE_USER_DEFINED;
+                } else if Some(id as u32) == unk {
+                    *ty = TYPE_UNKNOWN;
+                } else if *ty == TYPE_NORMAL && tok.len() == 6 && tok.starts_with("<0x") && tok.ends_with('>') {
+                    *ty = TYPE_BYTE;
+                }
+                scores.push(Value::F32(if *ty == TYPE_NORMAL { -(id as f32) } else { -1000.0 }));
+            }
+            m.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
+            m.push(("tokenizer.ggml.pre".into(), Value::String("default".into())));
+            m.push(("tokenizer.ggml.scores".into(), Value::Array(scores)));
+            m.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)));
+        } else {
+            let pre = json["pre_tokenizer"].clone();
+            let norm = json["normalizer"].clone();
+            let mut found = None;
+            for (name, kind) in PRE_NAMES {
+                let want = serde_json::to_value(kind.pre_tokenizer().map_err(err)?).map_err(|e| err(e.to_string()))?;
+                let want_norm = if matches!(kind, BytePre::Qwen2) {
+                    serde_json::to_value(NFC).map_err(|e| err(e.to_string()))?
+                } else {
+                    serde_json::Value::Null
+                };
+                if pre == want && norm == want_norm {
+                    found = Some(name);
+                    break;
+                }
+            }
+            let pre_name = found.ok_or_else(|| {
+                err(format!(
+                    "its pre-tokenizer is none of the byte-level pipelines that slm and llama.cpp name alike \
+                     ({BYTE_LEVEL_PRES}); llama.cpp would tokenise it differently. Pre-tokenizer: {pre}"
+                ))
+            })?;
+            m.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+            m.push(("tokenizer.ggml.pre".into(), Value::String(pre_name.into())));
+            m.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
+        }
+        let tokens: Vec<Value> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(id, t)| Value::String(t.unwrap_or_else(|| format!("[PAD{id}]"))))
+            .collect();
+        let types: Vec<Value> = types
+            .iter()
+            .zip(&tokens)
+            .map(|(&ty, t)| match t {
+                Value::String(s) if s.starts_with("[PAD") && self.inner.token_to_id(s).is_none() => {
+                    Value::I32(TYPE_UNUSED)
+                }
+                _ => Value::I32(ty),
+            })
+            .collect();
+        m.push(("tokenizer.ggml.tokens".into(), Value::Array(tokens)));
+        m.push(("tokenizer.ggml.token_type".into(), Value::Array(types)));
+        if let Some(u) = unk {
+            m.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(u)));
+        }
+        m.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(self.bos.is_some())));
+        m.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
+        Ok(m)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,10 @@ struct Cli {
 enum Command {
     /// Print dimensions, per-layer shapes and parameter counts.
     Inspect(commands::inspect::Args),
-    /// Write the model as an HF directory (config.json, model.safetensors, tokenizer.json).
+    /// Write the model as an HF directory, or as a GGUF for llama.cpp (`--out FILE.gguf`; per-layer widths as `deci`).
     Export(commands::export::Args),
+    /// The logits at every position of one sequence, as a float32 .npy (to compare against another runtime).
+    Logits(commands::logits::Args),
     /// Zero-shot evaluation, with lm-evaluation-harness's prompts, scoring and results JSON.
     Eval(commands::eval::Args),
     /// Depth pruning: sliding layer merging or a baseline (ShortGPT, LaCo, SLEB, Shortened-LLaMA PPL).
@@ -86,6 +88,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(&cli.common, a),
         Command::Export(a) => commands::export::run(&cli.common, a),
+        Command::Logits(a) => commands::logits::run(&cli.common, a),
         Command::Synth(a) => commands::synth::run(&cli.common, a),
         Command::Eval(a) => commands::eval::run(&cli.common, a),
         Command::Depth(a) => commands::depth::run(&cli.common, a),

@@ -393,6 +393,7 @@ fn metadata(
     arch: &'static str,
     outtype: OutType,
     table: &[TensorEntry],
+    plan: Option<&[u8]>,
 ) -> Result<Vec<(String, Value)>> {
     let spec = &model.spec;
     let name = model
@@ -429,7 +430,9 @@ fn metadata(
         }
     }
     m.push((STAMP_META_KEY.to_string(), Value::String(OutputStamp::new(OutputKind::Gguf).json().to_string())));
-    if let Some(dir) = model.source.as_deref().filter(|p| p.is_dir()) {
+    if let Some(plan) = plan {
+        m.push((PLAN_META_KEY.to_string(), Value::String(String::from_utf8_lossy(plan).into_owned())));
+    } else if let Some(dir) = model.source.as_deref().filter(|p| p.is_dir()) {
         let plan = dir.join("slm_plan.json");
         if plan.is_file() {
             let text = crate::files::read_regular_text(&plan, crate::files::MAX_CONFIG_BYTES)?;
@@ -536,12 +539,14 @@ fn tensor_bytes(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
 
 /// Writes `model` to the GGUF file `out` with weight matrices in `outtype`: checked like every slm output
 /// ([`output::check_output`]), written to a temporary sibling and renamed into place. `progress(done, total)` is
-/// called after each tensor.
+/// called after each tensor. `plan` is the `slm_plan.json` to record under [`PLAN_META_KEY`] (for a model pruned
+/// in this process; a model loaded from an slm output directory brings its own).
 pub fn export_gguf(
     model: &Model,
     out: &Path,
     outtype: OutType,
     replace: Replace,
+    plan: Option<&[u8]>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ExportReport> {
     let _span = tracing::info_span!("export_gguf", out = %out.display()).entered();
@@ -550,7 +555,7 @@ pub fn export_gguf(
     let spec = &model.spec;
     let arch = gguf_architecture(spec)?;
     let table = tensor_table(spec, model.weights.lm_head.is_some(), arch, outtype);
-    let meta = metadata(model, arch, outtype, &table)?;
+    let meta = metadata(model, arch, outtype, &table, plan)?;
     let (head, offsets) = header(&meta, &table)?;
     let fallbacks: Vec<(String, GgmlDType)> = table
         .iter()

@@ -18,7 +18,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn export(model: &Model, out: &Path, t: OutType) -> slm_model::gguf_write::ExportReport {
-    export_gguf(model, out, t, Replace::SlmOutputOfSameKind, &mut |_, _| {}).unwrap()
+    export_gguf(model, out, t, Replace::SlmOutputOfSameKind, None, &mut |_, _| {}).unwrap()
 }
 
 /// Every named tensor of `b` is bit-identical to `a`'s, and the specs agree.
@@ -246,7 +246,7 @@ fn bad_requests_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let qwen = tiny_model_with(Family::Qwen2, vec![layer(4, 2, 48), layer(2, 2, 16)], 5);
     let out = dir.path().join("qwen-width.gguf");
-    let e = export_gguf(&qwen, &out, OutType::F32, Replace::SlmOutputOfSameKind, &mut |_, _| {}).unwrap_err();
+    let e = export_gguf(&qwen, &out, OutType::F32, Replace::SlmOutputOfSameKind, None, &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("deci") && e.to_string().contains("qwen2"), "{e}");
     assert!(!out.exists());
 
@@ -256,21 +256,21 @@ fn bad_requests_write_nothing() {
     model.save(&hf, StorageDType::F32, &[]).unwrap();
     let m = Model::load(&hf, &Device::Cpu).unwrap();
     let inside = hf.join("model.gguf");
-    let e = export_gguf(&m, &inside, OutType::F32, Replace::SlmOutputOfSameKind, &mut |_, _| {}).unwrap_err();
+    let e = export_gguf(&m, &inside, OutType::F32, Replace::SlmOutputOfSameKind, None, &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("inside the input"), "{e}");
     assert!(!inside.exists());
     let g = dir.path().join("m.gguf");
     export(&m, &g, OutType::F32);
     let from_g = Model::load(&g, &Device::Cpu).unwrap();
     let before = std::fs::read(&g).unwrap();
-    let e = export_gguf(&from_g, &g, OutType::F16, Replace::SlmOutputOfSameKind, &mut |_, _| {}).unwrap_err();
+    let e = export_gguf(&from_g, &g, OutType::F16, Replace::SlmOutputOfSameKind, None, &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("is the input"), "{e}");
     assert_eq!(std::fs::read(&g).unwrap(), before);
 
     // A file that slm did not write is not replaced; an earlier slm GGUF is.
     let foreign = dir.path().join("foreign.gguf");
     std::fs::write(&foreign, b"not mine").unwrap();
-    let e = export_gguf(&m, &foreign, OutType::F32, Replace::SlmOutputOfSameKind, &mut |_, _| {}).unwrap_err();
+    let e = export_gguf(&m, &foreign, OutType::F32, Replace::SlmOutputOfSameKind, None, &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("not an earlier slm output"), "{e}");
     assert_eq!(std::fs::read(&foreign).unwrap(), b"not mine");
     export(&m, &g.with_file_name("again.gguf"), OutType::F32);

@@ -23,7 +23,7 @@ pub use importance::{
 };
 pub use plan::{
     apply, check_layer_range, default_layer_range, parameters_after, parse_layer_range, plan_width, plan_width_scored,
-    ratio_for_target, LayerPrune, Ratios, WidthPlan, WidthSettings,
+    ratio_for_target, ratio_for_target_rounded, LayerPrune, Ratios, WidthPlan, WidthSettings,
 };
 
 /// Everything that can go wrong while planning or applying width pruning.

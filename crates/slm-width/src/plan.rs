@@ -61,11 +61,41 @@ pub fn check_layer_range(range: &Range<usize>, num_layers: usize) -> Result<()> 
 pub struct Ratios {
     pub attention: f64,
     pub mlp: f64,
+    /// `--round-to N`: each pruned layer keeps a multiple of N MLP channels (the multiple nearest to what `mlp`
+    /// keeps, at least N, at most all), so that the pruned matrices keep shapes that real kernels (quantised
+    /// blocks of 32 or 256, SIMD tiles) run at full speed. Attention is already in whole units (a KV head with its
+    /// query heads: multiples of `group size · head_dim` rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_multiple: Option<usize>,
 }
 
 impl Ratios {
     pub fn uniform(r: f64) -> Self {
-        Ratios { attention: r, mlp: r }
+        Ratios { attention: r, mlp: r, mlp_multiple: None }
+    }
+
+    /// The same ratios with the MLP width of each pruned layer rounded to a multiple of `n` (see
+    /// [`Ratios::mlp_multiple`]).
+    pub fn rounded_to(self, n: Option<usize>) -> Self {
+        Ratios { mlp_multiple: n, ..self }
+    }
+
+    /// How many of a layer's `n` MLP channels these ratios remove: [`units_to_remove`], then the width kept
+    /// rounded to the nearest multiple of [`Ratios::mlp_multiple`] (ties up; at least one multiple, at most `n`).
+    pub fn mlp_channels_to_remove(&self, n: usize) -> Result<usize> {
+        let removed = units_to_remove(n, self.mlp, "MLP channels")?;
+        let Some(m) = self.mlp_multiple else { return Ok(removed) };
+        if m == 0 {
+            return Err(WidthError::InvalidArgument("--round-to must be at least 1".into()));
+        }
+        if m > n {
+            return Err(WidthError::InvalidArgument(format!(
+                "--round-to {m} is more than the {n} MLP channels of a layer"
+            )));
+        }
+        let kept = n - removed;
+        let rounded = (((kept + m / 2) / m) * m).clamp(m, n - n % m);
+        Ok(n - rounded)
     }
 }
 
@@ -73,7 +103,7 @@ impl Ratios {
 fn pruned_shape(l: &LayerSpec, ratio: Ratios) -> Result<LayerSpec> {
     let n = AttentionUnit::count(l);
     let units = units_to_remove(n, ratio.attention, AttentionUnit::what(l))?;
-    let ch = units_to_remove(l.intermediate_size, ratio.mlp, "MLP channels")?;
+    let ch = ratio.mlp_channels_to_remove(l.intermediate_size)?;
     Ok(LayerSpec { intermediate_size: l.intermediate_size - ch, ..AttentionUnit::kept_shape(l, n - units) })
 }
 
@@ -93,6 +123,21 @@ pub fn parameters_after(spec: &slm_model::ModelSpec, ratio: Ratios, range: &Rang
 /// head count) and MLP ratios on a 1e-4 grid, this picks the pair that meets the target within one channel group
 /// with the two ratios closest together (LLM-Pruner's single ratio when it fits), else the closest pair.
 pub fn ratio_for_target(spec: &slm_model::ModelSpec, range: &Range<usize>, target: f64) -> Result<Ratios> {
+    ratio_for_target_rounded(spec, range, target, None)
+}
+
+/// [`ratio_for_target`] with each pruned layer's MLP width a multiple of `mlp_multiple` ([`Ratios::mlp_multiple`]).
+pub fn ratio_for_target_rounded(
+    spec: &slm_model::ModelSpec,
+    range: &Range<usize>,
+    target: f64,
+    mlp_multiple: Option<usize>,
+) -> Result<Ratios> {
+    check_layer_range(range, spec.num_layers())?;
+    for i in range.clone() {
+        // A multiple that no layer can keep fails here, before the search.
+        Ratios::uniform(0.0).rounded_to(mlp_multiple).mlp_channels_to_remove(spec.layers[i].intermediate_size)?;
+    }
     if !(target > 0.0 && target < 1.0) {
         return Err(WidthError::InvalidArgument(format!("target ratio must be in (0, 1), got {target}")));
     }
@@ -125,7 +170,7 @@ pub fn ratio_for_target(spec: &slm_model::ModelSpec, range: &Range<usize>, targe
     for &(_, lo, hi) in &attention_levels {
         for k in 0..10_000 {
             let m = grid(k);
-            let r = Ratios { attention: m.clamp(lo, hi), mlp: m };
+            let r = Ratios { attention: m.clamp(lo, hi), mlp: m, mlp_multiple };
             let Ok(after) = parameters_after(spec, r, range) else { break };
             let removed = dense - after as f64;
             max_removed = max_removed.max(removed);
@@ -261,7 +306,7 @@ fn select(model: &Model, settings: &WidthSettings, scores: Vec<UnitScores>) -> R
             &scores.attention,
             units_to_remove(AttentionUnit::count(l), settings.ratio.attention, AttentionUnit::what(l))?,
         );
-        let ch = lowest(&scores.mlp, units_to_remove(l.intermediate_size, settings.ratio.mlp, "MLP channels")?);
+        let ch = lowest(&scores.mlp, settings.ratio.mlp_channels_to_remove(l.intermediate_size)?);
         let query_heads_removed = kv.iter().flat_map(|&g| AttentionUnit::new(l, g).query_heads).collect();
         layers.push(LayerPrune {
             layer: i,
@@ -351,4 +396,41 @@ pub fn apply(model: &Model, plan: &WidthPlan) -> Result<Model> {
         };
     }
     Ok(Model::from_parts(spec, weights, model.tokenizer.clone(), &model.device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hand-computed: 20% of 1536 channels keeps ⌊1228.8⌋ = 1228; rounded to 256 that is 1280 (5 × 256, the
+    /// nearest), to 32 it is 1216 (38 × 32; 1228 is 38.375 multiples).
+    #[test]
+    fn round_to_keeps_the_nearest_multiple() {
+        let r = Ratios::uniform(0.2);
+        assert_eq!(r.mlp_channels_to_remove(1536).unwrap(), 308);
+        assert_eq!(r.rounded_to(Some(256)).mlp_channels_to_remove(1536).unwrap(), 256);
+        assert_eq!(r.rounded_to(Some(32)).mlp_channels_to_remove(1536).unwrap(), 320);
+        // At least one multiple stays; never more than the layer has.
+        assert_eq!(Ratios::uniform(0.99).rounded_to(Some(256)).mlp_channels_to_remove(1536).unwrap(), 1280);
+        assert_eq!(Ratios::uniform(0.0).rounded_to(Some(256)).mlp_channels_to_remove(1000).unwrap(), 1000 - 768);
+        assert!(r.rounded_to(Some(0)).mlp_channels_to_remove(1536).is_err());
+        assert!(r.rounded_to(Some(2048)).mlp_channels_to_remove(1536).unwrap_err().to_string().contains("2048"));
+    }
+
+    /// A searched budget with --round-to gives widths that are multiples in every pruned layer.
+    #[test]
+    fn target_search_respects_round_to() {
+        let spec = slm_model::testing::smollm_spec();
+        let range = 4..28;
+        let r = ratio_for_target_rounded(&spec, &range, 0.2, Some(128)).unwrap();
+        assert_eq!(r.mlp_multiple, Some(128));
+        let kept =
+            spec.layers[4].intermediate_size - r.mlp_channels_to_remove(spec.layers[4].intermediate_size).unwrap();
+        assert_eq!(kept % 128, 0, "kept {kept}");
+        let after = parameters_after(&spec, r, &range).unwrap() as f64;
+        let removed = 1.0 - after / spec.num_parameters() as f64;
+        // One 128-channel step in 24 layers is 24 · 3 · 576 · 128 parameters, 3.9% of the model.
+        assert!((removed - 0.2).abs() < 0.04, "removed {removed}");
+        assert!(ratio_for_target_rounded(&spec, &range, 0.2, Some(4096)).is_err());
+    }
 }

@@ -89,7 +89,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     // slm-dp compares whole plans by their next-token distributions; short windows weigh them the way the
     // zero-shot tasks do (most of their contexts are under 40 tokens), at the reference's token count.
     let calib = args.calib.or(if method == Method::SlmDp { SLM_DP_WINDOWS } else { super::REFERENCE_WINDOWS })?;
-    common.check_output("--out", &args.out, OutputKind::Model, &[&args.model, &calib.file])?;
+    common.check_output(
+        "--out",
+        &args.out,
+        super::export::model_output_kind(&args.out),
+        &[&args.model, &calib.file],
+    )?;
     let model = common.load_model(&args.model, slm_model::Residency::Mapped)?;
     let stop = match (args.threshold, args.target_ratio, args.target_layers) {
         (Some(t), None, None) => Stop::Threshold(t),
@@ -161,12 +166,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         source_model: args.model.display().to_string(),
     };
     let plan_bytes = plan_file.to_bytes();
-    pruned.save_replacing(
-        &args.out,
-        dtype.unwrap_or(model.storage_dtype()),
-        &[("slm_plan.json", plan_bytes)],
-        common.replace(),
-    )?;
+    super::export::save_model_output(common, &pruned, &args.out, dtype.unwrap_or(model.storage_dtype()), plan_bytes)?;
 
     println!(
         "method:      {}{}",

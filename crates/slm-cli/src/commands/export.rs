@@ -74,22 +74,67 @@ pub fn export_gguf(common: &CommonArgs, model_path: &Path, out: &Path, outtype: 
     let model = common.load_model(model_path, slm_model::Residency::Mapped)?;
     // The architecture is checked before any tensor is written.
     slm_model::gguf_write::gguf_architecture(&model.spec).with_context(|| format!("--out {}", out.display()))?;
+    write_gguf(common, &model, out, outtype, None)?;
+    println!(
+        "exported {} ({} layers, {} parameters) to {}",
+        model_path.display(),
+        model.spec.num_layers(),
+        model.spec.num_parameters(),
+        out.display(),
+    );
+    Ok(())
+}
+
+/// The output kind of a model output path: a GGUF file for `*.gguf`, else an HF directory.
+pub fn model_output_kind(out: &Path) -> OutputKind {
+    if is_gguf_path(out) {
+        OutputKind::Gguf
+    } else {
+        OutputKind::Model
+    }
+}
+
+/// Saves a model that a command made: an HF directory with `slm_plan.json`, or, for `--out FILE.gguf`, a GGUF
+/// with the plan in its metadata (matrices in `dtype`: f32, f16 or bf16).
+pub fn save_model_output(
+    common: &CommonArgs,
+    model: &slm_model::Model,
+    out: &Path,
+    dtype: StorageDType,
+    plan: Vec<u8>,
+) -> anyhow::Result<()> {
+    if is_gguf_path(out) {
+        let t = match dtype {
+            StorageDType::F32 => OutType::F32,
+            StorageDType::F16 => OutType::F16,
+            StorageDType::BF16 => OutType::Bf16,
+        };
+        return write_gguf(common, model, out, t, Some(&plan));
+    }
+    model.save_replacing(out, dtype, &[("slm_plan.json", plan)], common.replace())?;
+    Ok(())
+}
+
+fn write_gguf(
+    common: &CommonArgs,
+    model: &slm_model::Model,
+    out: &Path,
+    outtype: OutType,
+    plan: Option<&[u8]>,
+) -> anyhow::Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} tensors  [{elapsed_precise} < {eta_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let report = slm_model::gguf_write::export_gguf(&model, out, outtype, common.replace(), &mut |done, total| {
+    let report = slm_model::gguf_write::export_gguf(model, out, outtype, common.replace(), plan, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })
     .with_context(|| format!("writing {}", out.display()))?;
     bar.finish_and_clear();
     println!(
-        "exported {} ({} layers, {} parameters) to {} ({}, {} tensors, {:.1} MiB, architecture `{}`)",
-        model_path.display(),
-        model.spec.num_layers(),
-        model.spec.num_parameters(),
+        "GGUF {} ({}, {} tensors, {:.1} MiB, llama.cpp architecture `{}`)",
         out.display(),
         outtype.name(),
         report.tensors,

@@ -6,6 +6,7 @@ pub mod distill_data;
 pub mod eval;
 pub mod export;
 pub mod inspect;
+pub mod logits;
 pub mod lora;
 pub mod plan_file;
 pub mod run;

@@ -11,8 +11,8 @@ use slm_model::output::{OutputKind, OutputStamp};
 use slm_model::StorageDType;
 use slm_width::file::{GradientPassRecord, WidthPlanFile};
 use slm_width::{
-    apply, default_layer_range, gradient_scores, parse_layer_range, plan_width, plan_width_scored, ratio_for_target,
-    Aggregation, Importance, Ratios, WidthSettings,
+    apply, default_layer_range, gradient_scores, parse_layer_range, plan_width, plan_width_scored,
+    ratio_for_target_rounded, Aggregation, Importance, Ratios, WidthSettings,
 };
 
 use super::CommonArgs;
@@ -40,6 +40,11 @@ pub struct Args {
     /// (the first round(4L/32) and last round(2L/32) layers stay dense; 4..28 for 30 layers).
     #[arg(long)]
     pub layers: Option<String>,
+    /// Keep each pruned layer's MLP width a multiple of N (the multiple nearest the ratio's width), so that the
+    /// pruned matrices stay whole blocks of quantised types (32 for q8_0/q4_0, 256 for the k-quants) and fast on
+    /// real kernels. Heads need no rounding: a unit is a whole KV head with its query heads.
+    #[arg(long, value_name = "N")]
+    pub round_to: Option<usize>,
     #[command(flatten)]
     pub calib: super::CalibArgs,
     /// Storage dtype of the output: f32, f16 or bf16 [default: the input's: its stored dtype for an HF
@@ -54,7 +59,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         slm_width::groups::check_ratio(r).context("--pruning-ratio")?;
     }
     let calib = args.calib.or(super::REFERENCE_WINDOWS)?;
-    common.check_output("--out", &args.out, OutputKind::Model, &[&args.model, &calib.file])?;
+    common.check_output(
+        "--out",
+        &args.out,
+        super::export::model_output_kind(&args.out),
+        &[&args.model, &calib.file],
+    )?;
     let model = common.load_model(&args.model, slm_model::Residency::Mapped)?;
     let n = model.spec.num_layers();
     let range = match &args.layers {
@@ -62,12 +72,14 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         None => default_layer_range(n),
     };
     let ratio = match (args.pruning_ratio, args.target_ratio) {
-        (Some(r), None) => Ratios::uniform(r),
-        (None, Some(t)) => ratio_for_target(&model.spec, &range, t).context("--target-ratio")?,
+        (Some(r), None) => Ratios::uniform(r).rounded_to(args.round_to),
+        (None, Some(t)) => {
+            ratio_for_target_rounded(&model.spec, &range, t, args.round_to).context("--target-ratio / --round-to")?
+        }
         _ => bail!("give one of --pruning-ratio or --target-ratio"),
     };
     // Fails early (before the gradient pass) when the ratio would empty a layer.
-    slm_width::parameters_after(&model.spec, ratio, &range).context("--pruning-ratio")?;
+    slm_width::parameters_after(&model.spec, ratio, &range).context("--pruning-ratio / --round-to")?;
     let layers: Vec<usize> = range.clone().collect();
 
     let start = Instant::now();
@@ -134,11 +146,12 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         source_model: args.model.display().to_string(),
         previous_plan: previous,
     };
-    pruned.save_replacing(
+    super::export::save_model_output(
+        common,
+        &pruned,
         &args.out,
         dtype.unwrap_or(model.storage_dtype()),
-        &[("slm_plan.json", plan_file.to_bytes())],
-        common.replace(),
+        plan_file.to_bytes(),
     )?;
 
     println!("importance:  {} (aggregation {})", importance.as_str(), aggregation.as_str());

@@ -523,7 +523,7 @@ impl Tokenizer {
                 if tok.chars().count() >= 2 && tok.chars().all(|c| c == '▁') {
                     *tok = " ".repeat(tok.chars().count());
                     *ty = TYPE_USER_DEFINED;
-                } else if Some(id as u32) == unk {
+                } else if Some(id as u32) == unk && *ty == TYPE_NORMAL {
                     *ty = TYPE_UNKNOWN;
                 } else if *ty == TYPE_NORMAL && tok.len() == 6 && tok.starts_with("<0x") && tok.ends_with('>') {
                     *ty = TYPE_BYTE;

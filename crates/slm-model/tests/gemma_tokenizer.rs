@@ -213,3 +213,71 @@ fn unsupported_or_broken_vocabularies_are_refused() {
     let e = toy_err(&[("tokenizer.ggml.add_space_prefix", Value::Bool(true))]);
     assert!(e.contains("tokenizer.ggml.add_space_prefix"), "{e}");
 }
+
+/// The `tokenizer.ggml.*` metadata that `slm export` rebuilds from a tokenizer (what it does for an HF
+/// directory's `tokenizer.json`) for Gemma's sentencepiece BPE: the file's own tokens (runs of spaces spelled
+/// as spaces again) and types for every control, user-defined and byte token, and a vocabulary that tokenises as
+/// the original on the hard cases and the golden prompts when slm reads it back.
+#[test]
+fn gemma_vocabulary_is_rebuilt_for_gguf_export() {
+    let path = gemma_model_path();
+    let (content, _) = slm_model::gguf::read_content(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&content, &path).unwrap();
+    let spec = slm_model::Model::load_spec(&path).unwrap();
+    let meta: HashMap<String, Value> = tok.gguf_metadata(&spec, None).unwrap().into_iter().collect();
+    assert_eq!(meta["tokenizer.ggml.model"].to_string().unwrap(), "llama");
+    let strings =
+        |v: &Value| -> Vec<String> { v.to_vec().unwrap().iter().map(|x| x.to_string().unwrap().clone()).collect() };
+    let ints = |v: &Value| -> Vec<i64> {
+        v.to_vec()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_i32().map(i64::from).or_else(|_| x.to_u32().map(i64::from)).unwrap())
+            .collect()
+    };
+    let (want, got) = (strings(&content.metadata["tokenizer.ggml.tokens"]), strings(&meta["tokenizer.ggml.tokens"]));
+    assert_eq!(want.len(), got.len());
+    let differ: Vec<usize> = (0..want.len()).filter(|&i| want[i] != got[i]).collect();
+    assert!(
+        differ.is_empty(),
+        "{} tokens differ, first {:?}",
+        differ.len(),
+        differ.first().map(|&i| (&want[i], &got[i]))
+    );
+    let (wt, gt) = (ints(&content.metadata["tokenizer.ggml.token_type"]), ints(&meta["tokenizer.ggml.token_type"]));
+    for ty in [1, 2, 3, 4, 5, 6] {
+        let a: Vec<usize> = (0..wt.len()).filter(|&i| wt[i] == ty).collect();
+        let b: Vec<usize> = (0..gt.len()).filter(|&i| gt[i] == ty).collect();
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        assert!(
+            a == b,
+            "tokens of type {ty}: {} in the file, {} rebuilt, first difference at {first:?}: {:?}",
+            a.len(),
+            b.len(),
+            first.map(|k| (a[k], b[k], &want[a[k]], wt[a[k]], gt[a[k]]))
+        );
+    }
+    let mut rebuilt: HashMap<String, Value> = meta.clone();
+    rebuilt.insert("general.architecture".into(), Value::String("gemma3".into()));
+    // slm export writes the BOS/EOS ids from the model's spec beside the vocabulary.
+    rebuilt.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(spec.bos_token_id.unwrap()));
+    let c = Content {
+        magic: VersionedMagic::GgufV3,
+        metadata: rebuilt,
+        tensor_infos: HashMap::new(),
+        tensor_data_offset: 0,
+    };
+    let back = Tokenizer::from_gguf(&c, Path::new("rebuilt.gguf")).unwrap();
+    assert_eq!(back.bos_to_prepend(), Some(2));
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden_dir().join("gemma3_270m_golden.json")).unwrap()).unwrap();
+    let mut texts: Vec<String> =
+        golden["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+    texts.extend(
+        ["   hello  world", "a\tb\t\tc\n\n\nx", "<start_of_turn>user\nHi<end_of_turn>\n", "\u{3000}𝔹\u{0}🦀 end "]
+            .map(String::from),
+    );
+    for t in &texts {
+        assert_eq!(back.encode(t).unwrap(), tok.encode(t).unwrap(), "{t:?}");
+    }
+}

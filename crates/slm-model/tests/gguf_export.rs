@@ -145,6 +145,22 @@ fn per_layer_widths_export_as_deci() {
     assert_eq!(ints(&m["deci.attention.key_length"]), vec![8]);
     assert_eq!(ints(&m["deci.rope.dimension_count"]), vec![8]);
     assert!(matches!(m["deci.attention.head_count"], Value::Array(ref a) if matches!(a[0], Value::I32(_))));
+    // llama.cpp reads scalars only at their exact type: UINT32 counts, FLOAT32 reals.
+    for key in [
+        "deci.block_count",
+        "deci.embedding_length",
+        "deci.context_length",
+        "deci.attention.key_length",
+        "deci.attention.value_length",
+        "deci.rope.dimension_count",
+        "general.file_type",
+        "general.alignment",
+    ] {
+        assert!(matches!(m[key], Value::U32(_)), "{key}: {:?}", m[key]);
+    }
+    for key in ["deci.attention.layer_norm_rms_epsilon", "deci.rope.freq_base"] {
+        assert!(matches!(m[key], Value::F32(_)), "{key}: {:?}", m[key]);
+    }
     // ggml order: ne0 first. candle's shapes are the reverse.
     let ne = |name: &str| -> Vec<usize> { content.tensor_infos[name].shape.dims().iter().rev().copied().collect() };
     for (i, l) in layers.iter().enumerate() {
@@ -275,4 +291,33 @@ fn bad_requests_write_nothing() {
     assert_eq!(std::fs::read(&foreign).unwrap(), b"not mine");
     export(&m, &g.with_file_name("again.gguf"), OutType::F32);
     export(&m, &g.with_file_name("again.gguf"), OutType::F16);
+}
+
+/// f16 and bf16 files hold each matrix rounded once to the type (the reload equals the f32 weights converted
+/// with `half`'s round-to-nearest-even), and the norms in f32 exactly; the rows of 48 (not whole q8_0 blocks)
+/// are the f16 fallback of a q8_0 export, which the report lists.
+#[test]
+fn half_precision_exports_round_each_weight_once() {
+    let model = tiny_model_of(Family::Llama, 2, 11);
+    let dir = tempfile::tempdir().unwrap();
+    for (t, dt) in [(OutType::F16, candle_core::DType::F16), (OutType::Bf16, candle_core::DType::BF16)] {
+        let out = dir.path().join(format!("{}.gguf", t.name()));
+        export(&model, &out, t);
+        let back = Model::load(&out, &Device::Cpu).unwrap();
+        let a = model.weights.named_tensors(&model.spec.arch).unwrap();
+        let b = back.weights.named_tensors(&back.spec.arch).unwrap();
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            let want = if x.rank() == 2 {
+                x.to_dtype(dt).unwrap().to_dtype(candle_core::DType::F32).unwrap()
+            } else {
+                x.clone()
+            };
+            assert!(bits(&want) == bits(y), "{}: {name} is not the weight rounded once", t.name());
+        }
+    }
+    let report = export(&model, &dir.path().join("q8.gguf"), OutType::Q8_0);
+    let mut fell: Vec<&str> = report.fallbacks.iter().map(|(n, _)| n.as_str()).collect();
+    fell.sort();
+    assert_eq!(fell, ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]);
+    assert!(report.fallbacks.iter().all(|(_, d)| *d == candle_core::quantized::GgmlDType::F16));
 }

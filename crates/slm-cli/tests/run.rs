@@ -205,3 +205,31 @@ fn the_shipped_schedules_are_valid() {
         assert!(stdout.contains("slm+width"), "{name}: {stdout}");
     }
 }
+
+/// An `export` step writes the pipeline's model so far as `<step>/model.gguf` (here a width-pruned one: `deci`,
+/// q8_0), which slm loads back with the step's shapes; the model the later steps and the report use is unchanged.
+#[test]
+fn an_export_step_writes_the_pipelines_model_as_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let text = format!(
+        "{}\n{}",
+        header(&out),
+        r#"
+[[pipeline]]
+name = "width"
+steps = [{ step = "width", importance = "l2", pruning_ratio = 0.25 }, { step = "export", outtype = "q8_0" }, { step = "eval" }]
+"#
+    );
+    let o = run_schedule(&text, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let gguf = out.join("width/2-export/model.gguf");
+    let (c, _) = slm_model::gguf::read_content(&gguf).unwrap();
+    assert_eq!(c.metadata["general.architecture"].to_string().unwrap(), "deci");
+    assert_eq!(c.metadata["general.file_type"].to_u32().unwrap(), 7, "q8_0");
+    let back = slm_model::Model::load_spec(&gguf).unwrap();
+    let width = slm_model::Model::load_spec(&out.join("width/1-width")).unwrap();
+    assert_eq!(back.layers, width.layers);
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["pipelines"][0]["parameters"].as_f64().unwrap(), width.num_parameters() as f64);
+}

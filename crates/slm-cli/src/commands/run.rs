@@ -52,12 +52,13 @@ fn spec_of(path: &Path, dense: &Model, dense_path: &Path) -> anyhow::Result<Mode
 
 /// Runs one step's subcommand in this process.
 fn run_step(common: &CommonArgs, kind: StepKind, argv: &[String]) -> anyhow::Result<()> {
-    use super::{depth, eval, lora, width};
+    use super::{depth, eval, export, lora, width};
     match schedule::parse_step(kind, argv).map_err(|e| anyhow!("{}", e.to_string().trim()))? {
         StepArgs::Depth(a) => depth::run(common, a),
         StepArgs::Width(a) => width::run(common, a),
         StepArgs::Lora(a) => lora::run(common, a),
         StepArgs::Eval(a) => eval::run(common, a),
+        StepArgs::Export(a) => export::run(common, a),
     }
 }
 
@@ -169,6 +170,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
                         StepKind::Depth | StepKind::Width => (input, o.evals) = (dir.clone(), Vec::new()),
                         StepKind::Lora => (input, o.evals) = (dir.join("merged"), Vec::new()),
                         StepKind::Eval => o.evals.push(dir.join("results.json")),
+                        StepKind::Export => {}
                     }
                     if step.kind == StepKind::Depth {
                         o.depth_plans.push(dir.clone());

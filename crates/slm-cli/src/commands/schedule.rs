@@ -1,5 +1,5 @@
 //! Schedules for `slm run`: a TOML file naming a model, calibration settings and pipelines of steps (`depth`,
-//! `width`, `lora`, `eval`) whose options are the subcommands' own flags (`target_layers = 13` is
+//! `width`, `lora`, `eval`, and `export`: the model so far as `<step dir>/model.gguf` for llama.cpp) whose options are the subcommands' own flags (`target_layers = 13` is
 //! `--target-layers 13`). Everything is parsed and checked by the subcommands' own argument parsers before any
 //! work starts; errors name the file, the line and the key.
 //!
@@ -33,6 +33,8 @@ pub enum StepKind {
     Width,
     Lora,
     Eval,
+    /// `slm export` of the pipeline's model so far to `<dir>/model.gguf` (for llama.cpp); the model is unchanged.
+    Export,
 }
 
 impl StepKind {
@@ -42,6 +44,7 @@ impl StepKind {
             StepKind::Width => "width",
             StepKind::Lora => "lora",
             StepKind::Eval => "eval",
+            StepKind::Export => "export",
         }
     }
 
@@ -202,6 +205,7 @@ pub fn step_argv(
         }
         StepKind::Lora => argv.extend(["--out".into(), out.display().to_string(), "--merge".into()]),
         StepKind::Eval => argv.extend(["--output-path".into(), out.join("results.json").display().to_string()]),
+        StepKind::Export => argv.extend(["--out".into(), out.join("model.gguf").display().to_string()]),
     }
     argv.extend(option_args(&step.options)?);
     argv.extend(option_args(extra)?);
@@ -214,6 +218,7 @@ pub enum StepArgs {
     Width(super::width::Args),
     Lora(super::lora::Args),
     Eval(super::eval::Args),
+    Export(super::export::Args),
 }
 
 /// Parses a step's argument vector with its subcommand's own parser (nothing runs).
@@ -223,6 +228,7 @@ pub fn parse_step(kind: StepKind, argv: &[String]) -> Result<StepArgs, clap::Err
         StepKind::Width => StepArgs::Width(parse_args("width", argv)?),
         StepKind::Lora => StepArgs::Lora(parse_args("lora", argv)?),
         StepKind::Eval => StepArgs::Eval(parse_args("eval", argv)?),
+        StepKind::Export => StepArgs::Export(parse_args("export", argv)?),
     })
 }
 
@@ -251,8 +257,11 @@ pub fn parse(path: &Path) -> anyhow::Result<Schedule> {
         }
     }
     for k in file.defaults.keys() {
-        if !["depth", "width", "lora", "eval"].contains(&k.as_str()) {
-            bail!("{}: [defaults.{k}]: unknown step `{k}` (expected depth, width, lora or eval)", path.display());
+        if !["depth", "width", "lora", "eval", "export"].contains(&k.as_str()) {
+            bail!(
+                "{}: [defaults.{k}]: unknown step `{k}` (expected depth, width, lora, eval or export)",
+                path.display()
+            );
         }
     }
     if file.pipeline.is_empty() {
@@ -301,8 +310,9 @@ pub fn parse(path: &Path) -> anyhow::Result<Schedule> {
                 Some("width") => StepKind::Width,
                 Some("lora") => StepKind::Lora,
                 Some("eval") => StepKind::Eval,
+                Some("export") => StepKind::Export,
                 Some(other) => bail!(
-                    "{}, key `step`: pipeline `{}` step {}: unknown step `{other}` (expected depth, width, lora or eval)",
+                    "{}, key `step`: pipeline `{}` step {}: unknown step `{other}` (expected depth, width, lora, eval or export)",
                     at(key_line(&src, span.clone(), "step")),
                     p.name,
                     i + 1

@@ -198,3 +198,45 @@ fn gemma3_270m_matches_transformers() {
         assert!(d <= 2e-3, "prompt {i}: next-token log-probabilities differ by {d}");
     }
 }
+
+/// Every family through `slm export --out FILE.gguf` (f32) and back: the family's llama.cpp architecture, and
+/// transformers' logits at every position within the HF load's tolerance (Llama-3.1's scaling travels as the
+/// `rope_freqs.weight` divisors, Mistral as `llama` with its window). A Gemma-3 whose sliding layers are not
+/// llama.cpp's every-sixth-global pattern is refused by name instead.
+#[test]
+fn every_family_survives_a_gguf_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, _) in FAMILIES {
+        let dir = arch_dir(name);
+        let model = Model::load(&dir, &Device::Cpu).unwrap();
+        let out = tmp.path().join(format!("{name}.gguf"));
+        let r = slm_model::gguf_write::export_gguf(
+            &model,
+            &out,
+            slm_model::gguf_write::OutType::F32,
+            slm_model::output::Replace::SlmOutputOfSameKind,
+            None,
+            &mut |_, _| {},
+        );
+        let pattern = model.spec.layers.iter().enumerate().all(|(i, l)| l.sliding == ((i + 1) % 6 != 0));
+        if model.spec.arch.family == Family::Gemma3 && !pattern {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("every sixth global"), "{name}: {e}");
+            assert!(!out.exists());
+            continue;
+        }
+        let r = r.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let back = Model::load(&out, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(back.spec.layers, model.spec.layers, "{name}");
+        let g = golden(&dir.join("golden.safetensors"));
+        for i in 0..3 {
+            let seq = ids(&g[&format!("ids_{i}")]);
+            let d = max_abs_diff(&back.logits_all(&seq).unwrap(), &g[&format!("logits_{i}")]);
+            eprintln!(
+                "{name} ({}) sequence {i}: max |logit - golden| = {d:.2e} after the GGUF round trip",
+                r.architecture
+            );
+            assert!(d <= 1e-4, "{name} sequence {i}: {d} after the GGUF round trip");
+        }
+    }
+}

@@ -339,8 +339,8 @@ fn rope_freqs(spec: &ModelSpec) -> Option<Vec<f32>> {
     Some(plain.iter().zip(rope.inv_freq(d)).map(|(p, s)| p / s).collect())
 }
 
-/// The tensor table of `model` written as `arch` with matrices in `outtype`.
-fn tensor_table(spec: &ModelSpec, has_head: bool, arch: &str, outtype: OutType) -> Vec<TensorEntry> {
+/// The tensor table of a model of `spec` with matrices in `outtype` (its LM head only when untied).
+fn tensor_table(spec: &ModelSpec, has_head: bool, outtype: OutType) -> Vec<TensorEntry> {
     let (v, h) = (spec.vocab_size, spec.hidden_size);
     let matrix = |dims: Vec<usize>| outtype.for_row(dims[dims.len() - 1]);
     let mut out = vec![TensorEntry {
@@ -357,7 +357,6 @@ fn tensor_table(spec: &ModelSpec, has_head: bool, arch: &str, outtype: OutType) 
             source: Source::RopeFreqs(f),
         });
     }
-    let _ = arch;
     for (i, l) in spec.layers.iter().enumerate() {
         for &p in Part::ALL.iter().filter(|p| p.present(&spec.arch)) {
             let dims = p.shape(l, h);
@@ -554,7 +553,7 @@ pub fn export_gguf(
     output::check_output(out, OutputKind::Gguf, &inputs, replace)?;
     let spec = &model.spec;
     let arch = gguf_architecture(spec)?;
-    let table = tensor_table(spec, model.weights.lm_head.is_some(), arch, outtype);
+    let table = tensor_table(spec, model.weights.lm_head.is_some(), outtype);
     let meta = metadata(model, arch, outtype, &table, plan)?;
     let (head, offsets) = header(&meta, &table)?;
     let fallbacks: Vec<(String, GgmlDType)> = table

@@ -554,6 +554,18 @@ pub fn export_gguf(
     let spec = &model.spec;
     let arch = gguf_architecture(spec)?;
     let table = tensor_table(spec, model.weights.lm_head.is_some(), outtype);
+    let matrices = table.iter().filter(|t| t.dims.len() == 2).count();
+    let fell_back = table.iter().filter(|t| t.dims.len() == 2 && t.dtype != outtype.ggml()).count();
+    if matrices > 0 && fell_back == matrices {
+        return Err(ModelError::InvalidArgument(format!(
+            "--outtype {}: no matrix of this model has rows that are whole {}-value blocks (hidden size {}), so \
+             not one tensor could be stored as {}; choose another type (q8_0 and q4_0 need rows of a multiple of 32)",
+            outtype.name(),
+            outtype.ggml().block_size(),
+            spec.hidden_size,
+            outtype.name()
+        )));
+    }
     let meta = metadata(model, arch, outtype, &table, plan)?;
     let (head, offsets) = header(&meta, &table)?;
     let fallbacks: Vec<(String, GgmlDType)> = table

@@ -256,7 +256,8 @@ fn quantised_exports_stay_within_their_error() {
 }
 
 /// Refused before anything is written: per-layer widths of a family llama.cpp builds with one width (Qwen2), an
-/// output that is the input or lies inside it, a file that is not an earlier slm GGUF.
+/// `--outtype` that no matrix of the model can take, an output that is the input or lies inside it, a file that
+/// is not an earlier slm GGUF.
 #[test]
 fn bad_requests_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -265,6 +266,13 @@ fn bad_requests_write_nothing() {
     let e = export_gguf(&qwen, &out, OutType::F32, Replace::SlmOutputOfSameKind, None, &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("deci") && e.to_string().contains("qwen2"), "{e}");
     assert!(!out.exists());
+
+    // A type that not one matrix of the model can take (rows of 32 and 48, q4_k's blocks are 256).
+    let tiny = tiny_model_of(Family::Llama, 2, 9);
+    let q4k = dir.path().join("q4k.gguf");
+    let e = export_gguf(&tiny, &q4k, OutType::Q4K, Replace::SlmOutputOfSameKind, None, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("--outtype q4_k") && e.to_string().contains("256"), "{e}");
+    assert!(!q4k.exists());
 
     // An output inside the input HF directory, and the input GGUF itself.
     let model = tiny_model_of(Family::Llama, 2, 9);

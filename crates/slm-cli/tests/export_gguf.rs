@@ -85,32 +85,14 @@ fn depth_and_width_write_gguf_outputs() {
 #[test]
 fn export_flags_and_outputs_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let e = run_err(
-        slm()
-            .arg("export")
-            .arg(default_model_path())
-            .arg("--out")
-            .arg(dir.path().join("m.gguf"))
-            .args(["--dtype", "f16"]),
-    );
+    let export_err = |out: &str, flags: [&str; 2]| {
+        run_err(slm().arg("export").arg(default_model_path()).arg("--out").arg(dir.path().join(out)).args(flags))
+    };
+    let e = export_err("m.gguf", ["--dtype", "f16"]);
     assert!(e.contains("--outtype"), "{e}");
-    let e = run_err(
-        slm()
-            .arg("export")
-            .arg(default_model_path())
-            .arg("--out")
-            .arg(dir.path().join("m"))
-            .args(["--outtype", "q8_0"]),
-    );
+    let e = export_err("m", ["--outtype", "q8_0"]);
     assert!(e.contains("--outtype q8_0 is for a .gguf output"), "{e}");
-    let e = run_err(
-        slm()
-            .arg("export")
-            .arg(default_model_path())
-            .arg("--out")
-            .arg(dir.path().join("m.gguf"))
-            .args(["--outtype", "q3_k"]),
-    );
+    let e = export_err("m.gguf", ["--outtype", "q3_k"]);
     assert!(e.contains("q3_k") && e.contains("q4_k"), "{e}");
     let hf = dir.path().join("hf");
     run_ok(slm().arg("export").arg(default_model_path()).arg("--out").arg(&hf));

@@ -554,9 +554,13 @@ pub fn export_gguf(
     let spec = &model.spec;
     let arch = gguf_architecture(spec)?;
     let table = tensor_table(spec, model.weights.lm_head.is_some(), outtype);
+    let fallbacks: Vec<(String, GgmlDType)> = table
+        .iter()
+        .filter(|t| t.dims.len() == 2 && t.dtype != outtype.ggml())
+        .map(|t| (t.name.clone(), t.dtype))
+        .collect();
     let matrices = table.iter().filter(|t| t.dims.len() == 2).count();
-    let fell_back = table.iter().filter(|t| t.dims.len() == 2 && t.dtype != outtype.ggml()).count();
-    if matrices > 0 && fell_back == matrices {
+    if matrices > 0 && fallbacks.len() == matrices {
         return Err(ModelError::InvalidArgument(format!(
             "--outtype {}: no matrix of this model has rows that are whole {}-value blocks (hidden size {}), so \
              not one tensor could be stored as {}; choose another type (q8_0 and q4_0 need rows of a multiple of 32)",
@@ -568,11 +572,6 @@ pub fn export_gguf(
     }
     let meta = metadata(model, arch, outtype, &table, plan)?;
     let (head, offsets) = header(&meta, &table)?;
-    let fallbacks: Vec<(String, GgmlDType)> = table
-        .iter()
-        .filter(|t| t.dims.len() == 2 && t.dtype != outtype.ggml())
-        .map(|t| (t.name.clone(), t.dtype))
-        .collect();
 
     let parent = output::parent_dir(out);
     std::fs::create_dir_all(&parent).map_err(|e| ModelError::io(&parent, e))?;

@@ -560,21 +560,16 @@ impl Tokenizer {
             m.push(("tokenizer.ggml.pre".into(), Value::String(pre_name.into())));
             m.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
         }
-        let tokens: Vec<Value> = tokens
+        // An id that no token of the tokenizer holds is padding: `[PAD{id}]`, unused.
+        let (tokens, types): (Vec<Value>, Vec<Value>) = tokens
             .into_iter()
+            .zip(types)
             .enumerate()
-            .map(|(id, t)| Value::String(t.unwrap_or_else(|| format!("[PAD{id}]"))))
-            .collect();
-        let types: Vec<Value> = types
-            .iter()
-            .zip(&tokens)
-            .map(|(&ty, t)| match t {
-                Value::String(s) if s.starts_with("[PAD") && self.inner.token_to_id(s).is_none() => {
-                    Value::I32(TYPE_UNUSED)
-                }
-                _ => Value::I32(ty),
+            .map(|(id, (t, ty))| match t {
+                Some(t) => (Value::String(t), Value::I32(ty)),
+                None => (Value::String(format!("[PAD{id}]")), Value::I32(TYPE_UNUSED)),
             })
-            .collect();
+            .unzip();
         m.push(("tokenizer.ggml.tokens".into(), Value::Array(tokens)));
         m.push(("tokenizer.ggml.token_type".into(), Value::Array(types)));
         if let Some(u) = unk {

@@ -39,28 +39,4 @@ for v in $variants; do
   evaluate "$dir/merged" "$method-$layers-$name"
   names+=("$method-$layers-$name")
 done
-python3 - "$out" "${names[@]}" <<'PY'
-import glob, json, sys
-out, names = sys.argv[1], sys.argv[2:]
-metric = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc",
-          "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
-print("| model | " + " | ".join(metric) + " | avg-7 | avg-6 (no BoolQ) | BoolQ predicted yes (gold) | WikiText-2 ppl | val loss before -> after |")
-print("|---" * (len(metric) + 6) + "|")
-for n in names:
-    res = json.load(open(glob.glob(f"{out}/eval-{n}/*/results_*.json")[0]))["results"]
-    vals = {t: res[t][f"{m},none"] for t, m in metric.items()}
-    bq = [json.loads(l) for l in open(glob.glob(f"{out}/eval-{n}/*/samples_boolq_*.jsonl")[0])]
-    yes = sum(s["loglikelihood"][1] > s["loglikelihood"][0] for s in bq) / len(bq)
-    gold = sum(s["gold"] == 1 for s in bq) / len(bq)
-    val = ""
-    lora = glob.glob(f"{out}/{n}/slm_lora.json")
-    if lora:
-        r = json.load(open(lora[0]))
-        val = f"{r['val_before']['loss']:.3f} -> {r['report']['best_val_loss']:.3f}" if r.get("val_before") else ""
-    ppl = (f"{res['wikitext2-128']['perplexity,none']:.2f}" if "wikitext2-128" in res
-           else f"{res['wikitext']['word_perplexity,none']:.2f} (word)" if "wikitext" in res else "")
-    a7 = sum(vals.values()) / 7
-    a6 = sum(v for t, v in vals.items() if t != "boolq") / 6
-    print(f"| {n} | " + " | ".join(f"{100 * vals[t]:.2f}" for t in metric)
-          + f" | {100 * a7:.2f} | {100 * a6:.2f} | {100 * yes:.1f}% ({100 * gold:.1f}%) | {ppl} | {val} |")
-PY
+python3 "$root/scripts/recovery_table.py" "$out" "${names[@]}"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Recovery budget study (issue 18): depth-pruned models retrained with one recipe for several step budgets
+# (8 x 256 tokens a step), each merged model evaluated on the first LIMIT documents of the seven tasks and
+# WikiText-2 (the first LIMIT windows of 128); prints the table of scripts/recovery_table.py. Each run keeps its
+# output: a rerun skips what exists (and `slm lora` resumes from its checkpoint when a run was killed).
+#
+# Env:
+#   BASES   space-separated METHOD:LAYERS depth-pruned models (default "slm-dp:13 shortgpt:13")
+#   STEPS   space-separated step budgets (default "100 300"); warm-up is a tenth of the steps, validation every
+#           max(25, steps/6) steps
+#   RECIPE  klhid (default: --train layers on the layers next to the cuts, KL + hidden-state distillation from the
+#           dense model, lr 2e-5), lm (the same layers, next-token loss), head3 (the last 3 layers and the LM head,
+#           KL + hidden), lora (LoRA r 8 on every projection, KL + hidden, lr 1e-4)
+#   DATA    a training file for --data (e.g. the JSONL of `slm distill-data`); default: the LAMBADA windows
+#   LIMIT   documents per task (200), OUT (out/recovery-budget), SLM_BIN (a built slm), SLM_MODEL (the dense GGUF)
+set -euo pipefail
+if (($#)); then # settings come from the environment only; any argument prints the header above
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit $([[ "$1" == -h || "$1" == --help ]] && echo 0 || echo 2)
+fi
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bases="${BASES:-slm-dp:13 shortgpt:13}" steps_list="${STEPS:-100 300}" recipe="${RECIPE:-klhid}"
+limit="${LIMIT:-200}" out="${OUT:-$root/out/recovery-budget}"
+slm="${SLM_BIN:-$root/target/release/slm}"
+model="${SLM_MODEL:-$root/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+case "$recipe" in
+  klhid) flags=(--train layers --objective kl=1,hidden=1 --lr 2e-5) ;;
+  lm) flags=(--train layers --objective lm --lr 2e-5) ;;
+  head3) flags=(--train layers --layers last:3 --train-head --objective kl=1,hidden=1 --lr 2e-5) ;;
+  lora) flags=(--train lora --objective kl=1,hidden=1 --lr 1e-4) ;;
+  *) echo "RECIPE must be klhid, lm, head3 or lora, not '$recipe'" >&2; exit 2 ;;
+esac
+tag="$recipe"
+if [[ -n "${DATA:-}" ]]; then
+  [[ -f "$DATA" ]] || { echo "DATA '$DATA' is not a file" >&2; exit 2; }
+  flags+=(--data "$DATA")
+  tag="$recipe-$(basename "${DATA%.*}")"
+fi
+bash scripts/setup.sh >/dev/null
+[[ -n "${SLM_BIN:-}" ]] || cargo build --release -q -p slm-cli
+mkdir -p "$out"
+evaluate() { # MODEL_DIR NAME
+  [[ -d "$out/eval-$2" ]] || "$slm" eval "$1" --tasks avg7,wikitext2-128 --limit "$limit" \
+    --output-path "$out/eval-$2" --log-samples
+}
+names=()
+for b in $bases; do
+  method="${b%%:*}" layers="${b#*:}" base="$out/${b/:/-}"
+  [[ -f "$base/slm_plan.json" ]] || "$slm" depth "$model" --method "$method" --target-layers "$layers" --out "$base"
+  evaluate "$base" "${b/:/-}"
+  names+=("${b/:/-}")
+  for steps in $steps_list; do
+    name="${b/:/-}-$tag-s$steps" eval_steps=$((steps / 6 > 25 ? steps / 6 : 25))
+    [[ -f "$out/$name/merged/slm_plan.json" ]] || "$slm" lora "$base" --out "$out/$name" --merge --resume \
+      --max-steps "$steps" --batch-size 8 --val-size 32 --warmup-steps $((steps / 10)) --eval-steps "$eval_steps" \
+      "${flags[@]}"
+    evaluate "$out/$name/merged" "$name"
+    names+=("$name")
+  done
+done
+python3 "$root/scripts/recovery_table.py" "$out" "${names[@]}"

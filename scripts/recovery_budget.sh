@@ -46,12 +46,13 @@ evaluate() { # MODEL_DIR NAME
 }
 names=()
 for b in $bases; do
-  method="${b%%:*}" layers="${b#*:}" base="$out/${b/:/-}"
+  method="${b%%:*}" layers="${b#*:}" pruned="${b/:/-}"
+  base="$out/$pruned"
   [[ -f "$base/slm_plan.json" ]] || "$slm" depth "$model" --method "$method" --target-layers "$layers" --out "$base"
-  evaluate "$base" "${b/:/-}"
-  names+=("${b/:/-}")
+  evaluate "$base" "$pruned"
+  names+=("$pruned")
   for steps in $steps_list; do
-    name="${b/:/-}-$tag-s$steps" eval_steps=$((steps / 6 > 25 ? steps / 6 : 25))
+    name="$pruned-$tag-s$steps" eval_steps=$((steps / 6 > 25 ? steps / 6 : 25))
     [[ -f "$out/$name/merged/slm_plan.json" ]] || "$slm" lora "$base" --out "$out/$name" --merge --resume \
       --max-steps "$steps" --batch-size 8 --val-size 32 --warmup-steps $((steps / 10)) --eval-steps "$eval_steps" \
       "${flags[@]}"

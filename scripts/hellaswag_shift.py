@@ -10,16 +10,9 @@ not grow with the ending, adds a / chars to each normalised score and so favours
 
     python3 scripts/hellaswag_shift.py out/i18c slm-dp-13 slm-dp-13-klhid-s100 slm-dp-13-head3-distill-t1-s100
 """
-import glob
-import json
 import sys
 
-
-def samples(out, name):
-    files = glob.glob(f"{out}/eval-{name}/*/samples_hellaswag_*.jsonl")
-    if len(files) != 1:
-        sys.exit(f"{out}/eval-{name}: expected one HellaSwag samples file, found {len(files)}")
-    return [json.loads(line) for line in open(files[0])]
+from eval_files import samples
 
 
 def pick(doc, lengths, norm):
@@ -31,11 +24,11 @@ def main():
     if len(sys.argv) < 4:
         sys.exit(__doc__)
     out, base_name, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
-    base = samples(out, base_name)
+    base = samples(out, base_name, "hellaswag")
     print("| run | docs | acc | acc_norm | a (nats) | b (nats/char) | acc_norm picks moved: shorter / longer |")
     print("|---|---|---|---|---|---|---|")
     for name in runs:
-        run = samples(out, name)
+        run = samples(out, name, "hellaswag")
         if [d["doc_id"] for d in run] != [d["doc_id"] for d in base]:
             sys.exit(f"{name}: not the documents of {base_name}")
         xs, ys, shorter, longer, acc, norm = [], [], 0, 0, 0, 0

@@ -9,24 +9,18 @@ of the mean difference (tasks are independent samples, so the errors of a mean a
 
     python3 scripts/paired_change.py out/i18c slm-dp-13 slm-dp-13-klhid-s100 slm-dp-13-head3-distill-t1-s100
 """
-import glob
-import json
 import math
 import sys
 
-METRIC = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc",
-          "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+from eval_files import AVG7_METRIC as METRIC, samples
 
 
 def scores(out, name, task):
-    files = glob.glob(f"{out}/eval-{name}/*/samples_{task}_*.jsonl")
-    if len(files) != 1:
-        sys.exit(f"{out}/eval-{name}: expected one {task} samples file, found {len(files)}")
-    return {d["doc_id"]: d["metrics"][METRIC[task]] for d in map(json.loads, open(files[0]))}
+    return {d["doc_id"]: d["metrics"][METRIC[task]] for d in samples(out, name, task)}
 
 
 def change(before, after):
-    """Mean and standard error of after − before over the documents of both, in points."""
+    """Mean of after − before over the documents of both, in points, and the variance of that mean."""
     if before.keys() != after.keys():
         sys.exit("the two evaluations did not score the same documents")
     d = [100 * (after[k] - before[k]) for k in before]

@@ -6,9 +6,8 @@ perplexity and, where OUT/NAME/slm_lora.json exists, the validation loss before 
 Usage: recovery_table.py OUT NAME...
 """
 import glob, json, sys
+from eval_files import AVG7_METRIC as metric
 out, names = sys.argv[1], sys.argv[2:]
-metric = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc",
-          "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 print("| model | " + " | ".join(metric) + " | avg-7 | avg-6 (no BoolQ) | BoolQ predicted yes (gold) | WikiText-2 ppl | val loss before -> after |")
 print("|---" * (len(metric) + 6) + "|")
 for n in names:

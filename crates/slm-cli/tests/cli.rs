@@ -320,6 +320,46 @@ fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
             .arg(slm_model::testing::data_dir()),
     );
     assert!(eval.contains("wikitext2-128"), "{eval}");
+
+    // Distillation of the joint model: the teacher is the dense model the depth step pruned (not the depth
+    // step's output, which the width plan names as its source), and hidden-state matching maps the 17 layers to
+    // the dense layers through the depth plan kept inside the width plan (the depth output has 17 layers too, so
+    // taking it as the teacher would silently match layer i to its layer i). `--layers cuts` reads the same plan.
+    let ft = dir.path().join("ft");
+    let stdout = run_ok(slm().arg("lora").arg(&width).arg("--out").arg(&ft).arg("--data").arg(&calib).args([
+        "--format",
+        "text",
+        "--cutoff",
+        "32",
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "1",
+        "--max-steps",
+        "1",
+        "--val-size",
+        "2",
+        "--train",
+        "layers",
+        "--layers",
+        "cuts",
+        "--objective",
+        "kl=1,hidden=1",
+        "--merge",
+    ]));
+    let depth_plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(depth.join("slm_plan.json")).unwrap()).unwrap();
+    let depth_typed = slm_depth::DepthPlanFile::from_json(depth_plan, &depth.join("slm_plan.json")).unwrap();
+    let kept: Vec<[usize; 2]> = depth_typed.kept_layers.iter().map(|&(a, b)| [a, b]).collect();
+    let cuts = slm_lora::trainable::layers_next_to_cuts(&kept);
+    assert!(!cuts.is_empty());
+    let run = slm_lora::file::LoraRunFile::read(&ft).unwrap();
+    assert_eq!(run.teacher.as_deref(), Some(default_model_path().display().to_string().as_str()), "{stdout}");
+    assert_eq!(run.trained.unwrap().layers, cuts, "--layers cuts from the depth plan inside the width plan");
+    let merged_path = ft.join("merged/slm_plan.json");
+    let merged: serde_json::Value = serde_json::from_slice(&std::fs::read(&merged_path).unwrap()).unwrap();
+    let merged = slm_lora::file::MergedPlanFile::from_json(merged, &merged_path).unwrap();
+    assert_eq!(merged.source_model.as_deref(), Some(default_model_path().display().to_string().as_str()));
 }
 
 #[test]

@@ -150,10 +150,12 @@ fn parse_objective(s: &str) -> Result<ObjectiveWeights, String> {
     Ok(w)
 }
 
-/// The student-to-teacher layer map for hidden-state matching: a depth plan's windows, else the identity for a
-/// model with the teacher's layer count.
+/// The student-to-teacher layer map for hidden-state matching: the windows of the depth plan in the model's chain
+/// of plans (its own, or the depth step before a width step), else the identity for a model with the teacher's
+/// layer count.
 fn hidden_map(args: &Args, n_student: usize, n_teacher: usize) -> anyhow::Result<Vec<Option<usize>>> {
-    if let Some(super::plan_file::PlanFile::Depth(p)) = super::plan_file::read_plan(&args.model)? {
+    let chain = super::plan_file::plan_chain(&args.model)?;
+    if let Some(p) = super::plan_file::depth_plan(&chain, &args.model)? {
         let kept: Vec<[usize; 2]> = p.kept_layers.iter().map(|&(a, b)| [a, b]).collect();
         if kept.len() != n_student {
             bail!("{}: its depth plan keeps {} layers, the model has {n_student}", args.model.display(), kept.len());
@@ -179,12 +181,9 @@ pub enum TrainWhat {
 
 /// The layers `--train layers` tunes, from `--layers` and the model's plan.
 fn chosen_layers(args: &Args, n: usize) -> anyhow::Result<Vec<usize>> {
-    let kept = match super::plan_file::read_plan(&args.model)? {
-        Some(super::plan_file::PlanFile::Depth(p)) => {
-            Some(p.kept_layers.iter().map(|&(a, b)| [a, b]).collect::<Vec<_>>())
-        }
-        _ => None,
-    };
+    let chain = super::plan_file::plan_chain(&args.model)?;
+    let kept = super::plan_file::depth_plan(&chain, &args.model)?
+        .map(|p| p.kept_layers.iter().map(|&(a, b)| [a, b]).collect::<Vec<_>>());
     match (args.layers.as_deref(), kept) {
         (Some("cuts"), None) => bail!(
             "--layers cuts: {} has no depth plan (slm_plan.json of `slm depth`) saying where the cuts are",
@@ -218,13 +217,14 @@ fn check_same_tokenizer(model: &Model, teacher: &Model) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The teacher for `--distill`: `--teacher`, or the source recorded in the pruned model's slm_plan.json.
+/// The teacher for `--distill`: `--teacher`, or the dense model at the start of the pruned model's chain of
+/// plans (for depth then width, the model the depth step pruned).
 fn teacher_path(args: &Args) -> anyhow::Result<PathBuf> {
     if let Some(t) = &args.teacher {
         return Ok(t.clone());
     }
-    let plan = super::plan_file::read_plan(&args.model)?;
-    let source = plan.as_ref().and_then(|p| p.source_model()).map(PathBuf::from);
+    let chain = super::plan_file::plan_chain(&args.model)?;
+    let source = super::plan_file::dense_source(&chain).map(PathBuf::from);
     source.with_context(|| {
         format!("distillation needs --teacher: {} has no slm_plan.json naming a source model", args.model.display())
     })
@@ -460,11 +460,13 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 
 /// slm_plan.json of the merged model: this run and the base model's plan (if any), read through its type.
 fn merged_plan(model: &Path, run: &LoraRunFile) -> anyhow::Result<Vec<u8>> {
-    let base = super::plan_file::read_plan(model)?;
+    let chain = super::plan_file::plan_chain(model)?;
+    let source_model = super::plan_file::dense_source(&chain).map(String::from);
+    let base = chain.into_iter().next();
     Ok(MergedPlanFile {
         slm_output: OutputStamp::new(OutputKind::MergedPlan),
         base_model: model.display().to_string(),
-        source_model: base.as_ref().and_then(|p| p.source_model()).map(String::from),
+        source_model,
         lora: run.clone(),
         base_plan: base.map(|p| p.to_value()),
     }

@@ -5,7 +5,10 @@
 # output: a rerun skips what exists (and `slm lora` resumes from its checkpoint when a run was killed).
 #
 # Env:
-#   BASES   space-separated METHOD:LAYERS depth-pruned models (default "slm-dp:13 shortgpt:13")
+#   BASES   space-separated pruned models (default "slm-dp:13 shortgpt:13"): METHOD:LAYERS for `slm depth --method
+#           METHOD --target-layers LAYERS`; width:RATIO for LLM-Pruner element1 (`slm width`) removing RATIO of
+#           the parameters; DEPTH+width:RATIO for depth then width (`slm run` with budget 1-RATIO and depth share
+#           0.5: the depth METHOD removes half by whole layers, width the rest), e.g. "slm-dp+width:0.35"
 #   STEPS   space-separated step budgets (default "100 300"); warm-up is a tenth of the steps, validation every
 #           max(25, steps/6) steps
 #   RECIPE  klhid (default: --train layers on the layers next to the cuts, KL + hidden-state distillation from the
@@ -44,11 +47,29 @@ evaluate() { # MODEL_DIR NAME
   [[ -d "$out/eval-$2" ]] || "$slm" eval "$1" --tasks avg7,wikitext2-128 --limit "$limit" \
     --output-path "$out/eval-$2" --log-samples
 }
+build_with_run() { # NAME RATIO [DEPTH_METHOD]: prints the pruned model's directory
+  local dir="$out/run-$1" budget steps
+  budget=$(awk -v r="$2" 'BEGIN { printf "%.6g", 1 - r }')
+  steps='{ step = "width" }'
+  [[ -z "${3:-}" ]] || steps="{ step = \"depth\", method = \"$3\" }, $steps"
+  printf 'model = "%s"\nout = "%s"\n\n[[pipeline]]\nname = "%s"\nbudget = %s\ndepth_share = 0.5\nsteps = [%s]\n' \
+    "$model" "$dir" "$1" "$budget" "$steps" > "$out/run-$1.toml"
+  "$slm" run "$out/run-$1.toml" >&2
+  echo "$dir/$1/$([[ -z "${3:-}" ]] && echo 1 || echo 2)-width"
+}
 names=()
 for b in $bases; do
-  method="${b%%:*}" layers="${b#*:}" pruned="${b/:/-}"
-  base="$out/$pruned"
-  [[ -f "$base/slm_plan.json" ]] || "$slm" depth "$model" --method "$method" --target-layers "$layers" --out "$base"
+  method="${b%%:*}" arg="${b#*:}"
+  case "$method" in
+    width | *+width)
+      pruned="$method-$(awk -v r="$arg" 'BEGIN { printf "%d", 100 * r + 0.5 }')"
+      depth_method=""
+      [[ "$method" == width ]] || depth_method="${method%+width}"
+      base="$(build_with_run "$pruned" "$arg" "$depth_method")" ;;
+    *)
+      pruned="$method-$arg" base="$out/$pruned"
+      [[ -f "$base/slm_plan.json" ]] || "$slm" depth "$model" --method "$method" --target-layers "$arg" --out "$base" ;;
+  esac
   evaluate "$base" "$pruned"
   names+=("$pruned")
   for steps in $steps_list; do

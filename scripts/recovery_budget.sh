@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Recovery budget study (issue 18): depth-pruned models retrained with one recipe for several step budgets
+# Recovery budget study (issue 18): pruned models (depth, width or both) retrained with one recipe for several step budgets
 # (8 x 256 tokens a step), each merged model evaluated on the first LIMIT documents of the seven tasks and
 # WikiText-2 (the first LIMIT windows of 128); prints the table of scripts/recovery_table.py. Each run keeps its
 # output: a rerun skips what exists (and `slm lora` resumes from its checkpoint when a run was killed).

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{run_err, run_ok, slm};
+use common::{run_err, run_ok, slm, ONE_STEP_TEXT};
 
 use slm_model::testing::default_model_path;
 
@@ -326,32 +326,21 @@ fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
     // the dense layers through the depth plan kept inside the width plan (the depth output has 17 layers too, so
     // taking it as the teacher would silently match layer i to its layer i). `--layers cuts` reads the same plan.
     let ft = dir.path().join("ft");
-    let stdout = run_ok(slm().arg("lora").arg(&width).arg("--out").arg(&ft).arg("--data").arg(&calib).args([
-        "--format",
-        "text",
-        "--cutoff",
-        "32",
-        "--batch-size",
-        "2",
-        "--micro-batch-size",
-        "1",
-        "--max-steps",
-        "1",
-        "--val-size",
-        "2",
-        "--train",
-        "layers",
-        "--layers",
-        "cuts",
-        "--objective",
-        "kl=1,hidden=1",
-        "--merge",
-    ]));
+    let stdout = run_ok(
+        slm().arg("lora").arg(&width).arg("--out").arg(&ft).arg("--data").arg(&calib).args(ONE_STEP_TEXT).args([
+            "--train",
+            "layers",
+            "--layers",
+            "cuts",
+            "--objective",
+            "kl=1,hidden=1",
+            "--merge",
+        ]),
+    );
     let depth_plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(depth.join("slm_plan.json")).unwrap()).unwrap();
     let depth_typed = slm_depth::DepthPlanFile::from_json(depth_plan, &depth.join("slm_plan.json")).unwrap();
-    let kept: Vec<[usize; 2]> = depth_typed.kept_layers.iter().map(|&(a, b)| [a, b]).collect();
-    let cuts = slm_lora::trainable::layers_next_to_cuts(&kept);
+    let cuts = slm_lora::trainable::layers_next_to_cuts(&depth_typed.kept_layers);
     assert!(!cuts.is_empty());
     let run = slm_lora::file::LoraRunFile::read(&ft).unwrap();
     assert_eq!(run.teacher.as_deref(), Some(default_model_path().display().to_string().as_str()), "{stdout}");

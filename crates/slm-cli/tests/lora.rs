@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{run_err, run_ok, slm};
+use common::{run_err, run_ok, slm, ONE_STEP_TEXT};
 
 use slm_model::testing::default_model_path;
 
@@ -196,29 +196,17 @@ fn lora_train_layers_writes_the_tuned_model_and_refuses_bad_choices() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path());
     let out = dir.path().join("ft");
-    let stdout =
-        run_ok(slm().arg("lora").arg(default_model_path()).arg("--data").arg(&data).arg("--out").arg(&out).args([
-            "--format",
-            "text",
-            "--cutoff",
-            "32",
-            "--batch-size",
-            "2",
-            "--micro-batch-size",
-            "1",
-            "--max-steps",
-            "1",
-            "--val-size",
-            "2",
-            "--train",
-            "layers",
-            "--layers",
-            "last:1",
-            "--lr",
-            "1e-4",
-            "--warmup-steps",
-            "0",
-        ]));
+    let stdout = run_ok(
+        slm()
+            .arg("lora")
+            .arg(default_model_path())
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .args(ONE_STEP_TEXT)
+            .args(["--train", "layers", "--layers", "last:1", "--lr", "1e-4", "--warmup-steps", "0"]),
+    );
     assert!(stdout.contains("layers [29]"), "{stdout}");
     assert!(!out.join("adapter_model.safetensors").exists(), "full tuning writes the model, not an adapter");
     let run = slm_lora::file::LoraRunFile::read(&out).unwrap();

@@ -206,10 +206,10 @@ impl<'a> Distill<'a> {
 }
 
 /// The student-to-teacher layer map of a depth plan: pruned layer `j` stands for the dense window
-/// `kept[j] = [start, end]`, so its output is matched to dense layer `end`'s output (a merged window's last layer,
-/// or the kept layer itself).
-pub fn hidden_map_from_kept(kept: &[[usize; 2]]) -> Vec<Option<usize>> {
-    kept.iter().map(|w| Some(w[1])).collect()
+/// `kept[j] = (start, end)` (a depth plan's `kept_layers`), so its output is matched to dense layer `end`'s output
+/// (a merged window's last layer, or the kept layer itself).
+pub fn hidden_map_from_kept(kept: &[(usize, usize)]) -> Vec<Option<usize>> {
+    kept.iter().map(|&(_, end)| Some(end)).collect()
 }
 
 /// What the teacher gives for one micro-batch: logits at the scored positions (for KL), hidden states (each

@@ -231,14 +231,14 @@ impl Trainable for FullTune {
 }
 
 /// The layers next to each cut of a depth plan, as indices of the pruned model: `kept[j]` is the dense window
-/// `[start, end]` pruned layer `j` stands for. A merged window's layer, and the kept layers on both sides of
-/// removed layers (or of a merged window), are next to a cut.
-pub fn layers_next_to_cuts(kept: &[[usize; 2]]) -> Vec<usize> {
+/// `(start, end)` pruned layer `j` stands for (a depth plan's `kept_layers`). A merged window's layer, and the kept
+/// layers on both sides of removed layers (or of a merged window), are next to a cut.
+pub fn layers_next_to_cuts(kept: &[(usize, usize)]) -> Vec<usize> {
     let mut out = Vec::new();
-    for (j, w) in kept.iter().enumerate() {
-        let merged = w[1] > w[0];
-        let gap_after = kept.get(j + 1).is_some_and(|n| n[0] > w[1] + 1);
-        let gap_before = j > 0 && w[0] > kept[j - 1][1] + 1;
+    for (j, &(start, end)) in kept.iter().enumerate() {
+        let merged = end > start;
+        let gap_after = kept.get(j + 1).is_some_and(|n| n.0 > end + 1);
+        let gap_before = j > 0 && start > kept[j - 1].1 + 1;
         if merged {
             out.extend(j.checked_sub(1));
             out.push(j);
@@ -300,9 +300,9 @@ mod tests {
     #[test]
     fn layers_next_to_cuts_of_a_plan() {
         // Dense 0..9: layers 3-4 removed (between pruned 2 and 3), 6-8 merged into pruned 4.
-        let kept = [[0, 0], [1, 1], [2, 2], [5, 5], [6, 8], [9, 9]];
+        let kept = [(0, 0), (1, 1), (2, 2), (5, 5), (6, 8), (9, 9)];
         assert_eq!(layers_next_to_cuts(&kept), vec![2, 3, 4, 5]);
         // Nothing cut: nothing next to a cut.
-        assert_eq!(layers_next_to_cuts(&[[0, 0], [1, 1]]), Vec::<usize>::new());
+        assert_eq!(layers_next_to_cuts(&[(0, 0), (1, 1)]), Vec::<usize>::new());
     }
 }

@@ -93,7 +93,7 @@ fn distillation_objectives_match_finite_differences() {
     let mut student = teacher.clone();
     student.weights.layers.remove(2);
     student.spec.layers.remove(2);
-    let map = hidden_map_from_kept(&[[0, 0], [1, 1], [3, 3]]);
+    let map = hidden_map_from_kept(&[(0, 0), (1, 1), (3, 3)]);
     assert_eq!(map, vec![Some(0), Some(1), Some(3)]);
     let ex = text_examples(2, 10, 9);
     let lora = Lora::new(&student.spec, LoraConfig { dropout: 0.0, ..LoraConfig::default() }, 5, &Device::Cpu).unwrap();
@@ -124,7 +124,7 @@ fn distillation_objectives_match_finite_differences() {
 #[test]
 fn hidden_targets_are_the_dense_layers_each_kept_layer_stands_for() {
     // A merged window's layer stands for the window's last dense layer.
-    assert_eq!(hidden_map_from_kept(&[[0, 0], [1, 3], [4, 4], [7, 9]]), vec![Some(0), Some(3), Some(4), Some(9)]);
+    assert_eq!(hidden_map_from_kept(&[(0, 0), (1, 3), (4, 4), (7, 9)]), vec![Some(0), Some(3), Some(4), Some(9)]);
     // A student that is the teacher's first layers exactly: every matched output equals its target, so the
     // hidden-state loss is 0 and so is its gradient (up to the rounding between the teacher's inference kernels
     // and the student's differentiable ones).
@@ -136,7 +136,7 @@ fn hidden_targets_are_the_dense_layers_each_kept_layer_stands_for() {
         teacher: &teacher,
         temperature: 1.0,
         weights: ObjectiveWeights { lm: 0.0, kl: 0.0, hidden: 1.0 },
-        hidden_map: hidden_map_from_kept(&[[0, 0], [1, 1]]),
+        hidden_map: hidden_map_from_kept(&[(0, 0), (1, 1)]),
     };
     let ft = FullTune::new(&student, &[0, 1], false).unwrap();
     let ex = text_examples(2, 9, 3);

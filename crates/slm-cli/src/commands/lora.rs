@@ -13,6 +13,7 @@ use slm_lora::{Checkpoints, Distill, FullTune, Lora, LoraConfig, TrainConfig, Tr
 use slm_model::output::{OutputKind, OutputStamp};
 use slm_model::{Model, StorageDType};
 
+use super::plan_file::PlanFile;
 use super::CommonArgs;
 
 #[derive(clap::Args, Debug)]
@@ -153,14 +154,18 @@ fn parse_objective(s: &str) -> Result<ObjectiveWeights, String> {
 /// The student-to-teacher layer map for hidden-state matching: the windows of the depth plan in the model's chain
 /// of plans (its own, or the depth step before a width step), else the identity for a model with the teacher's
 /// layer count.
-fn hidden_map(args: &Args, n_student: usize, n_teacher: usize) -> anyhow::Result<Vec<Option<usize>>> {
-    let chain = super::plan_file::plan_chain(&args.model)?;
-    if let Some(p) = super::plan_file::depth_plan(&chain, &args.model)? {
-        let kept: Vec<[usize; 2]> = p.kept_layers.iter().map(|&(a, b)| [a, b]).collect();
+fn hidden_map(
+    args: &Args,
+    chain: &[PlanFile],
+    n_student: usize,
+    n_teacher: usize,
+) -> anyhow::Result<Vec<Option<usize>>> {
+    if let Some(p) = super::plan_file::depth_plan(chain, &args.model)? {
+        let kept = &p.kept_layers;
         if kept.len() != n_student {
             bail!("{}: its depth plan keeps {} layers, the model has {n_student}", args.model.display(), kept.len());
         }
-        return Ok(slm_lora::train::hidden_map_from_kept(&kept));
+        return Ok(slm_lora::train::hidden_map_from_kept(kept));
     }
     if n_student == n_teacher {
         return Ok((0..n_student).map(Some).collect());
@@ -180,17 +185,15 @@ pub enum TrainWhat {
 }
 
 /// The layers `--train layers` tunes, from `--layers` and the model's plan.
-fn chosen_layers(args: &Args, n: usize) -> anyhow::Result<Vec<usize>> {
-    let chain = super::plan_file::plan_chain(&args.model)?;
-    let kept = super::plan_file::depth_plan(&chain, &args.model)?
-        .map(|p| p.kept_layers.iter().map(|&(a, b)| [a, b]).collect::<Vec<_>>());
+fn chosen_layers(args: &Args, chain: &[PlanFile], n: usize) -> anyhow::Result<Vec<usize>> {
+    let kept = super::plan_file::depth_plan(chain, &args.model)?.map(|p| p.kept_layers.as_slice());
     match (args.layers.as_deref(), kept) {
         (Some("cuts"), None) => bail!(
             "--layers cuts: {} has no depth plan (slm_plan.json of `slm depth`) saying where the cuts are",
             args.model.display()
         ),
         (Some("cuts") | None, Some(k)) => {
-            let l = slm_lora::trainable::layers_next_to_cuts(&k);
+            let l = slm_lora::trainable::layers_next_to_cuts(k);
             if l.is_empty() {
                 bail!("--layers cuts: the depth plan of {} cuts nothing; name the layers", args.model.display());
             }
@@ -219,12 +222,11 @@ fn check_same_tokenizer(model: &Model, teacher: &Model) -> anyhow::Result<()> {
 
 /// The teacher for `--distill`: `--teacher`, or the dense model at the start of the pruned model's chain of
 /// plans (for depth then width, the model the depth step pruned).
-fn teacher_path(args: &Args) -> anyhow::Result<PathBuf> {
+fn teacher_path(args: &Args, chain: &[PlanFile]) -> anyhow::Result<PathBuf> {
     if let Some(t) = &args.teacher {
         return Ok(t.clone());
     }
-    let chain = super::plan_file::plan_chain(&args.model)?;
-    let source = super::plan_file::dense_source(&chain).map(PathBuf::from);
+    let source = super::plan_file::dense_source(chain).map(PathBuf::from);
     source.with_context(|| {
         format!("distillation needs --teacher: {} has no slm_plan.json naming a source model", args.model.display())
     })
@@ -260,6 +262,8 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     common.check_output("--out", &args.out, OutputKind::Lora, &inputs)?;
     let device = common.device()?;
     let model = common.load_model(&args.model, slm_model::Residency::Auto)?;
+    // The model's chain of plans (read once): the teacher, the layer map and `--layers cuts` come from it.
+    let chain = super::plan_file::plan_chain(&args.model)?;
     if !data.is_file() {
         bail!("{}: training data file does not exist", data.display());
     }
@@ -271,7 +275,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     };
     let needs_teacher = weights.kl > 0.0 || weights.hidden > 0.0;
     let teacher = if needs_teacher {
-        let p = teacher_path(&args)?;
+        let p = teacher_path(&args, &chain)?;
         Some(Model::load(&p, &device).with_context(|| format!("loading the teacher {}", p.display()))?)
     } else {
         None
@@ -279,7 +283,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     let distill = match &teacher {
         Some(t) => {
             let map = if weights.hidden > 0.0 {
-                hidden_map(&args, model.spec.num_layers(), t.spec.num_layers())?
+                hidden_map(&args, &chain, model.spec.num_layers(), t.spec.num_layers())?
             } else {
                 vec![]
             };
@@ -306,7 +310,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         TrainWhat::Lora => Trained { kind: "lora".into(), layers: vec![], head: false },
         TrainWhat::Layers => Trained {
             kind: "layers".into(),
-            layers: chosen_layers(&args, model.spec.num_layers())?,
+            layers: chosen_layers(&args, &chain, model.spec.num_layers())?,
             head: args.train_head,
         },
     };
@@ -421,7 +425,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
     if args.merge || args.train == TrainWhat::Layers {
         let merged = trainable.merge(&model)?;
         let dir = args.out.join("merged");
-        let plan = merged_plan(&args.model, &run)?;
+        let plan = merged_plan(&args.model, &chain, &run)?;
         merged.save_replacing(
             &dir,
             dtype.unwrap_or(model.storage_dtype()),
@@ -459,10 +463,9 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
 }
 
 /// slm_plan.json of the merged model: this run and the base model's plan (if any), read through its type.
-fn merged_plan(model: &Path, run: &LoraRunFile) -> anyhow::Result<Vec<u8>> {
-    let chain = super::plan_file::plan_chain(model)?;
-    let source_model = super::plan_file::dense_source(&chain).map(String::from);
-    let base = chain.into_iter().next();
+fn merged_plan(model: &Path, chain: &[PlanFile], run: &LoraRunFile) -> anyhow::Result<Vec<u8>> {
+    let source_model = super::plan_file::dense_source(chain).map(String::from);
+    let base = chain.first();
     Ok(MergedPlanFile {
         slm_output: OutputStamp::new(OutputKind::MergedPlan),
         base_model: model.display().to_string(),

@@ -20,3 +20,20 @@ pub fn run_err(cmd: &mut Command) -> String {
     assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
     String::from_utf8(out.stderr).unwrap()
 }
+
+/// `slm lora` flags of a one-step run on a plain-text file: windows of 32 tokens, one optimiser step of two
+/// sequences (one per micro-batch), two validation windows.
+pub const ONE_STEP_TEXT: &[&str] = &[
+    "--format",
+    "text",
+    "--cutoff",
+    "32",
+    "--batch-size",
+    "2",
+    "--micro-batch-size",
+    "1",
+    "--max-steps",
+    "1",
+    "--val-size",
+    "2",
+];

@@ -3,17 +3,17 @@
 avg-7, the mean of the six without BoolQ, BoolQ's share of "yes" predictions (gold share in brackets), WikiText-2
 perplexity and, where OUT/NAME/slm_lora.json exists, the validation loss before and after training.
 
-Usage: recovery_table.py OUT NAME...
+Usage: recovery_table.py OUT NAME...   (a NAME full-X reads the per-task directories OUT/full-X/TASK/)
 """
 import glob, json, sys
-from eval_files import AVG7_METRIC as metric
+from eval_files import AVG7_METRIC as metric, results, samples
 out, names = sys.argv[1], sys.argv[2:]
 print("| model | " + " | ".join(metric) + " | avg-7 | avg-6 (no BoolQ) | BoolQ predicted yes (gold) | WikiText-2 ppl | val loss before -> after |")
 print("|---" * (len(metric) + 6) + "|")
 for n in names:
-    res = json.load(open(glob.glob(f"{out}/eval-{n}/*/results_*.json")[0]))["results"]
+    res = results(out, n)
     vals = {t: res[t][f"{m},none"] for t, m in metric.items()}
-    bq = [json.loads(l) for l in open(glob.glob(f"{out}/eval-{n}/*/samples_boolq_*.jsonl")[0])]
+    bq = samples(out, n, "boolq")
     yes = sum(s["loglikelihood"][1] > s["loglikelihood"][0] for s in bq) / len(bq)
     gold = sum(s["gold"] == 1 for s in bq) / len(bq)
     val = ""

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{run_err, run_ok, slm, ONE_STEP_TEXT};
+use common::{run_err, run_ok, slm, ONE_STEP_TEXT, TEXT_PAIRS};
 
 use slm_model::testing::default_model_path;
 
@@ -327,15 +327,16 @@ fn width_prunes_a_depth_pruned_model_and_the_result_evaluates() {
     // taking it as the teacher would silently match layer i to its layer i). `--layers cuts` reads the same plan.
     let ft = dir.path().join("ft");
     let stdout = run_ok(
-        slm().arg("lora").arg(&width).arg("--out").arg(&ft).arg("--data").arg(&calib).args(ONE_STEP_TEXT).args([
-            "--train",
-            "layers",
-            "--layers",
-            "cuts",
-            "--objective",
-            "kl=1,hidden=1",
-            "--merge",
-        ]),
+        slm()
+            .arg("lora")
+            .arg(&width)
+            .arg("--out")
+            .arg(&ft)
+            .arg("--data")
+            .arg(&calib)
+            .args(TEXT_PAIRS)
+            .args(ONE_STEP_TEXT)
+            .args(["--train", "layers", "--layers", "cuts", "--objective", "kl=1,hidden=1", "--merge"]),
     );
     let depth_plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(depth.join("slm_plan.json")).unwrap()).unwrap();

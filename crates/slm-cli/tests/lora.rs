@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{run_err, run_ok, slm, ONE_STEP_TEXT};
+use common::{run_err, run_ok, slm, ONE_STEP_TEXT, TEXT_PAIRS};
 
 use slm_model::testing::default_model_path;
 
@@ -111,15 +111,7 @@ fn corpus(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn short_run(cmd: &mut std::process::Command, data: &std::path::Path, out: &std::path::Path, lr: &str) {
-    cmd.arg("lora").arg(default_model_path()).arg("--data").arg(data).arg("--out").arg(out).args([
-        "--format",
-        "text",
-        "--cutoff",
-        "32",
-        "--batch-size",
-        "2",
-        "--micro-batch-size",
-        "1",
+    cmd.arg("lora").arg(default_model_path()).arg("--data").arg(data).arg("--out").arg(out).args(TEXT_PAIRS).args([
         "--max-steps",
         "14",
         "--warmup-steps",
@@ -204,6 +196,7 @@ fn lora_train_layers_writes_the_tuned_model_and_refuses_bad_choices() {
             .arg(&data)
             .arg("--out")
             .arg(&out)
+            .args(TEXT_PAIRS)
             .args(ONE_STEP_TEXT)
             .args(["--train", "layers", "--layers", "last:1", "--lr", "1e-4", "--warmup-steps", "0"]),
     );

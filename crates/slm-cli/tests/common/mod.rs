@@ -21,19 +21,9 @@ pub fn run_err(cmd: &mut Command) -> String {
     String::from_utf8(out.stderr).unwrap()
 }
 
-/// `slm lora` flags of a one-step run on a plain-text file: windows of 32 tokens, one optimiser step of two
-/// sequences (one per micro-batch), two validation windows.
-pub const ONE_STEP_TEXT: &[&str] = &[
-    "--format",
-    "text",
-    "--cutoff",
-    "32",
-    "--batch-size",
-    "2",
-    "--micro-batch-size",
-    "1",
-    "--max-steps",
-    "1",
-    "--val-size",
-    "2",
-];
+/// `slm lora` flags of a short run on a plain-text file: windows of 32 tokens, optimiser steps of two sequences
+/// (one per micro-batch).
+pub const TEXT_PAIRS: &[&str] = &["--format", "text", "--cutoff", "32", "--batch-size", "2", "--micro-batch-size", "1"];
+
+/// With [`TEXT_PAIRS`]: one optimiser step, with two validation windows.
+pub const ONE_STEP_TEXT: &[&str] = &["--max-steps", "1", "--val-size", "2"];

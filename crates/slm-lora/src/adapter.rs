@@ -14,7 +14,7 @@ use slm_model::forward::linear;
 use slm_model::{LayerAdapter, Model, ModelSpec, Part, PROJECTIONS};
 
 use crate::error::{LoraError, Result};
-use crate::ops::frozen_linear;
+use crate::ops::{frozen_linear, lora_linear};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -284,24 +284,33 @@ impl LoraHook<'_> {
         }
     }
 
-    /// Inverted dropout with a mask drawn from the hook's seeded generator (candle's own dropout is unseeded).
-    fn dropout(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let Some(rng) = &self.dropout else { return Ok(x.clone()) };
+    /// Inverted-dropout multipliers for `n` inputs, drawn from the hook's seeded generator (candle's own dropout
+    /// is unseeded); `None` without dropout.
+    fn dropout_mask(&self, n: usize) -> Option<Vec<f32>> {
+        let rng = self.dropout.as_ref()?;
         let p = self.lora.config.dropout;
         let keep = (1.0 / (1.0 - p)) as f32;
         let threshold = (p * 4_294_967_296.0) as u64;
         let mut rng = rng.borrow_mut();
-        let mask: Vec<f32> =
-            (0..x.elem_count()).map(|_| if (rng.next_u32() as u64) < threshold { 0.0 } else { keep }).collect();
-        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+        Some((0..n).map(|_| if (rng.next_u32() as u64) < threshold { 0.0 } else { keep }).collect())
     }
 }
 
 impl LayerAdapter for LoraHook<'_> {
     fn project(&self, layer: usize, name: &'static str, x: &Tensor, w: &Tensor) -> slm_model::Result<Tensor> {
-        let base = if self.frozen_base { frozen_linear(x, w)? } else { linear(x, w)? };
-        let Some(p) = self.lora.pair(layer, name) else { return Ok(base) };
-        let xa = (linear(&self.dropout(x)?, p.a.as_tensor())? * self.lora.config.scaling())?;
-        Ok((base + linear(&xa, p.b.as_tensor())?)?)
+        let Some(p) = self.lora.pair(layer, name) else {
+            return Ok(if self.frozen_base { frozen_linear(x, w)? } else { linear(x, w)? });
+        };
+        let (a, b, s) = (p.a.as_tensor(), p.b.as_tensor(), self.lora.config.scaling());
+        if self.frozen_base {
+            // Training: the whole projection as one op (its backward skips the frozen weight's gradient).
+            return Ok(lora_linear(x, w, a, b, s, self.dropout_mask(x.elem_count()))?);
+        }
+        let xd = match self.dropout_mask(x.elem_count()) {
+            Some(m) => x.mul(&Tensor::from_vec(m, x.shape(), x.device())?)?,
+            None => x.clone(),
+        };
+        let xa = (linear(&xd, a)? * s)?;
+        Ok((linear(x, w)? + linear(&xa, b)?)?)
     }
 }

@@ -7,11 +7,25 @@
 //! vocabulary ([`token_cross_entropy`], [`token_kl`]) are fused row loops: one pass forward, one backward, no
 //! `[N, vocab]` temporaries per elementary op.
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use slm_model::fused::f32_slice;
+use slm_model::fused::{f32_slice, sgemm, with_f32_data};
 
 pub use slm_model::fused::frozen_linear;
+
+/// The log-sum-exp of `row`, which is replaced by its softmax (the arithmetic of [`softmax_row`] at `t` 1).
+fn softmax_row_in_place(row: &mut [f32]) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f64;
+    for v in row.iter_mut() {
+        let e = (*v - max).exp();
+        *v = e;
+        sum += e as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    row.iter_mut().for_each(|o| *o *= inv);
+    max + (sum as f32).ln()
+}
 
 /// Per-row log-sum-exp of `logits[r] / t` and the row's softmax.
 fn softmax_row(row: &[f32], t: f32, out: &mut [f32]) -> f32 {
@@ -76,25 +90,11 @@ struct HeadCrossEntropy {
     w: Tensor,
     targets: Vec<u32>,
     chunk: usize,
-}
-
-impl HeadCrossEntropy {
-    /// Runs `f(start, logits)` for each chunk of rows of `x: [N, hidden]`, `logits: [rows, vocab]` as a vector.
-    fn chunks(
-        &self,
-        x: &Tensor,
-        mut f: impl FnMut(usize, Vec<f32>) -> candle_core::Result<()>,
-    ) -> candle_core::Result<()> {
-        let n = x.dim(0)?;
-        let mut s = 0;
-        while s < n {
-            let len = self.chunk.min(n - s);
-            let logits = x.narrow(0, s, len)?.matmul(&self.w.t()?)?;
-            f(s, logits.flatten_all()?.to_vec1::<f32>()?)?;
-            s += len;
-        }
-        Ok(())
-    }
+    /// Whether the rows take a gradient: the forward pass then forms it too.
+    want_grad: bool,
+    /// `(softmax − onehot) @ head` of every row, `[N, hidden]`, formed in the forward pass while each chunk's
+    /// logits are at hand; the backward pass only scales its rows.
+    grad: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl CustomOp1 for HeadCrossEntropy {
@@ -103,50 +103,62 @@ impl CustomOp1 for HeadCrossEntropy {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = Tensor::from_slice(f32_slice(s, l, "head-cross-entropy")?, l.shape(), &Device::Cpu)?;
-        let (n, v) = (x.dim(0)?, self.w.dim(0)?);
+        let x = f32_slice(s, l, "head-cross-entropy")?;
+        let (n, h) = l.shape().dims2()?;
+        let v = self.w.dim(0)?;
         let mut losses = vec![0f32; n];
-        self.chunks(&x, |start, logits| {
-            let rows = logits.len() / v;
-            losses[start..start + rows].par_iter_mut().enumerate().for_each_init(
-                || vec![0f32; v],
-                |tmp, (r, loss)| {
-                    let row = &logits[r * v..(r + 1) * v];
-                    *loss = softmax_row(row, 1.0, tmp) - row[self.targets[start + r] as usize];
-                },
-            );
-            Ok(())
-        })?;
+        let mut grad = if self.want_grad { vec![0f32; n * h] } else { Vec::new() };
+        let mut logits = vec![0f32; self.chunk.min(n) * v];
+        let done = with_f32_data(&self.w, |w| {
+            let mut s = 0;
+            while s < n {
+                let len = self.chunk.min(n - s);
+                let logits = &mut logits[..len * v];
+                sgemm((len, v, h), logits, false, &x[s * h..(s + len) * h], false, w, true, 1.0);
+                logits.par_chunks_mut(v).zip(losses[s..s + len].par_iter_mut()).enumerate().for_each(
+                    |(r, (row, loss))| {
+                        let t = self.targets[s + r] as usize;
+                        let target_logit = row[t];
+                        *loss = softmax_row_in_place(row) - target_logit;
+                        row[t] -= 1.0;
+                    },
+                );
+                if self.want_grad {
+                    // d loss_r / d rows_r = (softmax − onehot) @ W, scaled by the incoming gradient later.
+                    sgemm((len, h, v), &mut grad[s * h..(s + len) * h], false, logits, false, w, false, 1.0);
+                }
+                s += len;
+            }
+        });
+        if done.is_none() {
+            candle_core::bail!("head-cross-entropy: the head must be a contiguous f32 CPU tensor");
+        }
+        if self.want_grad && self.grad.set(grad).is_err() {
+            candle_core::bail!("head-cross-entropy: the op ran forward twice");
+        }
         Ok((CpuStorage::F32(losses), Shape::from(n)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = grad.to_vec1::<f32>()?;
-        let v = self.w.dim(0)?;
-        let mut parts = Vec::new();
-        self.chunks(arg, |start, mut logits| {
-            let rows = logits.len() / v;
-            logits.par_chunks_mut(v).enumerate().for_each_init(
-                || vec![0f32; v],
-                |tmp, (r, row)| {
-                    softmax_row(row, 1.0, tmp);
-                    tmp[self.targets[start + r] as usize] -= 1.0;
-                    let gr = g[start + r];
-                    row.iter_mut().zip(tmp.iter()).for_each(|(o, p)| *o = p * gr);
-                },
-            );
-            // d loss / d rows = (softmax − onehot) · g @ W.
-            parts.push(Tensor::from_vec(logits, (rows, v), &Device::Cpu)?.matmul(&self.w)?);
-            Ok(())
-        })?;
-        Ok(Some(Tensor::cat(&parts, 0)?.to_device(arg.device())?))
+        let h = arg.dim(1)?;
+        let Some(rows) = self.grad.get() else {
+            candle_core::bail!("head-cross-entropy: backward through rows that took no gradient");
+        };
+        let mut dx = vec![0f32; rows.len()];
+        dx.par_chunks_mut(h).zip(rows.par_chunks(h)).zip(g.par_iter()).for_each(|((d, r), &g)| {
+            d.iter_mut().zip(r).for_each(|(d, &r)| *d = g * r);
+        });
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
 
 /// Per-row cross-entropy of the logits `rows @ head^T` (`rows: [N, hidden]`, a frozen `head: [vocab, hidden]`)
-/// without the `[N, vocab]` logits: [`head_chunk_rows`] rows at a time forward, and again in the backward pass
-/// (the logits recomputed, then `(softmax − onehot) @ head`), so the memory of the 49,152-way softmax is one
-/// chunk's whatever N. The gradient flows to `rows` only. The same values as
+/// without the `[N, vocab]` logits: [`head_chunk_rows`] rows at a time, each chunk's logits turned into the loss
+/// and, while they are at hand, into the rows' gradient `(softmax − onehot) @ head` (`[N, hidden]`, kept for the
+/// backward pass, which only scales it). So the memory of the 49,152-way softmax is one chunk's whatever N, and
+/// the head's logits are formed once (two products over the head in all, as with kept logits). The gradient
+/// flows to `rows` only. The same values as
 /// `token_cross_entropy(rows @ head^T)` up to float rounding (tests). Off the CPU, or for a head not stored in f32,
 /// it is that composition.
 pub fn head_cross_entropy(rows: &Tensor, head: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
@@ -161,7 +173,149 @@ pub fn head_cross_entropy(rows: &Tensor, head: &Tensor, targets: &[u32]) -> cand
         w: head.contiguous()?,
         targets: targets.to_vec(),
         chunk: head_chunk_rows(v),
+        want_grad: rows.track_op(),
+        grad: std::sync::OnceLock::new(),
     })
+}
+
+struct LoraLinear {
+    /// The frozen weight `[out, in]`, a contiguous f32 CPU tensor.
+    w: Tensor,
+    /// α / r.
+    scale: f32,
+    /// Inverted-dropout multipliers of the LoRA branch's input, one per element of `x`.
+    mask: Option<Vec<f32>>,
+    /// Whether `x` takes a gradient (a layer's input does; the first layer's, from frozen embeddings, does not).
+    x_grad: bool,
+}
+
+impl LoraLinear {
+    /// The LoRA branch's input: `x`, or `x ⊙ mask`.
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.mask {
+            Some(m) => {
+                let mut d = vec![0f32; x.len()];
+                d.par_chunks_mut(4096).zip(x.par_chunks(4096).zip(m.par_chunks(4096))).for_each(|(d, (x, m))| {
+                    d.iter_mut().zip(x).zip(m).for_each(|((d, &x), &m)| *d = x * m);
+                });
+                std::borrow::Cow::Owned(d)
+            }
+            None => std::borrow::Cow::Borrowed(x),
+        }
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "lora-linear")?;
+        let (a, b) = (f32_slice(s2, l2, "lora-linear")?, f32_slice(s3, l3, "lora-linear")?);
+        let (out, inner) = self.w.dims2()?;
+        let (r, rows) = (l2.shape().dims2()?.0, x.len() / inner);
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("a matrix input") = out;
+        let mut y = vec![0f32; rows * out];
+        with_f32_data(&self.w, |w| sgemm((rows, out, inner), &mut y, false, x, false, w, true, 1.0))
+            .ok_or_else(|| candle_core::Error::Msg("lora-linear: the weight must be contiguous f32".into()))?;
+        let mut xa = vec![0f32; rows * r];
+        sgemm((rows, r, inner), &mut xa, false, &self.dropped(x), false, a, true, self.scale);
+        sgemm((rows, out, r), &mut y, true, &xa, false, b, true, 1.0);
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, inner) = self.w.dims2()?;
+        let r = a.dim(0)?;
+        let (xv, av, bv) = (
+            x.flatten_all()?.to_vec1::<f32>()?,
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let rows = xv.len() / inner;
+        let xd = self.dropped(&xv);
+        let mut xa = vec![0f32; rows * r];
+        sgemm((rows, r, inner), &mut xa, false, &xd, false, &av, true, self.scale);
+        // d(x_d a^T), scaled: s · dy @ b.
+        let mut gxa = vec![0f32; rows * r];
+        sgemm((rows, r, out), &mut gxa, false, &dy, false, &bv, false, self.scale);
+        let mut db = vec![0f32; out * r];
+        sgemm((out, r, rows), &mut db, false, &dy, true, &xa, false, 1.0);
+        let mut da = vec![0f32; r * inner];
+        sgemm((r, inner, rows), &mut da, false, &gxa, true, &xd, false, 1.0);
+        let dx = if self.x_grad {
+            let mut dx = vec![0f32; rows * inner];
+            with_f32_data(&self.w, |w| sgemm((rows, inner, out), &mut dx, false, &dy, false, w, false, 1.0))
+                .ok_or_else(|| candle_core::Error::Msg("lora-linear: the weight must be contiguous f32".into()))?;
+            match &self.mask {
+                None => sgemm((rows, inner, r), &mut dx, true, &gxa, false, &av, false, 1.0),
+                Some(m) => {
+                    let mut t = vec![0f32; rows * inner];
+                    sgemm((rows, inner, r), &mut t, false, &gxa, false, &av, false, 1.0);
+                    dx.par_chunks_mut(4096)
+                        .zip(t.par_chunks(4096).zip(m.par_chunks(4096)))
+                        .for_each(|(d, (t, m))| d.iter_mut().zip(t).zip(m).for_each(|((d, &t), &m)| *d += t * m));
+                }
+            }
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        Ok((dx, Some(Tensor::from_vec(da, a.shape(), a.device())?), Some(Tensor::from_vec(db, b.shape(), b.device())?)))
+    }
+}
+
+/// A LoRA projection in one op: `x @ w^T + s · (drop(x) @ a^T) @ b^T` for `x: [..., in]`, a frozen `w: [out, in]`,
+/// `a: [r, in]`, `b: [out, r]` and `mask` the inverted-dropout multipliers of `x` (`None`: no dropout). One node
+/// in the graph instead of seven (the mask's product, two matmuls with their transposes, the scaling, the sum and
+/// the base product), so the backward pass makes no zero-filled gradient buffer and no sum per node, and the
+/// frozen weight gets no gradient. Gradients flow to `x` (when it takes one), `a` and `b`; the same values as
+/// that composition up to float rounding (tests). Needs f32 CPU tensors; anything else takes the composition.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+) -> candle_core::Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(f32_cpu(x) && f32_cpu(w) && f32_cpu(a) && f32_cpu(b)) {
+        let xd = match mask {
+            Some(m) => x.mul(&Tensor::from_vec(m, x.shape(), x.device())?)?,
+            None => x.clone(),
+        };
+        let base = frozen_linear(x, w)?;
+        let xa = (slm_model::forward::linear(&xd, a).map_err(candle_core::Error::wrap)? * scale)?;
+        return base + slm_model::forward::linear(&xa, b).map_err(candle_core::Error::wrap)?;
+    }
+    if mask.as_ref().is_some_and(|m| m.len() != x.elem_count()) {
+        candle_core::bail!(
+            "lora-linear: a dropout mask of {} for {} inputs",
+            mask.map_or(0, |m| m.len()),
+            x.elem_count()
+        );
+    }
+    let op = LoraLinear { w: w.contiguous()?, scale: scale as f32, mask, x_grad: x.track_op() };
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
 /// Per-row cross-entropy `-log softmax(logits[r])[targets[r]]`, `[N]`, for `logits: [N, vocab]`.
@@ -288,6 +442,45 @@ mod tests {
         let g2 = (&full * &w).unwrap().sum_all().unwrap().backward().unwrap();
         close(g1.get(rows.as_tensor()).unwrap(), g2.get(rows.as_tensor()).unwrap(), 1e-5);
         assert!(head_cross_entropy(rows.as_tensor(), &head, &targets[1..]).is_err());
+        // Rows that take no gradient: the same losses, and no gradient formed.
+        let plain = head_cross_entropy(&rows.as_tensor().detach(), &head, &targets).unwrap();
+        assert_eq!(plain.to_vec1::<f32>().unwrap(), chunked.to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn lora_linear_matches_the_composed_projection_and_its_gradients() {
+        let dev = Device::Cpu;
+        let (rows, inner, out, r, s) = (6, 9, 5, 3, 2.5);
+        let w = Tensor::randn(0f32, 1., (out, inner), &dev).unwrap();
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1., (r, inner), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., (out, r), &dev).unwrap()).unwrap();
+        let x0 = Tensor::randn(0f32, 1., (2, rows / 2, inner), &dev).unwrap();
+        let mask: Vec<f32> = (0..rows * inner).map(|i| if i % 4 == 1 { 0.0 } else { 1.25 }).collect();
+        let weights = Tensor::randn(0f32, 1., (2, rows / 2, out), &dev).unwrap();
+        for (m, x_var) in [(None, true), (Some(mask.clone()), true), (Some(mask), false)] {
+            let xv = Var::from_tensor(&x0).unwrap();
+            let x = if x_var { xv.as_tensor().clone() } else { x0.clone() };
+            let fused = lora_linear(&x, &w, a.as_tensor(), b.as_tensor(), s, m.clone()).unwrap();
+            // The composition, written out: x w^T + s (x ⊙ mask) a^T b^T.
+            let xd = match &m {
+                Some(m) => x.mul(&Tensor::from_vec(m.clone(), x.shape(), &dev).unwrap()).unwrap(),
+                None => x.clone(),
+            };
+            let lin = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t().unwrap()).unwrap();
+            let composed = (lin(&x, &w) + (lin(&lin(&xd, a.as_tensor()), b.as_tensor()) * s).unwrap()).unwrap();
+            assert_eq!(fused.dims(), &[2, rows / 2, out]);
+            close(&fused, &composed, 1e-5);
+            let g1 = (&fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&composed * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            for t in [a.as_tensor(), b.as_tensor()] {
+                close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-4);
+            }
+            if x_var {
+                close(g1.get(xv.as_tensor()).unwrap(), g2.get(xv.as_tensor()).unwrap(), 1e-4);
+            }
+            assert!(g1.get(&w).is_none(), "the frozen weight gets no gradient");
+        }
+        assert!(lora_linear(&x0, &w, a.as_tensor(), b.as_tensor(), s, Some(vec![1.0; 3])).is_err());
     }
 
     #[test]

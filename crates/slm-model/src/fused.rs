@@ -19,6 +19,71 @@ pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Re
     }
 }
 
+/// `f` on the contiguous f32 data of a CPU tensor; `None` for any other tensor (another dtype or device, strided).
+pub fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => layout.contiguous_offsets().map(|(a, b)| f(&v[a..b])),
+        _ => None,
+    }
+}
+
+/// `dst = scale · op(lhs) · op(rhs)`, or `dst += …` with `accumulate`, for row-major f32 matrices: `op(lhs)` is
+/// `[m, k]` (stored `[k, m]` when `lhs_t`), `op(rhs)` is `[k, n]` (stored `[n, k]` when `rhs_t`), `dst` is
+/// `[m, n]`. gemm's kernels on candle's threads, as candle's own matmul, but into a buffer the caller owns: no
+/// zero-filled output, no copies in and out of tensors, and a sum into an existing result in the same pass.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_t: bool,
+    rhs: &[f32],
+    rhs_t: bool,
+    scale: f32,
+) {
+    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n, "sgemm: operand sizes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let (lhs_cs, lhs_rs) = if lhs_t { (m as isize, 1) } else { (1, k as isize) };
+    let (rhs_cs, rhs_rs) = if rhs_t { (k as isize, 1) } else { (1, n as isize) };
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the three slices hold exactly the m×n, m×k and k×n elements that these strides address (asserted
+    // above), and `dst` is borrowed mutably, so it overlaps neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 fn vec_of(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -381,15 +446,36 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = Tensor::from_slice(f32_slice(s, l, "frozen-linear")?, l.shape(), &candle_core::Device::Cpu)?;
+        let x = f32_slice(s, l, "frozen-linear")?;
+        let (out, inner) = self.w.dims2()?;
+        let mut dims = l.shape().dims().to_vec();
+        if dims.last() != Some(&inner) {
+            candle_core::bail!("frozen-linear: input {:?} against a [{out}, {inner}] weight", l.shape().dims());
+        }
+        *dims.last_mut().expect("checked") = out;
+        let rows = x.len() / inner;
+        // An f32 weight: the product straight into the output buffer.
+        let mut y = vec![0f32; rows * out];
+        if with_f32_data(&self.w, |w| sgemm((rows, out, inner), &mut y, false, x, false, w, true, 1.0)).is_some() {
+            return Ok((CpuStorage::F32(y), Shape::from(dims)));
+        }
+        let x = Tensor::from_slice(x, l.shape(), &candle_core::Device::Cpu)?;
         let y = plain_linear(&x, &self.w)?;
         let shape = y.shape().clone();
         Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let out = self.w.dim(0)?;
+        let (out, inner) = self.w.dims2()?;
         let rows = grad.elem_count() / out;
+        let grad = grad.contiguous()?;
+        let mut g = vec![0f32; rows * inner];
+        let fast = with_f32_data(&grad, |dy| {
+            with_f32_data(&self.w, |w| sgemm((rows, inner, out), &mut g, false, dy, false, w, false, 1.0))
+        });
+        if fast.flatten().is_some() {
+            return Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?));
+        }
         // The weight stays in its stored dtype in the graph (a bf16 7B's f32 copies of every layer would not fit),
         // upcast here only while the gradient is formed.
         let g = grad.reshape((rows, out))?.matmul(&self.w.to_dtype(grad.dtype())?)?;
@@ -429,6 +515,34 @@ mod tests {
             let (x, y) = (ga.get(t).expect("fused grad"), gb.get(t).expect("slow grad"));
             assert!(diff(x, y) < 1e-4, "{name}: gradient of input {i} differs by {}", diff(x, y));
         }
+    }
+
+    #[test]
+    fn sgemm_matches_a_triple_loop_for_every_operand_layout() {
+        let (m, n, k) = (7, 5, 300);
+        let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
+        let (a, b): (Vec<f32>, Vec<f32>) = ((0..m * k).map(val).collect(), (0..k * n).map(|i| val(i + 7)).collect());
+        let at = |i: usize, j: usize, t: bool| if t { a[j * m + i] } else { a[i * k + j] };
+        let bt = |i: usize, j: usize, t: bool| if t { b[j * k + i] } else { b[i * n + j] };
+        for (lt, rt, acc) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
+            let start: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
+            let mut dst = start.clone();
+            sgemm((m, n, k), &mut dst, acc, &a, lt, &b, rt, 0.5);
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k).map(|p| at(i, p, lt) as f64 * bt(p, j, rt) as f64).sum();
+                    let want = 0.5 * dot + if acc { start[i * n + j] as f64 } else { 0.0 };
+                    let got = dst[i * n + j] as f64;
+                    assert!((got - want).abs() < 1e-3, "lhs_t {lt} rhs_t {rt} acc {acc} [{i},{j}]: {got} vs {want}");
+                }
+            }
+        }
+        // No inner dimension: the product is zero, and an accumulated result is left as it was.
+        let mut dst = vec![3f32; 4];
+        sgemm((2, 2, 0), &mut dst, true, &[], false, &[], false, 1.0);
+        assert_eq!(dst, vec![3.0; 4]);
+        sgemm((2, 2, 0), &mut dst, false, &[], false, &[], false, 1.0);
+        assert_eq!(dst, vec![0.0; 4]);
     }
 
     #[test]

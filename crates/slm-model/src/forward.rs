@@ -455,6 +455,11 @@ pub(crate) fn grouped_attention(
     scale: f64,
     mode: Mode,
 ) -> Result<Tensor> {
+    if let (Mode::Differentiable, Some(m)) = (mode, mask) {
+        if let Some(ctx) = crate::fused::attention(q, k, v, m, scale)? {
+            return Ok(ctx);
+        }
+    }
     let (b, nh, t, hd) = q.dims4()?;
     let (_, nkv, s, _) = k.dims4()?;
     let rep = nh / nkv;

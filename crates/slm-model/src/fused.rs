@@ -4,7 +4,7 @@
 //! pass forward and one backward, row-parallel. Gradients reach every input that can carry one (RMSNorm's weight
 //! too), so they are drop-in replacements for any gradient user. Off the CPU the composed ops are used.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The contiguous f32 data of a CPU storage (custom ops take f32, contiguous inputs only).
@@ -34,6 +34,36 @@ pub fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// zero-filled output, no copies in and out of tensors, and a sum into an existing result in the same pass.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_t: bool,
+    rhs: &[f32],
+    rhs_t: bool,
+    scale: f32,
+) {
+    gemm_f32(true, mnk, dst, accumulate, lhs, lhs_t, rhs, rhs_t, scale)
+}
+
+/// [`sgemm`] on the calling thread only (for products that are themselves run in parallel).
+#[allow(clippy::too_many_arguments)]
+fn sgemm_here(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_t: bool,
+    rhs: &[f32],
+    rhs_t: bool,
+    scale: f32,
+) {
+    gemm_f32(false, mnk, dst, accumulate, lhs, lhs_t, rhs, rhs_t, scale)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    parallel: bool,
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
@@ -56,7 +86,7 @@ pub fn sgemm(
     let (lhs_cs, lhs_rs) = if lhs_t { (m as isize, 1) } else { (1, k as isize) };
     let (rhs_cs, rhs_rs) = if rhs_t { (k as isize, 1) } else { (1, n as isize) };
     let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = if parallel && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the three slices hold exactly the m×n, m×k and k×n elements that these strides address (asserted
     // above), and `dst` is borrowed mutably, so it overlaps neither operand.
     unsafe {
@@ -400,6 +430,162 @@ pub fn masked_softmax_last_dim(scores: &Tensor, mask: &Tensor) -> candle_core::R
     scores.contiguous()?.apply_op2_no_bwd(mask, &MaskedSoftmax)
 }
 
+/// Causal (masked) attention with grouped queries, forward and backward in one op. Its inputs are
+/// q `[B, nh, T, hd]`, k and v `[B, nkv, S, hd]`; its output is the context `[B, T, nh·hd]`.
+struct Attention {
+    /// The additive mask `[B, T, S]` (0 or -inf), broadcast over the heads.
+    mask: Vec<f32>,
+    scale: f32,
+    /// The probabilities `[B, nkv, rep·T, S]`, kept from the forward pass for the backward pass.
+    probs: std::sync::OnceLock<Vec<f32>>,
+}
+
+/// The dimensions of an [`Attention`]'s operands: (b, nh, nkv, t, s, hd).
+type AttentionDims = (usize, usize, usize, usize, usize, usize);
+
+fn attention_dims(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<AttentionDims> {
+    match (q, k) {
+        (&[b, nh, t, hd], &[kb, nkv, s, khd]) if k == v && kb == b && khd == hd && nkv > 0 && nh % nkv == 0 => {
+            Ok((b, nh, nkv, t, s, hd))
+        }
+        _ => candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?}"),
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention-diff"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) =
+            (f32_slice(s1, l1, "attention")?, f32_slice(s2, l2, "attention")?, f32_slice(s3, l3, "attention")?);
+        let (b, nh, nkv, t, s, hd) = attention_dims(l1.dims(), l2.dims(), l3.dims())?;
+        if self.mask.len() != b * t * s {
+            candle_core::bail!("attention: a mask of {} for [{b}, {t}, {s}]", self.mask.len());
+        }
+        let rep = nh / nkv;
+        let (qb, kb, pb) = (rep * t * hd, s * hd, rep * t * s);
+        let mut probs = vec![0f32; b * nkv * pb];
+        let mut ctx = vec![0f32; b * nkv * rep * t * hd];
+        probs.par_chunks_mut(pb).zip(ctx.par_chunks_mut(qb)).enumerate().for_each(|(g, (p, c))| {
+            let bi = g / nkv;
+            sgemm_here(
+                (rep * t, s, hd),
+                p,
+                false,
+                &q[g * qb..(g + 1) * qb],
+                false,
+                &k[g * kb..(g + 1) * kb],
+                true,
+                self.scale,
+            );
+            for (r, row) in p.chunks_mut(s).enumerate() {
+                let m = &self.mask[(bi * t + r % t) * s..(bi * t + r % t + 1) * s];
+                let mut max = f32::NEG_INFINITY;
+                for (x, &m) in row.iter_mut().zip(m) {
+                    *x += m;
+                    max = max.max(*x);
+                }
+                let mut sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                row.iter_mut().for_each(|x| *x /= sum);
+            }
+            sgemm_here((rep * t, hd, s), c, false, p, false, &v[g * kb..(g + 1) * kb], false, 1.0);
+        });
+        // [B, nkv, rep, T, hd] (= [B, nh, T, hd]) to [B, T, nh·hd].
+        let mut out = vec![0f32; ctx.len()];
+        out.par_chunks_mut(nh * hd).enumerate().for_each(|(row, o)| {
+            let (bi, ti) = (row / t, row % t);
+            for h in 0..nh {
+                let src = ((bi * nh + h) * t + ti) * hd;
+                o[h * hd..(h + 1) * hd].copy_from_slice(&ctx[src..src + hd]);
+            }
+        });
+        if self.probs.set(probs).is_err() {
+            candle_core::bail!("attention: the op ran forward twice");
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, t, nh * hd))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, nh, nkv, t, s, hd) = attention_dims(q.dims(), k.dims(), v.dims())?;
+        let Some(probs) = self.probs.get() else { candle_core::bail!("attention: backward before forward") };
+        let (qv, kv, vv, g) = (vec_of(q)?, vec_of(k)?, vec_of(v)?, vec_of(grad)?);
+        let rep = nh / nkv;
+        let (qb, kb, pb) = (rep * t * hd, s * hd, rep * t * s);
+        // The incoming gradient [B, T, nh·hd] back to [B, nh, T, hd].
+        let mut dctx = vec![0f32; g.len()];
+        dctx.par_chunks_mut(t * hd).enumerate().for_each(|(bh, d)| {
+            let (bi, h) = (bh / nh, bh % nh);
+            for ti in 0..t {
+                let src = (bi * t + ti) * nh * hd + h * hd;
+                d[ti * hd..(ti + 1) * hd].copy_from_slice(&g[src..src + hd]);
+            }
+        });
+        let (mut dq, mut dk, mut dv) = (vec![0f32; qv.len()], vec![0f32; kv.len()], vec![0f32; vv.len()]);
+        dq.par_chunks_mut(qb).zip(dk.par_chunks_mut(kb).zip(dv.par_chunks_mut(kb))).enumerate().for_each(
+            |(gi, (dq, (dk, dv)))| {
+                let p = &probs[gi * pb..(gi + 1) * pb];
+                let dc = &dctx[gi * qb..(gi + 1) * qb];
+                // dV = Pᵀ dC; dP = dC Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)); dQ = s dS K; dK = s dSᵀ Q.
+                sgemm_here((s, hd, rep * t), dv, false, p, true, dc, false, 1.0);
+                let mut ds = vec![0f32; pb];
+                sgemm_here((rep * t, s, hd), &mut ds, false, dc, false, &vv[gi * kb..(gi + 1) * kb], true, 1.0);
+                for (d, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                    let dot = d.iter().zip(p).map(|(d, p)| d * p).sum::<f32>();
+                    d.iter_mut().zip(p).for_each(|(d, &p)| *d = p * (*d - dot));
+                }
+                sgemm_here((rep * t, hd, s), dq, false, &ds, false, &kv[gi * kb..(gi + 1) * kb], false, self.scale);
+                sgemm_here((s, hd, rep * t), dk, false, &ds, true, &qv[gi * qb..(gi + 1) * qb], false, self.scale);
+            },
+        );
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Differentiable attention with grouped queries: softmax(scale · q kᵀ + mask) v, as the context `[B, T, nh·hd]`
+/// (the input of o_proj), for q `[B, nh, T, hd]`, k and v `[B, nkv, S, hd]` and an additive `mask` `[B, 1, 1, T,
+/// S]`. One op with a hand-written backward instead of the dozen nodes of the composition (each a fresh score-sized
+/// buffer forward, and again with a zero-filled gradient and a sum backward). `None` where it does not apply
+/// (not f32 on the CPU, another mask shape): the caller composes the ops.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Option<Tensor>> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v) && cpu_f32(mask)) || q.rank() != 4 || k.rank() != 4 {
+        return Ok(None);
+    }
+    let (b, _, t, _) = q.dims4()?;
+    let s = k.dim(2)?;
+    if mask.dims() != [b, 1, 1, t, s] {
+        return Ok(None);
+    }
+    let op = Attention { mask: vec_of(mask)?, scale: scale as f32, probs: std::sync::OnceLock::new() };
+    Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?))
+}
+
 struct Add;
 
 impl CustomOp2 for Add {
@@ -515,6 +701,51 @@ mod tests {
             let (x, y) = (ga.get(t).expect("fused grad"), gb.get(t).expect("slow grad"));
             assert!(diff(x, y) < 1e-4, "{name}: gradient of input {i} differs by {}", diff(x, y));
         }
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_ops_and_their_gradients() {
+        let dev = Device::Cpu;
+        let (b, nh, nkv, t, hd, scale) = (2, 6, 2, 5, 4, 0.5);
+        // Causal, with sequence 1 padded after 3 tokens: its padded queries see the first key only (as `Batch`).
+        let lens = [5, 3];
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for (bi, &len) in lens.iter().enumerate() {
+            for i in 0..t {
+                for j in 0..t {
+                    if (i < len && j <= i) || (i >= len && j == 0) {
+                        mask[(bi * t + i) * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t, t), &dev).unwrap();
+        let inputs = [
+            Tensor::randn(0f32, 1., (b, nh, t, hd), &dev).unwrap(),
+            Tensor::randn(0f32, 1., (b, nkv, t, hd), &dev).unwrap(),
+            Tensor::randn(0f32, 1., (b, nkv, t, hd), &dev).unwrap(),
+        ];
+        check(
+            "attention",
+            &inputs,
+            |x| attention(x[0], x[1], x[2], &mask, scale).unwrap().expect("applies"),
+            |x| {
+                // Each query head reads KV head h / (nh / nkv): the composition repeats K and V per query head.
+                let rep = |kv: &Tensor| {
+                    let heads: Vec<Tensor> = (0..nh).map(|h| kv.narrow(1, h / (nh / nkv), 1).unwrap()).collect();
+                    Tensor::cat(&heads, 1).unwrap()
+                };
+                let (k, v) = (rep(x[1]), rep(x[2]));
+                let scores = (x[0].matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+                let scores = scores.broadcast_add(&mask.squeeze(1).unwrap()).unwrap();
+                let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap();
+                let ctx = probs.matmul(&v).unwrap();
+                ctx.transpose(1, 2).unwrap().reshape((b, t, nh * hd)).unwrap()
+            },
+        );
+        // Shapes it does not take: the caller composes.
+        let other = Tensor::zeros((b, 1, t, t), DType::F32, &dev).unwrap();
+        assert!(attention(&inputs[0], &inputs[1], &inputs[2], &other, scale).unwrap().is_none());
     }
 
     #[test]

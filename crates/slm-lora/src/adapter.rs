@@ -10,6 +10,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use slm_model::forward::linear;
 use slm_model::{LayerAdapter, Model, ModelSpec, Part, PROJECTIONS};
 
@@ -263,6 +264,9 @@ impl Lora {
     }
 }
 
+/// Inputs per independently drawn block of a dropout mask.
+const MASK_BLOCK: usize = 16_384;
+
 /// [`Lora`] as a [`LayerAdapter`].
 pub struct LoraHook<'a> {
     lora: &'a Lora,
@@ -284,15 +288,22 @@ impl LoraHook<'_> {
         }
     }
 
-    /// Inverted-dropout multipliers for `n` inputs, drawn from the hook's seeded generator (candle's own dropout
-    /// is unseeded); `None` without dropout.
+    /// Inverted-dropout multipliers for `n` inputs (candle's own dropout is unseeded); `None` without dropout.
+    /// Each mask takes one seed from the hook's seeded generator; block `i` of [`MASK_BLOCK`] inputs is drawn
+    /// from stream `i` of that seed, so the blocks are drawn in parallel and the mask does not depend on the
+    /// threads.
     fn dropout_mask(&self, n: usize) -> Option<Vec<f32>> {
-        let rng = self.dropout.as_ref()?;
+        let seed = self.dropout.as_ref()?.borrow_mut().next_u64();
         let p = self.lora.config.dropout;
         let keep = (1.0 / (1.0 - p)) as f32;
         let threshold = (p * 4_294_967_296.0) as u64;
-        let mut rng = rng.borrow_mut();
-        Some((0..n).map(|_| if (rng.next_u32() as u64) < threshold { 0.0 } else { keep }).collect())
+        let mut mask = vec![0f32; n];
+        mask.par_chunks_mut(MASK_BLOCK).enumerate().for_each(|(i, block)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(i as u64);
+            block.iter_mut().for_each(|m| *m = if (rng.next_u32() as u64) < threshold { 0.0 } else { keep });
+        });
+        Some(mask)
     }
 }
 
@@ -312,5 +323,35 @@ impl LayerAdapter for LoraHook<'_> {
         };
         let xa = (linear(&xd, a)? * s)?;
         Ok((linear(x, w)? + linear(&xa, b)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_are_seeded_scaled_and_the_same_on_any_number_of_threads() {
+        let model = slm_model::testing::tiny_model(1, 3);
+        let config = LoraConfig { rank: 2, alpha: 4.0, dropout: 0.25 };
+        let lora = Lora::new(&model.spec, config, 0, &Device::Cpu).unwrap();
+        // Three blocks and a partial fourth.
+        let n = 3 * MASK_BLOCK + 1000;
+        let draw = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let hook = lora.train_hook(7);
+                (hook.dropout_mask(n).unwrap(), hook.dropout_mask(n).unwrap())
+            })
+        };
+        let (first, second) = draw(1);
+        assert_eq!(draw(3), (first.clone(), second.clone()), "the masks depend on the threads");
+        assert_ne!(first, second, "two projections share a mask");
+        assert!(first.iter().all(|&m| m == 0.0 || m == 1.0 / 0.75));
+        let dropped = first.iter().filter(|&&m| m == 0.0).count() as f64 / n as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "dropped share {dropped}");
+        // Blocks are not copies of each other.
+        assert_ne!(first[..MASK_BLOCK], first[MASK_BLOCK..2 * MASK_BLOCK]);
+        assert!(lora.eval_hook().dropout_mask(n).is_none());
     }
 }

@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use slm_model::fused::{f32_slice, sgemm, with_f32_data};
+use slm_model::fused::{f32_data, f32_slice, sgemm, sgemm_new, with_f32_data};
 
 pub use slm_model::fused::frozen_linear;
 
@@ -225,11 +225,9 @@ impl CustomOp3 for LoraLinear {
         let (r, rows) = (l2.shape().dims2()?.0, x.len() / inner);
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("a matrix input") = out;
-        let mut y = vec![0f32; rows * out];
-        with_f32_data(&self.w, |w| sgemm((rows, out, inner), &mut y, false, x, false, w, true, 1.0))
+        let mut y = with_f32_data(&self.w, |w| sgemm_new((rows, out, inner), x, false, w, true, 1.0))
             .ok_or_else(|| candle_core::Error::Msg("lora-linear: the weight must be contiguous f32".into()))?;
-        let mut xa = vec![0f32; rows * r];
-        sgemm((rows, r, inner), &mut xa, false, &self.dropped(x), false, a, true, self.scale);
+        let xa = sgemm_new((rows, r, inner), &self.dropped(x), false, a, true, self.scale);
         sgemm((rows, out, r), &mut y, true, &xa, false, b, true, 1.0);
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
@@ -244,32 +242,23 @@ impl CustomOp3 for LoraLinear {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, inner) = self.w.dims2()?;
         let r = a.dim(0)?;
-        let (xv, av, bv) = (
-            x.flatten_all()?.to_vec1::<f32>()?,
-            a.flatten_all()?.to_vec1::<f32>()?,
-            b.flatten_all()?.to_vec1::<f32>()?,
-        );
-        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.contiguous()?;
+        let (xd, ad, bd, dyd) = (f32_data(x)?, f32_data(a)?, f32_data(b)?, f32_data(&grad)?);
+        let (xv, av, bv, dy): (&[f32], &[f32], &[f32], &[f32]) = (&xd, &ad, &bd, &dyd);
         let rows = xv.len() / inner;
-        let xd = self.dropped(&xv);
-        let mut xa = vec![0f32; rows * r];
-        sgemm((rows, r, inner), &mut xa, false, &xd, false, &av, true, self.scale);
+        let xd = self.dropped(xv);
+        let xa = sgemm_new((rows, r, inner), &xd, false, av, true, self.scale);
         // d(x_d a^T), scaled: s · dy @ b.
-        let mut gxa = vec![0f32; rows * r];
-        sgemm((rows, r, out), &mut gxa, false, &dy, false, &bv, false, self.scale);
-        let mut db = vec![0f32; out * r];
-        sgemm((out, r, rows), &mut db, false, &dy, true, &xa, false, 1.0);
-        let mut da = vec![0f32; r * inner];
-        sgemm((r, inner, rows), &mut da, false, &gxa, true, &xd, false, 1.0);
+        let gxa = sgemm_new((rows, r, out), dy, false, bv, false, self.scale);
+        let db = sgemm_new((out, r, rows), dy, true, &xa, false, 1.0);
+        let da = sgemm_new((r, inner, rows), &gxa, true, &xd, false, 1.0);
         let dx = if self.x_grad {
-            let mut dx = vec![0f32; rows * inner];
-            with_f32_data(&self.w, |w| sgemm((rows, inner, out), &mut dx, false, &dy, false, w, false, 1.0))
+            let mut dx = with_f32_data(&self.w, |w| sgemm_new((rows, inner, out), dy, false, w, false, 1.0))
                 .ok_or_else(|| candle_core::Error::Msg("lora-linear: the weight must be contiguous f32".into()))?;
             match &self.mask {
-                None => sgemm((rows, inner, r), &mut dx, true, &gxa, false, &av, false, 1.0),
+                None => sgemm((rows, inner, r), &mut dx, true, &gxa, false, av, false, 1.0),
                 Some(m) => {
-                    let mut t = vec![0f32; rows * inner];
-                    sgemm((rows, inner, r), &mut t, false, &gxa, false, &av, false, 1.0);
+                    let t = sgemm_new((rows, inner, r), &gxa, false, av, false, 1.0);
                     dx.par_chunks_mut(4096)
                         .zip(t.par_chunks(4096).zip(m.par_chunks(4096)))
                         .for_each(|(d, (t, m))| d.iter_mut().zip(t).zip(m).for_each(|((d, &t), &m)| *d += t * m));

@@ -114,6 +114,81 @@ fn gemm_f32(
     }
 }
 
+/// The f32 data of a CPU tensor, borrowed where it is contiguous (no copy), else copied.
+struct Data<G> {
+    guard: Option<G>,
+    range: (usize, usize),
+    owned: Vec<f32>,
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> std::ops::Deref for Data<G> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self.guard.as_deref() {
+            Some(candle_core::Storage::Cpu(CpuStorage::F32(v))) => &v[self.range.0..self.range.1],
+            _ => &self.owned,
+        }
+    }
+}
+
+/// [`Data`] of `t`: what the backward passes read their inputs and incoming gradients through.
+pub fn f32_data(t: &Tensor) -> candle_core::Result<impl std::ops::Deref<Target = [f32]> + '_> {
+    let (guard, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(CpuStorage::F32(_)), Some(range)) = (&*guard, layout.contiguous_offsets()) {
+        return Ok(Data { guard: Some(guard), range, owned: Vec::new() });
+    }
+    drop(guard);
+    Ok(Data { guard: None, range: (0, 0), owned: vec_of(t)? })
+}
+
+/// A fresh `[m, n]` buffer holding `scale · op(lhs) · op(rhs)` ([`sgemm`]'s layouts), written by the product
+/// without being zero-filled first.
+pub fn sgemm_new(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    lhs_t: bool,
+    rhs: &[f32],
+    rhs_t: bool,
+    scale: f32,
+) -> Vec<f32> {
+    assert!(lhs.len() == m * k && rhs.len() == k * n, "sgemm_new: operand sizes");
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let (lhs_cs, lhs_rs) = if lhs_t { (m as isize, 1) } else { (1, k as isize) };
+    let (rhs_cs, rhs_rs) = if rhs_t { (k as isize, 1) } else { (1, n as isize) };
+    // SAFETY: as in `gemm_f32`; `dst` has room for m×n elements, and with `read_dst` false the product writes
+    // every one of them without reading any (k ≥ 1), so all are initialised before `set_len`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+        dst.set_len(m * n);
+    }
+    dst
+}
+
 fn vec_of(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -171,7 +246,8 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (xv, wv, gv) = (vec_of(x)?, vec_of(w)?, vec_of(grad)?);
+        let (xd, wd, gd) = (f32_data(x)?, f32_data(w)?, f32_data(grad)?);
+        let (xv, wv, gv): (&[f32], &[f32], &[f32]) = (&xd, &wd, &gd);
         let d = wv.len();
         let mut dx = vec![0f32; xv.len()];
         // Fixed blocks of rows, summed in order afterwards: the weight gradient does not depend on scheduling.
@@ -184,7 +260,7 @@ impl CustomOp2 for RmsNorm {
                 for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
                     let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
                     let r = 1.0 / (ms + self.eps).sqrt();
-                    let dot = x.iter().zip(g).zip(&wv).map(|((x, g), w)| g * w * x).sum::<f32>() / d as f32;
+                    let dot = x.iter().zip(g).zip(wv).map(|((x, g), w)| g * w * x).sum::<f32>() / d as f32;
                     for i in 0..d {
                         dx[i] = r * wv[i] * g[i] - r * r * r * x[i] * dot;
                         dw[i] += g[i] * x[i] * r;
@@ -233,7 +309,8 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (y, g) = (vec_of(res)?, vec_of(grad)?);
+        let (yd, gd) = (f32_data(res)?, f32_data(grad)?);
+        let (y, g): (&[f32], &[f32]) = (&yd, &gd);
         let d = arg.dim(candle_core::D::Minus1)?;
         let mut dx = vec![0f32; y.len()];
         dx.par_chunks_mut(d).zip(y.par_chunks(d).zip(g.par_chunks(d))).with_min_len(min_rows(d)).for_each(
@@ -292,7 +369,7 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = vec_of(grad)?;
+        let g = f32_data(grad)?;
         Ok(Some(Tensor::from_vec(self.apply(&g, arg.dims(), -1.0), arg.shape(), arg.device())?))
     }
 }
@@ -336,7 +413,8 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (g, u, d) = (vec_of(gate)?, vec_of(up)?, vec_of(grad)?);
+        let (gd, ud, dd) = (f32_data(gate)?, f32_data(up)?, f32_data(grad)?);
+        let (g, u, d): (&[f32], &[f32], &[f32]) = (&gd, &ud, &dd);
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
         dg.par_chunks_mut(4096)
@@ -529,7 +607,8 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, nh, nkv, t, s, hd) = attention_dims(q.dims(), k.dims(), v.dims())?;
         let Some(probs) = self.probs.get() else { candle_core::bail!("attention: backward before forward") };
-        let (qv, kv, vv, g) = (vec_of(q)?, vec_of(k)?, vec_of(v)?, vec_of(grad)?);
+        let (qd, kd, vd, gd) = (f32_data(q)?, f32_data(k)?, f32_data(v)?, f32_data(grad)?);
+        let (qv, kv, vv, g): (&[f32], &[f32], &[f32], &[f32]) = (&qd, &kd, &vd, &gd);
         let rep = nh / nkv;
         let (qb, kb, pb) = (rep * t * hd, s * hd, rep * t * s);
         // The incoming gradient [B, T, nh·hd] back to [B, nh, T, hd].
@@ -641,8 +720,7 @@ impl CustomOp1 for FrozenLinear {
         *dims.last_mut().expect("checked") = out;
         let rows = x.len() / inner;
         // An f32 weight: the product straight into the output buffer.
-        let mut y = vec![0f32; rows * out];
-        if with_f32_data(&self.w, |w| sgemm((rows, out, inner), &mut y, false, x, false, w, true, 1.0)).is_some() {
+        if let Some(y) = with_f32_data(&self.w, |w| sgemm_new((rows, out, inner), x, false, w, true, 1.0)) {
             return Ok((CpuStorage::F32(y), Shape::from(dims)));
         }
         let x = Tensor::from_slice(x, l.shape(), &candle_core::Device::Cpu)?;
@@ -655,11 +733,10 @@ impl CustomOp1 for FrozenLinear {
         let (out, inner) = self.w.dims2()?;
         let rows = grad.elem_count() / out;
         let grad = grad.contiguous()?;
-        let mut g = vec![0f32; rows * inner];
         let fast = with_f32_data(&grad, |dy| {
-            with_f32_data(&self.w, |w| sgemm((rows, inner, out), &mut g, false, dy, false, w, false, 1.0))
+            with_f32_data(&self.w, |w| sgemm_new((rows, inner, out), dy, false, w, false, 1.0))
         });
-        if fast.flatten().is_some() {
+        if let Some(g) = fast.flatten() {
             return Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?));
         }
         // The weight stays in its stored dtype in the graph (a bf16 7B's f32 copies of every layer would not fit),

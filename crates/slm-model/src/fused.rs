@@ -46,6 +46,16 @@ pub fn sgemm(
     gemm_f32(true, mnk, dst, accumulate, lhs, lhs_t, rhs, rhs_t, scale)
 }
 
+/// candle's thread count, read once: without `RAYON_NUM_THREADS` candle counts the physical cores from
+/// /proc/cpuinfo on every call, which costs more than a small product.
+fn gemm_parallelism() -> gemm::Parallelism {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    match *THREADS.get_or_init(candle_core::utils::get_num_threads) {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
 /// [`sgemm`] on the calling thread only (for products that are themselves run in parallel).
 #[allow(clippy::too_many_arguments)]
 fn sgemm_here(
@@ -85,8 +95,7 @@ fn gemm_f32(
     }
     let (lhs_cs, lhs_rs) = if lhs_t { (m as isize, 1) } else { (1, k as isize) };
     let (rhs_cs, rhs_rs) = if rhs_t { (k as isize, 1) } else { (1, n as isize) };
-    let threads = candle_core::utils::get_num_threads();
-    let par = if parallel && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = if parallel { gemm_parallelism() } else { gemm::Parallelism::None };
     // SAFETY: the three slices hold exactly the m×n, m×k and k×n elements that these strides address (asserted
     // above), and `dst` is borrowed mutably, so it overlaps neither operand.
     unsafe {
@@ -156,8 +165,7 @@ pub fn sgemm_new(
         return vec![0f32; m * n];
     }
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = gemm_parallelism();
     let (lhs_cs, lhs_rs) = if lhs_t { (m as isize, 1) } else { (1, k as isize) };
     let (rhs_cs, rhs_rs) = if rhs_t { (k as isize, 1) } else { (1, n as isize) };
     // SAFETY: as in `gemm_f32`; `dst` has room for m×n elements, and with `read_dst` false the product writes

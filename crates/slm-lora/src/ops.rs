@@ -166,6 +166,9 @@ pub fn head_cross_entropy(rows: &Tensor, head: &Tensor, targets: &[u32]) -> cand
     if targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
         candle_core::bail!("head-cross-entropy: {} targets for {n} rows of a {v}-token head", targets.len());
     }
+    if rows.rank() != 2 || head.rank() != 2 || rows.dim(1)? != head.dim(1)? {
+        candle_core::bail!("head-cross-entropy: rows {:?} against a head {:?}", rows.dims(), head.dims());
+    }
     if !rows.device().is_cpu() || head.dtype() != candle_core::DType::F32 || rows.dtype() != candle_core::DType::F32 {
         return token_cross_entropy(&frozen_linear(rows, head)?, targets);
     }
@@ -295,6 +298,11 @@ pub fn lora_linear(
         let base = frozen_linear(x, w)?;
         let xa = (slm_model::forward::linear(&xd, a).map_err(candle_core::Error::wrap)? * scale)?;
         return base + slm_model::forward::linear(&xa, b).map_err(candle_core::Error::wrap)?;
+    }
+    let (out, inner) = w.dims2()?;
+    let r = a.dim(0)?;
+    if x.dim(candle_core::D::Minus1)? != inner || a.dims() != [r, inner] || b.dims() != [out, r] {
+        candle_core::bail!("lora-linear: x {:?}, w {:?}, a {:?}, b {:?}", x.dims(), w.dims(), a.dims(), b.dims());
     }
     if mask.as_ref().is_some_and(|m| m.len() != x.elem_count()) {
         candle_core::bail!(
@@ -431,6 +439,7 @@ mod tests {
         let g2 = (&full * &w).unwrap().sum_all().unwrap().backward().unwrap();
         close(g1.get(rows.as_tensor()).unwrap(), g2.get(rows.as_tensor()).unwrap(), 1e-5);
         assert!(head_cross_entropy(rows.as_tensor(), &head, &targets[1..]).is_err());
+        assert!(head_cross_entropy(rows.as_tensor(), &head.narrow(1, 0, h - 1).unwrap(), &targets).is_err());
         // Rows that take no gradient: the same losses, and no gradient formed.
         let plain = head_cross_entropy(&rows.as_tensor().detach(), &head, &targets).unwrap();
         assert_eq!(plain.to_vec1::<f32>().unwrap(), chunked.to_vec1::<f32>().unwrap());
@@ -470,6 +479,9 @@ mod tests {
             assert!(g1.get(&w).is_none(), "the frozen weight gets no gradient");
         }
         assert!(lora_linear(&x0, &w, a.as_tensor(), b.as_tensor(), s, Some(vec![1.0; 3])).is_err());
+        // Operands that do not fit each other are errors, not panics.
+        assert!(lora_linear(&x0, &w.t().unwrap(), a.as_tensor(), b.as_tensor(), s, None).is_err());
+        assert!(lora_linear(&x0, &w, b.as_tensor(), a.as_tensor(), s, None).is_err());
     }
 
     #[test]

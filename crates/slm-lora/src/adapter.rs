@@ -15,7 +15,7 @@ use slm_model::forward::linear;
 use slm_model::{LayerAdapter, Model, ModelSpec, Part, PROJECTIONS};
 
 use crate::error::{LoraError, Result};
-use crate::ops::{frozen_linear, lora_linear};
+use crate::ops::{frozen_linear, lora_branch, lora_linear};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -317,12 +317,7 @@ impl LayerAdapter for LoraHook<'_> {
             // Training: the whole projection as one op (its backward skips the frozen weight's gradient).
             return Ok(lora_linear(x, w, a, b, s, self.dropout_mask(x.elem_count()))?);
         }
-        let xd = match self.dropout_mask(x.elem_count()) {
-            Some(m) => x.mul(&Tensor::from_vec(m, x.shape(), x.device())?)?,
-            None => x.clone(),
-        };
-        let xa = (linear(&xd, a)? * s)?;
-        Ok((linear(x, w)? + linear(&xa, b)?)?)
+        Ok((linear(x, w)? + lora_branch(x, a, b, s, self.dropout_mask(x.elem_count()))?)?)
     }
 }
 

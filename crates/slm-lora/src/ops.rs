@@ -9,16 +9,16 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use slm_model::fused::{f32_data, f32_slice, sgemm, sgemm_new, with_f32_data};
+use slm_model::fused::{f32_data, f32_slice, par_zip_map, sgemm, sgemm_new, times_w, times_wt, with_f32_data};
 
 pub use slm_model::fused::frozen_linear;
 
-/// The log-sum-exp of `row`, which is replaced by its softmax (the arithmetic of [`softmax_row`] at `t` 1).
-fn softmax_row_in_place(row: &mut [f32]) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+/// The log-sum-exp of `row / t`; `row` is replaced by its softmax at temperature `t`.
+fn softmax_in_place(row: &mut [f32], t: f32) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) / t;
     let mut sum = 0f64;
     for v in row.iter_mut() {
-        let e = (*v - max).exp();
+        let e = (*v / t - max).exp();
         *v = e;
         sum += e as f64;
     }
@@ -29,16 +29,8 @@ fn softmax_row_in_place(row: &mut [f32]) -> f32 {
 
 /// Per-row log-sum-exp of `logits[r] / t` and the row's softmax.
 fn softmax_row(row: &[f32], t: f32, out: &mut [f32]) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) / t;
-    let mut sum = 0f64;
-    for (o, &v) in out.iter_mut().zip(row) {
-        let e = (v / t - max).exp();
-        *o = e;
-        sum += e as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    out.iter_mut().for_each(|o| *o *= inv);
-    max + (sum as f32).ln()
+    out.copy_from_slice(row);
+    softmax_in_place(out, t)
 }
 
 struct CrossEntropy {
@@ -119,7 +111,7 @@ impl CustomOp1 for HeadCrossEntropy {
                     |(r, (row, loss))| {
                         let t = self.targets[s + r] as usize;
                         let target_logit = row[t];
-                        *loss = softmax_row_in_place(row) - target_logit;
+                        *loss = softmax_in_place(row, 1.0) - target_logit;
                         row[t] -= 1.0;
                     },
                 );
@@ -196,16 +188,14 @@ impl LoraLinear {
     /// The LoRA branch's input: `x`, or `x ⊙ mask`.
     fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
         match &self.mask {
-            Some(m) => {
-                let mut d = vec![0f32; x.len()];
-                d.par_chunks_mut(4096).zip(x.par_chunks(4096).zip(m.par_chunks(4096))).for_each(|(d, (x, m))| {
-                    d.iter_mut().zip(x).zip(m).for_each(|((d, &x), &m)| *d = x * m);
-                });
-                std::borrow::Cow::Owned(d)
-            }
+            Some(m) => std::borrow::Cow::Owned(par_zip_map(x, m, |x, m| x * m)),
             None => std::borrow::Cow::Borrowed(x),
         }
     }
+}
+
+fn not_f32_weight() -> candle_core::Error {
+    candle_core::Error::Msg("lora-linear: the weight must be contiguous f32".into())
 }
 
 impl CustomOp3 for LoraLinear {
@@ -228,8 +218,7 @@ impl CustomOp3 for LoraLinear {
         let (r, rows) = (l2.shape().dims2()?.0, x.len() / inner);
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("a matrix input") = out;
-        let mut y = with_f32_data(&self.w, |w| sgemm_new((rows, out, inner), x, false, w, true, 1.0))
-            .ok_or_else(|| candle_core::Error::Msg("lora-linear: the weight must be contiguous f32".into()))?;
+        let mut y = times_wt(x, &self.w)?.ok_or_else(not_f32_weight)?;
         let xa = sgemm_new((rows, r, inner), &self.dropped(x), false, a, true, self.scale);
         sgemm((rows, out, r), &mut y, true, &xa, false, b, true, 1.0);
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -256,8 +245,7 @@ impl CustomOp3 for LoraLinear {
         let db = sgemm_new((out, r, rows), dy, true, &xa, false, 1.0);
         let da = sgemm_new((r, inner, rows), &gxa, true, &xd, false, 1.0);
         let dx = if self.x_grad {
-            let mut dx = with_f32_data(&self.w, |w| sgemm_new((rows, inner, out), dy, false, w, false, 1.0))
-                .ok_or_else(|| candle_core::Error::Msg("lora-linear: the weight must be contiguous f32".into()))?;
+            let mut dx = times_w(dy, &self.w)?.ok_or_else(not_f32_weight)?;
             match &self.mask {
                 None => sgemm((rows, inner, r), &mut dx, true, &gxa, false, av, false, 1.0),
                 Some(m) => {
@@ -273,6 +261,23 @@ impl CustomOp3 for LoraLinear {
         };
         Ok((dx, Some(Tensor::from_vec(da, a.shape(), a.device())?), Some(Tensor::from_vec(db, b.shape(), b.device())?)))
     }
+}
+
+/// The LoRA branch `s · (drop(x) @ a^T) @ b^T` composed of candle's ops (`mask`: the inverted-dropout
+/// multipliers of `x`, `None`: no dropout).
+pub fn lora_branch(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+) -> candle_core::Result<Tensor> {
+    let xd = match mask {
+        Some(m) => x.mul(&Tensor::from_vec(m, x.shape(), x.device())?)?,
+        None => x.clone(),
+    };
+    let linear = |x: &Tensor, w: &Tensor| slm_model::forward::linear(x, w).map_err(candle_core::Error::wrap);
+    linear(&(linear(&xd, a)? * scale)?, b)
 }
 
 /// A LoRA projection in one op: `x @ w^T + s · (drop(x) @ a^T) @ b^T` for `x: [..., in]`, a frozen `w: [out, in]`,
@@ -291,13 +296,7 @@ pub fn lora_linear(
 ) -> candle_core::Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if !(f32_cpu(x) && f32_cpu(w) && f32_cpu(a) && f32_cpu(b)) {
-        let xd = match mask {
-            Some(m) => x.mul(&Tensor::from_vec(m, x.shape(), x.device())?)?,
-            None => x.clone(),
-        };
-        let base = frozen_linear(x, w)?;
-        let xa = (slm_model::forward::linear(&xd, a).map_err(candle_core::Error::wrap)? * scale)?;
-        return base + slm_model::forward::linear(&xa, b).map_err(candle_core::Error::wrap)?;
+        return frozen_linear(x, w)? + lora_branch(x, a, b, scale, mask)?;
     }
     let (out, inner) = w.dims2()?;
     let r = a.dim(0)?;

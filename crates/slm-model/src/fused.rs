@@ -56,21 +56,8 @@ fn gemm_parallelism() -> gemm::Parallelism {
     }
 }
 
-/// [`sgemm`] on the calling thread only (for products that are themselves run in parallel).
-#[allow(clippy::too_many_arguments)]
-fn sgemm_here(
-    mnk: (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_t: bool,
-    rhs: &[f32],
-    rhs_t: bool,
-    scale: f32,
-) {
-    gemm_f32(false, mnk, dst, accumulate, lhs, lhs_t, rhs, rhs_t, scale)
-}
-
+/// [`sgemm`], on candle's threads (`parallel`) or on the calling thread only (for products that are themselves
+/// run in parallel).
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32(
     parallel: bool,
@@ -93,34 +80,52 @@ fn gemm_f32(
         }
         return;
     }
+    let par = if parallel { gemm_parallelism() } else { gemm::Parallelism::None };
+    // SAFETY: the three slices hold exactly the m×n, m×k and k×n elements (asserted above), and `dst` is
+    // borrowed mutably, so it overlaps neither operand.
+    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), accumulate, lhs, lhs_t, rhs, rhs_t, scale, par) }
+}
+
+/// gemm's `dst = [dst +] scale · op(lhs) · op(rhs)` on row-major operands (the layouts of [`sgemm`]).
+///
+/// # Safety
+/// `dst` must be valid for writes of m×n f32 (and for reads with `accumulate`), not overlapping `lhs` or `rhs`,
+/// which hold m×k and k×n elements; k ≥ 1.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_t: bool,
+    rhs: &[f32],
+    rhs_t: bool,
+    scale: f32,
+    par: gemm::Parallelism,
+) {
     let (lhs_cs, lhs_rs) = if lhs_t { (m as isize, 1) } else { (1, k as isize) };
     let (rhs_cs, rhs_rs) = if rhs_t { (k as isize, 1) } else { (1, n as isize) };
-    let par = if parallel { gemm_parallelism() } else { gemm::Parallelism::None };
-    // SAFETY: the three slices hold exactly the m×n, m×k and k×n elements that these strides address (asserted
-    // above), and `dst` is borrowed mutably, so it overlaps neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            if accumulate { 1.0 } else { 0.0 },
-            scale,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        lhs.as_ptr(),
+        lhs_cs,
+        lhs_rs,
+        rhs.as_ptr(),
+        rhs_cs,
+        rhs_rs,
+        if accumulate { 1.0 } else { 0.0 },
+        scale,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// The f32 data of a CPU tensor, borrowed where it is contiguous (no copy), else copied.
@@ -165,36 +170,27 @@ pub fn sgemm_new(
         return vec![0f32; m * n];
     }
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-    let par = gemm_parallelism();
-    let (lhs_cs, lhs_rs) = if lhs_t { (m as isize, 1) } else { (1, k as isize) };
-    let (rhs_cs, rhs_rs) = if rhs_t { (k as isize, 1) } else { (1, n as isize) };
-    // SAFETY: as in `gemm_f32`; `dst` has room for m×n elements, and with `read_dst` false the product writes
-    // every one of them without reading any (k ≥ 1), so all are initialised before `set_len`.
+    // SAFETY: `dst` has room for m×n elements and is fresh; with `accumulate` false the product writes every one
+    // of them without reading any (k ≥ 1), so all are initialised before `set_len`.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        );
+        gemm_raw((m, n, k), dst.as_mut_ptr(), false, lhs, lhs_t, rhs, rhs_t, scale, gemm_parallelism());
         dst.set_len(m * n);
     }
     dst
+}
+
+/// `x @ w^T` for `x` rows of `w`'s input width and a frozen `w: [out, in]`, as a fresh `[rows, out]` buffer;
+/// `None` unless `w` is a contiguous f32 CPU tensor.
+pub fn times_wt(x: &[f32], w: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
+    let (out, inner) = w.dims2()?;
+    Ok(with_f32_data(w, |w| sgemm_new((x.len() / inner, out, inner), x, false, w, true, 1.0)))
+}
+
+/// `dy @ w` for `dy` rows of `w`'s output width and a frozen `w: [out, in]` (the gradient through `x @ w^T`),
+/// as a fresh `[rows, in]` buffer; `None` unless `w` is a contiguous f32 CPU tensor.
+pub fn times_w(dy: &[f32], w: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
+    let (out, inner) = w.dims2()?;
+    Ok(with_f32_data(w, |w| sgemm_new((dy.len() / out, inner, out), dy, false, w, false, 1.0)))
 }
 
 fn vec_of(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -207,7 +203,7 @@ fn min_rows(d: usize) -> usize {
 }
 
 /// `f(a[i], b[i])` for every `i`, in blocks on every core (same-length inputs).
-fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+pub fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut y = vec![0f32; a.len()];
     y.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(|(y, (a, b))| {
         for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
@@ -519,8 +515,8 @@ pub fn masked_softmax_last_dim(scores: &Tensor, mask: &Tensor) -> candle_core::R
 /// Causal (masked) attention with grouped queries, forward and backward in one op. Its inputs are
 /// q `[B, nh, T, hd]`, k and v `[B, nkv, S, hd]`; its output is the context `[B, T, nh·hd]`.
 struct Attention {
-    /// The additive mask `[B, T, S]` (0 or -inf), broadcast over the heads.
-    mask: Vec<f32>,
+    /// The additive mask `[B, 1, 1, T, S]` (0 or -inf), broadcast over the heads.
+    mask: Tensor,
     scale: f32,
     /// The probabilities `[B, nkv, rep·T, S]`, kept from the forward pass for the backward pass.
     probs: std::sync::OnceLock<Vec<f32>>,
@@ -555,16 +551,19 @@ impl CustomOp3 for Attention {
         let (q, k, v) =
             (f32_slice(s1, l1, "attention")?, f32_slice(s2, l2, "attention")?, f32_slice(s3, l3, "attention")?);
         let (b, nh, nkv, t, s, hd) = attention_dims(l1.dims(), l2.dims(), l3.dims())?;
-        if self.mask.len() != b * t * s {
-            candle_core::bail!("attention: a mask of {} for [{b}, {t}, {s}]", self.mask.len());
+        let mask = f32_data(&self.mask)?;
+        if mask.len() != b * t * s {
+            candle_core::bail!("attention: a mask of {} for [{b}, {t}, {s}]", mask.len());
         }
+        let mask: &[f32] = &mask;
         let rep = nh / nkv;
         let (qb, kb, pb) = (rep * t * hd, s * hd, rep * t * s);
         let mut probs = vec![0f32; b * nkv * pb];
         let mut ctx = vec![0f32; b * nkv * rep * t * hd];
         probs.par_chunks_mut(pb).zip(ctx.par_chunks_mut(qb)).enumerate().for_each(|(g, (p, c))| {
             let bi = g / nkv;
-            sgemm_here(
+            gemm_f32(
+                false,
                 (rep * t, s, hd),
                 p,
                 false,
@@ -575,7 +574,7 @@ impl CustomOp3 for Attention {
                 self.scale,
             );
             for (r, row) in p.chunks_mut(s).enumerate() {
-                let m = &self.mask[(bi * t + r % t) * s..(bi * t + r % t + 1) * s];
+                let m = &mask[(bi * t + r % t) * s..(bi * t + r % t + 1) * s];
                 let mut max = f32::NEG_INFINITY;
                 for (x, &m) in row.iter_mut().zip(m) {
                     *x += m;
@@ -588,7 +587,7 @@ impl CustomOp3 for Attention {
                 }
                 row.iter_mut().for_each(|x| *x /= sum);
             }
-            sgemm_here((rep * t, hd, s), c, false, p, false, &v[g * kb..(g + 1) * kb], false, 1.0);
+            gemm_f32(false, (rep * t, hd, s), c, false, p, false, &v[g * kb..(g + 1) * kb], false, 1.0);
         });
         // [B, nkv, rep, T, hd] (= [B, nh, T, hd]) to [B, T, nh·hd].
         let mut out = vec![0f32; ctx.len()];
@@ -634,15 +633,25 @@ impl CustomOp3 for Attention {
                 let p = &probs[gi * pb..(gi + 1) * pb];
                 let dc = &dctx[gi * qb..(gi + 1) * qb];
                 // dV = Pᵀ dC; dP = dC Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)); dQ = s dS K; dK = s dSᵀ Q.
-                sgemm_here((s, hd, rep * t), dv, false, p, true, dc, false, 1.0);
+                gemm_f32(false, (s, hd, rep * t), dv, false, p, true, dc, false, 1.0);
                 let mut ds = vec![0f32; pb];
-                sgemm_here((rep * t, s, hd), &mut ds, false, dc, false, &vv[gi * kb..(gi + 1) * kb], true, 1.0);
+                gemm_f32(false, (rep * t, s, hd), &mut ds, false, dc, false, &vv[gi * kb..(gi + 1) * kb], true, 1.0);
                 for (d, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
                     let dot = d.iter().zip(p).map(|(d, p)| d * p).sum::<f32>();
                     d.iter_mut().zip(p).for_each(|(d, &p)| *d = p * (*d - dot));
                 }
-                sgemm_here((rep * t, hd, s), dq, false, &ds, false, &kv[gi * kb..(gi + 1) * kb], false, self.scale);
-                sgemm_here((s, hd, rep * t), dk, false, &ds, true, &qv[gi * qb..(gi + 1) * qb], false, self.scale);
+                gemm_f32(
+                    false,
+                    (rep * t, hd, s),
+                    dq,
+                    false,
+                    &ds,
+                    false,
+                    &kv[gi * kb..(gi + 1) * kb],
+                    false,
+                    self.scale,
+                );
+                gemm_f32(false, (s, hd, rep * t), dk, false, &ds, true, &qv[gi * qb..(gi + 1) * qb], false, self.scale);
             },
         );
         let dev = q.device();
@@ -669,7 +678,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     if mask.dims() != [b, 1, 1, t, s] {
         return Ok(None);
     }
-    let op = Attention { mask: vec_of(mask)?, scale: scale as f32, probs: std::sync::OnceLock::new() };
+    let op = Attention { mask: mask.contiguous()?, scale: scale as f32, probs: std::sync::OnceLock::new() };
     Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?))
 }
 
@@ -726,9 +735,8 @@ impl CustomOp1 for FrozenLinear {
             candle_core::bail!("frozen-linear: input {:?} against a [{out}, {inner}] weight", l.shape().dims());
         }
         *dims.last_mut().expect("checked") = out;
-        let rows = x.len() / inner;
         // An f32 weight: the product straight into the output buffer.
-        if let Some(y) = with_f32_data(&self.w, |w| sgemm_new((rows, out, inner), x, false, w, true, 1.0)) {
+        if let Some(y) = times_wt(x, &self.w)? {
             return Ok((CpuStorage::F32(y), Shape::from(dims)));
         }
         let x = Tensor::from_slice(x, l.shape(), &candle_core::Device::Cpu)?;
@@ -738,14 +746,13 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (out, inner) = self.w.dims2()?;
+        let out = self.w.dim(0)?;
         let rows = grad.elem_count() / out;
         let grad = grad.contiguous()?;
-        let fast = with_f32_data(&grad, |dy| {
-            with_f32_data(&self.w, |w| sgemm_new((rows, inner, out), dy, false, w, false, 1.0))
-        });
-        if let Some(g) = fast.flatten() {
-            return Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?));
+        if grad.dtype() == DType::F32 && grad.device().is_cpu() {
+            if let Some(g) = times_w(&f32_data(&grad)?, &self.w)? {
+                return Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?));
+            }
         }
         // The weight stays in its stored dtype in the graph (a bf16 7B's f32 copies of every layer would not fit),
         // upcast here only while the gradient is formed.

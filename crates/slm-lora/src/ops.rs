@@ -7,9 +7,9 @@
 //! vocabulary ([`token_cross_entropy`], [`token_kl`]) are fused row loops: one pass forward, one backward, no
 //! `[N, vocab]` temporaries per elementary op.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use slm_model::fused::{f32_data, f32_slice, par_zip_map, sgemm, sgemm_new, times_w, times_wt, with_f32_data};
+use slm_model::fused::{f32_data, f32_slice, par_zip_map, sgemm, sgemm_new, times_w, times_wt};
 
 pub use slm_model::fused::frozen_linear;
 
@@ -72,105 +72,240 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
-/// Logit rows per chunk of [`head_cross_entropy`]: about 32 MiB of f32 logits at a time.
+/// Logit rows per chunk of [`head_objective`]: about 32 MiB of f32 logits at a time.
 fn head_chunk_rows(vocab: usize) -> usize {
     ((8 << 20) / vocab.max(1)).max(1)
 }
 
-struct HeadCrossEntropy {
-    /// The frozen LM head `[vocab, hidden]`, f32.
-    w: Tensor,
-    targets: Vec<u32>,
-    chunk: usize,
-    /// Whether the rows take a gradient: the forward pass then forms it too.
-    want_grad: bool,
-    /// `(softmax − onehot) @ head` of every row, `[N, hidden]`, formed in the forward pass while each chunk's
-    /// logits are at hand; the backward pass only scales its rows.
-    grad: std::sync::OnceLock<Vec<f32>>,
+/// The KL term of [`head_objective`]: the teacher's logits at the same rows, its temperature and weight.
+#[derive(Clone, Copy)]
+pub struct KlTerm<'a> {
+    /// The teacher's logits `[N, vocab]` at the scored rows.
+    pub teacher: &'a Tensor,
+    pub temperature: f64,
+    pub weight: f64,
 }
 
-impl CustomOp1 for HeadCrossEntropy {
+/// What [`HeadLoss`]'s forward pass keeps for its backward pass.
+enum Kept {
+    /// The rows' gradient `c @ head` (`[N, hidden]`): only the rows take a gradient.
+    RowsGrad(Vec<f32>),
+    /// The logits' gradient `c` (`[N, vocab]`): the head trains, so both products need it.
+    LogitsGrad(Vec<f32>),
+}
+
+struct HeadLoss {
+    targets: Vec<u32>,
+    lm: f32,
+    /// Teacher logits (f32, contiguous, on the CPU), temperature, weight.
+    kl: Option<(Tensor, f32, f32)>,
+    chunk: usize,
+    rows_grad: bool,
+    head_grad: bool,
+    kept: std::sync::OnceLock<Kept>,
+}
+
+impl HeadLoss {
+    /// One logit row `z` in, its loss out; `z` is replaced by the loss's gradient with respect to it, `c`.
+    /// `p`, `q`: scratch rows of the vocabulary's size.
+    fn row(&self, r: usize, z: &mut [f32], teacher: Option<&[f32]>, p: &mut [f32], q: &mut [f32]) -> f32 {
+        let target = self.targets[r] as usize;
+        let z_target = z[target];
+        let mut loss = 0f64;
+        // KL(p ‖ q) at temperature τ, times τ²: τ² (Σ p log p − Σ p z/τ + lse(z/τ)); its z-gradient τ (q − p).
+        let kl = match (&self.kl, teacher) {
+            (Some((_, tau, w)), Some(tl)) => {
+                let (tau, w) = (*tau, *w);
+                softmax_row(&tl[r * z.len()..(r + 1) * z.len()], tau, p);
+                let neg_entropy: f64 = p.iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum();
+                let cross: f64 = p.iter().zip(z.iter()).map(|(&pj, &zj)| pj as f64 * (zj / tau) as f64).sum();
+                let lse = softmax_row(z, tau, q) as f64;
+                loss += (w * tau * tau) as f64 * (neg_entropy - cross + lse);
+                Some((tau, w))
+            }
+            _ => None,
+        };
+        // Cross-entropy lse(z) − z_target; its z-gradient softmax(z) − onehot.
+        if self.lm > 0.0 {
+            loss += self.lm as f64 * (softmax_in_place(z, 1.0) as f64 - z_target as f64);
+            z.iter_mut().for_each(|c| *c *= self.lm);
+            z[target] -= self.lm;
+        } else {
+            z.fill(0.0);
+        }
+        if let Some((tau, w)) = kl {
+            for ((c, &qj), &pj) in z.iter_mut().zip(q.iter()).zip(p.iter()) {
+                *c += w * tau * (qj - pj);
+            }
+        }
+        loss as f32
+    }
+}
+
+impl CustomOp2 for HeadLoss {
     fn name(&self) -> &'static str {
-        "head-cross-entropy"
+        "head-objective"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "head-cross-entropy")?;
-        let (n, h) = l.shape().dims2()?;
-        let v = self.w.dim(0)?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "head-objective")?;
+        let w = f32_slice(s2, l2, "head-objective")?;
+        let (n, h) = l1.shape().dims2()?;
+        let v = l2.shape().dims2()?.0;
+        let teacher = match &self.kl {
+            Some((t, _, _)) => Some(f32_data(t)?),
+            None => None,
+        };
         let mut losses = vec![0f32; n];
-        let mut grad = if self.want_grad { vec![0f32; n * h] } else { Vec::new() };
-        let mut logits = vec![0f32; self.chunk.min(n) * v];
-        let done = with_f32_data(&self.w, |w| {
-            let mut s = 0;
-            while s < n {
-                let len = self.chunk.min(n - s);
-                let logits = &mut logits[..len * v];
-                sgemm((len, v, h), logits, false, &x[s * h..(s + len) * h], false, w, true, 1.0);
-                logits.par_chunks_mut(v).zip(losses[s..s + len].par_iter_mut()).enumerate().for_each(
-                    |(r, (row, loss))| {
-                        let t = self.targets[s + r] as usize;
-                        let target_logit = row[t];
-                        *loss = softmax_in_place(row, 1.0) - target_logit;
-                        row[t] -= 1.0;
-                    },
-                );
-                if self.want_grad {
-                    // d loss_r / d rows_r = (softmax − onehot) @ W, scaled by the incoming gradient later.
-                    sgemm((len, h, v), &mut grad[s * h..(s + len) * h], false, logits, false, w, false, 1.0);
-                }
-                s += len;
+        let mut rows_grad = if self.rows_grad && !self.head_grad { vec![0f32; n * h] } else { Vec::new() };
+        let mut logits_grad = if self.head_grad { vec![0f32; n * v] } else { Vec::new() };
+        let mut chunk_buf = if self.head_grad { Vec::new() } else { vec![0f32; self.chunk.min(n) * v] };
+        let mut s = 0;
+        while s < n {
+            let len = self.chunk.min(n - s);
+            let z = if self.head_grad { &mut logits_grad[s * v..(s + len) * v] } else { &mut chunk_buf[..len * v] };
+            sgemm((len, v, h), z, false, &x[s * h..(s + len) * h], false, w, true, 1.0);
+            z.par_chunks_mut(v).zip(losses[s..s + len].par_iter_mut()).enumerate().for_each_init(
+                || (vec![0f32; v], vec![0f32; v]),
+                |(p, q), (r, (z, loss))| *loss = self.row(s + r, z, teacher.as_deref(), p, q),
+            );
+            if self.rows_grad && !self.head_grad {
+                // d loss_r / d rows_r = c_r @ W, scaled by the incoming gradient in the backward pass.
+                sgemm((len, h, v), &mut rows_grad[s * h..(s + len) * h], false, z, false, w, false, 1.0);
             }
-        });
-        if done.is_none() {
-            candle_core::bail!("head-cross-entropy: the head must be a contiguous f32 CPU tensor");
+            s += len;
         }
-        if self.want_grad && self.grad.set(grad).is_err() {
-            candle_core::bail!("head-cross-entropy: the op ran forward twice");
+        let kept = if self.head_grad {
+            Some(Kept::LogitsGrad(logits_grad))
+        } else if self.rows_grad {
+            Some(Kept::RowsGrad(rows_grad))
+        } else {
+            None
+        };
+        if let Some(k) = kept {
+            if self.kept.set(k).is_err() {
+                candle_core::bail!("head-objective: the op ran forward twice");
+            }
         }
         Ok((CpuStorage::F32(losses), Shape::from(n)))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        rows: &Tensor,
+        head: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.to_vec1::<f32>()?;
-        let h = arg.dim(1)?;
-        let Some(rows) = self.grad.get() else {
-            candle_core::bail!("head-cross-entropy: backward through rows that took no gradient");
-        };
-        let mut dx = vec![0f32; rows.len()];
-        dx.par_chunks_mut(h).zip(rows.par_chunks(h)).zip(g.par_iter()).for_each(|((d, r), &g)| {
-            d.iter_mut().zip(r).for_each(|(d, &r)| *d = g * r);
-        });
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        let (n, h) = rows.dims2()?;
+        let v = head.dim(0)?;
+        match self.kept.get() {
+            Some(Kept::RowsGrad(c_w)) => {
+                let dx = par_zip_map(c_w, &expand_rows(&g, h), |a, b| a * b);
+                Ok((Some(Tensor::from_vec(dx, (n, h), rows.device())?), None))
+            }
+            Some(Kept::LogitsGrad(c)) => {
+                let (x, w) = (f32_data(rows)?, f32_data(head)?);
+                let mut dx = if self.rows_grad { vec![0f32; n * h] } else { Vec::new() };
+                let mut dw = vec![0f32; v * h];
+                let mut scaled = vec![0f32; self.chunk.min(n) * v];
+                let mut s = 0;
+                while s < n {
+                    let len = self.chunk.min(n - s);
+                    let sc = &mut scaled[..len * v];
+                    sc.par_chunks_mut(v)
+                        .zip(c[s * v..(s + len) * v].par_chunks(v))
+                        .zip(g[s..s + len].par_iter())
+                        .for_each(|((o, c), &g)| o.iter_mut().zip(c).for_each(|(o, &c)| *o = g * c));
+                    if self.rows_grad {
+                        sgemm((len, h, v), &mut dx[s * h..(s + len) * h], false, sc, false, &w, false, 1.0);
+                    }
+                    // dW += (g ⊙ c)^T @ rows.
+                    sgemm((v, h, len), &mut dw, s > 0, sc, true, &x[s * h..(s + len) * h], false, 1.0);
+                    s += len;
+                }
+                let dx = if self.rows_grad { Some(Tensor::from_vec(dx, (n, h), rows.device())?) } else { None };
+                Ok((dx, Some(Tensor::from_vec(dw, (v, h), head.device())?)))
+            }
+            None => candle_core::bail!("head-objective: backward through an op that took no gradient"),
+        }
     }
 }
 
-/// Per-row cross-entropy of the logits `rows @ head^T` (`rows: [N, hidden]`, a frozen `head: [vocab, hidden]`)
-/// without the `[N, vocab]` logits: [`head_chunk_rows`] rows at a time, each chunk's logits turned into the loss
-/// and, while they are at hand, into the rows' gradient `(softmax − onehot) @ head` (`[N, hidden]`, kept for the
-/// backward pass, which only scales it). So the memory of the 49,152-way softmax is one chunk's whatever N, and
-/// the head's logits are formed once (two products over the head in all, as with kept logits). The gradient
-/// flows to `rows` only. The same values as
-/// `token_cross_entropy(rows @ head^T)` up to float rounding (tests). Off the CPU, or for a head not stored in f32,
-/// it is that composition.
-pub fn head_cross_entropy(rows: &Tensor, head: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+/// Each of `g`'s values repeated `h` times.
+fn expand_rows(g: &[f32], h: usize) -> Vec<f32> {
+    g.iter().flat_map(|&x| std::iter::repeat_n(x, h)).collect()
+}
+
+/// The token terms of a training objective at the rows `rows: [N, hidden]` through the LM head `head: [vocab,
+/// hidden]`, per row: `lm · CE(rows @ head^T, targets)` plus, with `kl`, `weight · τ² · KL(softmax(teacher/τ) ‖
+/// softmax(logits/τ))`. `[N]`, without the `[N, vocab]` logits of the composition: [`head_chunk_rows`] rows at a
+/// time, each chunk's logits turned into the losses and their gradient `c` while they are at hand. With a frozen
+/// head (one that takes no gradient) the forward pass also forms the rows' gradient `c @ head` (`[N, hidden]`) and
+/// keeps only that, so the softmax's memory is one chunk's whatever N; with a trained head it keeps `c` (`[N,
+/// vocab]`, the size of the logits the composition keeps) and the backward pass forms both products. The head's
+/// logits are formed once either way. The same values and gradients as the composition of [`token_cross_entropy`]
+/// and [`token_kl`] over `rows @ head^T`, up to float rounding (tests); off the CPU, or for operands not stored in
+/// f32, it is that composition.
+pub fn head_objective(
+    rows: &Tensor,
+    head: &Tensor,
+    targets: &[u32],
+    lm: f64,
+    kl: Option<KlTerm>,
+) -> candle_core::Result<Tensor> {
     let (n, v) = (rows.dim(0)?, head.dim(0)?);
     if targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
-        candle_core::bail!("head-cross-entropy: {} targets for {n} rows of a {v}-token head", targets.len());
+        candle_core::bail!("head-objective: {} targets for {n} rows of a {v}-token head", targets.len());
     }
     if rows.rank() != 2 || head.rank() != 2 || rows.dim(1)? != head.dim(1)? {
-        candle_core::bail!("head-cross-entropy: rows {:?} against a head {:?}", rows.dims(), head.dims());
+        candle_core::bail!("head-objective: rows {:?} against a head {:?}", rows.dims(), head.dims());
     }
-    if !rows.device().is_cpu() || head.dtype() != candle_core::DType::F32 || rows.dtype() != candle_core::DType::F32 {
-        return token_cross_entropy(&frozen_linear(rows, head)?, targets);
+    if let Some(k) = &kl {
+        if k.teacher.dims() != [n, v] {
+            candle_core::bail!(
+                "head-objective: teacher logits {:?} for {n} rows of a {v}-token head",
+                k.teacher.dims()
+            );
+        }
+        if !(k.temperature > 0.0) {
+            candle_core::bail!("head-objective: temperature {} is not positive", k.temperature);
+        }
     }
-    rows.contiguous()?.apply_op1(HeadCrossEntropy {
-        w: head.contiguous()?,
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(f32_cpu(rows) && f32_cpu(head) && kl.as_ref().is_none_or(|k| f32_cpu(k.teacher))) {
+        let logits = if head.track_op() { rows.matmul(&head.t()?)? } else { frozen_linear(rows, head)? };
+        let mut out = (token_cross_entropy(&logits, targets)? * lm)?;
+        if let Some(k) = kl {
+            out = (out + (token_kl(&logits, k.teacher, k.temperature)? * k.weight)?)?;
+        }
+        return Ok(out);
+    }
+    let op = HeadLoss {
         targets: targets.to_vec(),
+        lm: lm as f32,
+        kl: kl
+            .map(|k| Ok::<_, candle_core::Error>((k.teacher.contiguous()?, k.temperature as f32, k.weight as f32)))
+            .transpose()?,
         chunk: head_chunk_rows(v),
-        want_grad: rows.track_op(),
-        grad: std::sync::OnceLock::new(),
-    })
+        rows_grad: rows.track_op(),
+        head_grad: head.track_op(),
+        kept: std::sync::OnceLock::new(),
+    };
+    rows.contiguous()?.apply_op2(&head.contiguous()?, op)
+}
+
+/// Per-row cross-entropy of the logits `rows @ head^T` without the `[N, vocab]` logits: [`head_objective`] with
+/// the LM term alone.
+pub fn head_cross_entropy(rows: &Tensor, head: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    head_objective(rows, head, targets, 1.0, None)
 }
 
 struct LoraLinear {
@@ -442,6 +577,57 @@ mod tests {
         // Rows that take no gradient: the same losses, and no gradient formed.
         let plain = head_cross_entropy(&rows.as_tensor().detach(), &head, &targets).unwrap();
         assert_eq!(plain.to_vec1::<f32>().unwrap(), chunked.to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn head_objective_matches_the_composed_losses_and_their_gradients() {
+        let dev = Device::Cpu;
+        // 9000-token head: 932 rows per chunk, so 2000 rows take three chunks (the last partial).
+        let (n, h, v) = (2000, 12, 9000);
+        let x0 = Tensor::randn(0f32, 1., (n, h), &dev).unwrap();
+        let w0 = Tensor::randn(0f32, 0.5, (v, h), &dev).unwrap();
+        let teacher = Tensor::randn(0f32, 2., (n, v), &dev).unwrap();
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+        let g = Tensor::from_vec((0..n).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), n, &dev).unwrap();
+        // (lm weight, KL (temperature, weight)), for a frozen and a trained head.
+        let mixes = [(1.0, None), (0.0, Some((2.0, 1.0))), (0.5, Some((1.0, 2.0))), (1.0, Some((3.0, 0.25)))];
+        for (lm, kl) in mixes {
+            for trained in [false, true] {
+                let (xv, wv) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap());
+                let w = if trained { wv.as_tensor().clone() } else { w0.clone() };
+                let term = kl.map(|(t, k)| KlTerm { teacher: &teacher, temperature: t, weight: k });
+                let fused = head_objective(xv.as_tensor(), &w, &targets, lm, term).unwrap();
+                // The composition, written out: log-softmax rows of the full logits.
+                let logits = xv.as_tensor().matmul(&w.t().unwrap()).unwrap();
+                let idx = Tensor::from_slice(&targets, (n, 1), &dev).unwrap();
+                let ce = log_softmax_rows(&logits).unwrap().gather(&idx, 1).unwrap().squeeze(1).unwrap().neg().unwrap();
+                let mut composed = (ce * lm).unwrap();
+                if let Some((t, k)) = kl {
+                    let logp = log_softmax_rows(&(&teacher / t).unwrap()).unwrap();
+                    let logq = log_softmax_rows(&(&logits / t).unwrap()).unwrap();
+                    let p = logp.exp().unwrap();
+                    let kl = ((&p * (logp - logq).unwrap()).unwrap().sum(1).unwrap() * (t * t * k)).unwrap();
+                    composed = (composed + kl).unwrap();
+                }
+                close(&fused, &composed, 2e-4);
+                let g1 = (&fused * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (&composed * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                close(g1.get(xv.as_tensor()).unwrap(), g2.get(xv.as_tensor()).unwrap(), 1e-4);
+                if trained {
+                    close(g1.get(wv.as_tensor()).unwrap(), g2.get(wv.as_tensor()).unwrap(), 1e-3);
+                } else {
+                    assert!(g1.get(&w).is_none(), "a frozen head gets no gradient");
+                }
+                // Rows and head that take no gradient: the same losses.
+                let plain = head_objective(&x0, &w0, &targets, lm, term).unwrap();
+                assert_eq!(plain.to_vec1::<f32>().unwrap(), fused.to_vec1::<f32>().unwrap());
+            }
+        }
+        let bad = |t: &Tensor, temp: f64| {
+            head_objective(&x0, &w0, &targets, 1.0, Some(KlTerm { teacher: t, temperature: temp, weight: 1.0 }))
+        };
+        assert!(bad(&teacher.narrow(0, 0, n - 1).unwrap(), 1.0).is_err());
+        assert!(bad(&teacher, 0.0).is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::adapter::Lora;
 pub use crate::checkpoint::Checkpoints;
 use crate::data::Example;
 use crate::error::{LoraError, Result};
-use crate::ops::{frozen_linear, head_cross_entropy, token_cross_entropy, token_kl};
+use crate::ops::{head_objective, token_cross_entropy, token_kl, KlTerm};
 use crate::trainable::{TrainHook, Trainable};
 
 /// Optimisation settings. Defaults: the LLM-Pruner recipe (lr 1e-4, 2 epochs, batch 64 = 4 × 16, 100 warm-up
@@ -370,34 +370,23 @@ fn losses_from_top(
         return Ok(Tensor::zeros(n, candle_core::DType::F32, &model.device)?);
     }
     let picked = fin.reshape((examples.len() * t, h))?.index_select(&idx, 0)?;
-    if train == Some(Head::Frozen) && kl_w == 0.0 {
-        // Cross-entropy alone through a frozen head: chunked, no [N, vocab] logits kept.
-        let ce = head_cross_entropy(&picked, model.weights.lm_head(), &targets)?;
-        return Ok(if lm_w == 1.0 { ce } else { (ce * lm_w)? });
-    }
-    let logits = match train {
-        Some(Head::Frozen) => frozen_linear(&picked, model.weights.lm_head())?,
-        Some(Head::Trained) => slm_model::forward::linear(&picked, model.weights.lm_head())?,
-        None => model.head(&picked)?,
-    };
-    let mut out: Option<Tensor> = None;
-    let mut add = |term: Tensor, w: f64| -> Result<()> {
-        let term = if w == 1.0 { term } else { (term * w)? };
-        out = Some(match out.take() {
-            Some(o) => (o + term)?,
-            None => term,
-        });
-        Ok(())
-    };
-    if lm_w > 0.0 {
-        add(token_cross_entropy(&logits, &targets)?, lm_w)?;
-    }
-    if kl_w > 0.0 {
+    let kl = if kl_w > 0.0 {
         let (d, tl) = (distill.expect("kl weight set"), teacher.and_then(|t| t.logits.as_ref()));
         let tl = tl.ok_or_else(|| LoraError::InvalidArgument("no teacher logits for the KL term".into()))?;
-        add(token_kl(&logits, tl, d.temperature)?, kl_w)?;
+        Some(KlTerm { teacher: tl, temperature: d.temperature, weight: kl_w })
+    } else {
+        None
+    };
+    if train.is_some() {
+        // Chunked over the head: no [N, vocab] logits kept (a trained head keeps their gradient only).
+        return Ok(head_objective(&picked, model.weights.lm_head(), &targets, lm_w, kl)?);
     }
-    Ok(out.expect("at least one term"))
+    let logits = model.head(&picked)?;
+    let mut out = (token_cross_entropy(&logits, &targets)? * lm_w)?;
+    if let Some(k) = kl {
+        out = (out + (token_kl(&logits, k.teacher, k.temperature)? * k.weight)?)?;
+    }
+    Ok(out)
 }
 
 /// The rows of a batch's final-norm output that are scored, their targets and, per sequence, their positions.

@@ -14,8 +14,12 @@
 #   RECIPE  klhid (default: --train layers on the layers next to the cuts, KL + hidden-state distillation from the
 #           dense model, lr 2e-5), lm (the same layers, next-token loss), head3 (the last 3 layers and the LM head,
 #           KL + hidden), lora (LoRA r 8 on every projection, KL + hidden, lr 1e-4)
+#   LR      a learning rate instead of the recipe's (the run's name gets -lrLR)
 #   DATA    a training file for --data (e.g. the JSONL of `slm distill-data`); default: the LAMBADA windows
 #   LIMIT   documents per task (200), OUT (out/recovery-budget), SLM_BIN (a built slm), SLM_MODEL (the dense GGUF)
+#   FULL    1: also evaluate every base and recovered model on the seven tasks in full and WikiText-2 (every
+#           window of 128), one task per directory OUT/full-NAME/TASK (a stopped run loses at most the task it was
+#           in), and print their table after the LIMIT one
 set -euo pipefail
 if (($#)); then # settings come from the environment only; any argument prints the header above
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -35,6 +39,10 @@ case "$recipe" in
   *) echo "RECIPE must be klhid, lm, head3 or lora, not '$recipe'" >&2; exit 2 ;;
 esac
 tag="$recipe"
+if [[ -n "${LR:-}" ]]; then
+  for i in "${!flags[@]}"; do [[ "${flags[i]}" != --lr ]] || flags[i + 1]="$LR"; done
+  tag="$recipe-lr$LR"
+fi
 if [[ -n "${DATA:-}" ]]; then
   [[ -f "$DATA" ]] || { echo "DATA '$DATA' is not a file" >&2; exit 2; }
   flags+=(--data "$DATA")
@@ -43,9 +51,15 @@ fi
 bash scripts/setup.sh >/dev/null
 [[ -n "${SLM_BIN:-}" ]] || cargo build --release -q -p slm-cli
 mkdir -p "$out"
+done_in() { compgen -G "$1/*/results_*.json" >/dev/null; } # DIR: an evaluation finished there
 evaluate() { # MODEL_DIR NAME
-  [[ -d "$out/eval-$2" ]] || "$slm" eval "$1" --tasks avg7,wikitext2-128 --limit "$limit" \
+  done_in "$out/eval-$2" || "$slm" eval "$1" --tasks avg7,wikitext2-128 --limit "$limit" \
     --output-path "$out/eval-$2" --log-samples
+  if [[ "${FULL:-}" == 1 ]]; then
+    for task in boolq piqa winogrande arc_easy hellaswag arc_challenge openbookqa wikitext2-128; do
+      done_in "$out/full-$2/$task" || "$slm" eval "$1" --tasks "$task" --output-path "$out/full-$2/$task" --log-samples
+    done
+  fi
 }
 build_with_run() { # NAME RATIO [DEPTH_METHOD]: prints the pruned model's directory
   local dir="$out/run-$1" budget steps
@@ -82,3 +96,4 @@ for b in $bases; do
   done
 done
 python3 "$root/scripts/recovery_table.py" "$out" "${names[@]}"
+[[ "${FULL:-}" != 1 ]] || python3 "$root/scripts/recovery_table.py" "$out" "${names[@]/#/full-}"

@@ -15,9 +15,10 @@ fn make(out: &std::path::Path, batch: &str, extra: &[&str]) -> std::process::Com
         "12",
         "--new-tokens",
         "10",
-        "--batch-size",
-        batch,
     ]);
+    if !batch.is_empty() {
+        c.args(["--batch-size", batch]);
+    }
     c.args(extra);
     c
 }
@@ -30,6 +31,10 @@ fn distillation_data_is_deterministic_reused_and_trains() {
     run_ok(&mut make(&b, "2", &[]));
     let bytes = std::fs::read(&a).unwrap();
     assert!(bytes == std::fs::read(&b).unwrap(), "the batch size changed the data");
+    // The default batch size (all 5 prompts in one pass here) too.
+    let auto = dir.path().join("auto.jsonl");
+    run_ok(&mut make(&auto, "", &[]));
+    assert!(bytes == std::fs::read(&auto).unwrap(), "the automatic batch size changed the data");
     let lines: Vec<serde_json::Value> =
         String::from_utf8(bytes.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 6, "a settings line and 5 records");

@@ -91,6 +91,21 @@ fn choose(logits: &[f32], temperature: f64, rng: &mut ChaCha8Rng) -> u32 {
     argmax()
 }
 
+/// The KV cache that [`auto_batch`] allows a generation pass: 2 GiB.
+pub const AUTO_BATCH_KV_BYTES: usize = 2 << 30;
+
+/// The most prompts generated together by default: on the 135M default model, 128 prompts a pass wrote the
+/// same bytes as 32 or 64 in less time (README).
+pub const AUTO_BATCH_MAX: usize = 128;
+
+/// Prompts per generation pass when none is asked for: as many as keep the f32 KV cache of `tokens` positions a
+/// row (keys and values of every layer) within [`AUTO_BATCH_KV_BYTES`], between 1 and [`AUTO_BATCH_MAX`]. The
+/// records do not depend on it: each has its own generator and its rows do not mix with the others'.
+pub fn auto_batch(spec: &slm_model::ModelSpec, tokens: usize) -> usize {
+    let row: usize = spec.layers.iter().map(|l| 2 * l.num_key_value_heads * l.head_dim * tokens * 4).sum();
+    (AUTO_BATCH_KV_BYTES / row.max(1)).clamp(1, AUTO_BATCH_MAX)
+}
+
 /// The continuations of `prompts` by `model`, `batch` prompts per generation pass; each record stops after the
 /// end-of-sequence token when the model has one. `progress(done)` is called after each batch.
 pub fn continuations(
@@ -172,6 +187,20 @@ pub fn read_settings(path: &Path) -> Result<Option<DistillDataSettings>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_automatic_batch_keeps_the_kv_cache_within_its_budget() {
+        let spec = |shape: slm_model::synth::SynthShape| shape.spec(32000, None, None).unwrap();
+        // Llama-2-7B over 256 positions: 32 layers × 2 × 32 heads × 128 × 256 × 4 bytes = 256 MiB a row.
+        assert_eq!(auto_batch(&spec(slm_model::synth::SynthShape::LLAMA2_7B), 256), 8);
+        // 13B: 40 × 2 × 40 × 128 × 256 × 4 = 400 MiB a row, 5 rows in 2 GiB.
+        assert_eq!(auto_batch(&spec(slm_model::synth::SynthShape::LLAMA2_13B), 256), 5);
+        // A model the size of the default one (30 layers, 3 KV heads of 64): 11.25 MiB a row, capped at 128.
+        let small = slm_model::synth::SynthShape { hidden: 576, layers: 30, heads: 9, kv_heads: 3, intermediate: 1536 };
+        assert_eq!(auto_batch(&spec(small), 256), AUTO_BATCH_MAX);
+        // Longer than the budget allows for even one row: still one.
+        assert_eq!(auto_batch(&spec(slm_model::synth::SynthShape::LLAMA2_13B), 1 << 20), 1);
+    }
 
     #[test]
     fn sampling_follows_the_temperature() {

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use slm_lora::data::{read_records, Format, Records};
-use slm_lora::distill_data::{continuations, file_bytes, prompts_from_corpus, read_settings, DistillDataSettings};
+use slm_lora::distill_data::{
+    auto_batch, continuations, file_bytes, prompts_from_corpus, read_settings, DistillDataSettings,
+};
 use slm_model::output::{OutputKind, Replace};
 
 use super::CommonArgs;
@@ -41,9 +43,10 @@ pub struct Args {
     pub temperature: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Prompts generated together (one batched pass per token).
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
+    /// Prompts generated together (one batched pass per token) [default: as many as keep the KV cache within
+    /// 2 GiB, at most 128]. The records do not depend on it.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
 }
 
 pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
@@ -61,7 +64,7 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         seed: args.seed,
     };
     settings.validate()?;
-    if args.batch_size == 0 {
+    if args.batch_size == Some(0) {
         bail!("--batch-size must be at least 1");
     }
     // The input checks of an output file (not an input, not inside one, not a link); replacing is decided here.
@@ -106,9 +109,10 @@ pub fn run(common: &CommonArgs, args: Args) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} records  {per_sec}  [{elapsed_precise} < {eta_precise}]")
             .expect("valid template"),
     );
+    let batch = args.batch_size.unwrap_or_else(|| auto_batch(&model.spec, args.prompt_tokens + args.new_tokens));
+    tracing::info!(batch, "prompts generated together");
     let start = std::time::Instant::now();
-    let completions =
-        continuations(&model, &prompts, &settings, args.batch_size, &mut |done| bar.set_position(done as u64))?;
+    let completions = continuations(&model, &prompts, &settings, batch, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     let new: usize = completions.iter().map(Vec::len).sum();

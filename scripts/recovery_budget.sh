@@ -46,7 +46,7 @@ fi
 if [[ -n "${DATA:-}" ]]; then
   [[ -f "$DATA" ]] || { echo "DATA '$DATA' is not a file" >&2; exit 2; }
   flags+=(--data "$DATA")
-  tag="$recipe-$(basename "${DATA%.*}")"
+  tag="$tag-$(basename "${DATA%.*}")"
 fi
 bash scripts/setup.sh >/dev/null
 [[ -n "${SLM_BIN:-}" ]] || cargo build --release -q -p slm-cli

@@ -16,6 +16,11 @@ def _dir(out, name, task="*"):
     return f"{out}/{name}/{task}" if name.startswith("full-") else f"{out}/eval-{name}"
 
 
+def has_samples(out, name, task):
+    """Whether the evaluation logged the samples of `task`."""
+    return bool(glob.glob(f"{_dir(out, name, task)}/*/samples_{task}_*.jsonl"))
+
+
 def samples(out, name, task):
     """The logged samples of one task, in the evaluator's order; exits naming the directory unless exactly one."""
     files = glob.glob(f"{_dir(out, name, task)}/*/samples_{task}_*.jsonl")

@@ -292,17 +292,18 @@ pub struct TrainReport {
 }
 
 /// Per-token losses `[N]` of a micro-batch (the objective: cross-entropy, or the distillation mix), plus the
-/// rows' count. `train`: differentiable kernels, dropout, frozen-weight matmuls (a trained head's matmul tracked).
+/// rows' count. `train`: differentiable kernels, dropout, frozen-weight matmuls (the head trains when the model's
+/// head is a variable).
 fn micro_batch_losses(
     model: &Model,
     hook: &dyn LayerAdapter,
     examples: &[&Example],
     distill: Option<&Distill>,
-    train: Option<Head>,
+    train: bool,
 ) -> Result<Tensor> {
     let seqs: Vec<Vec<u32>> = examples.iter().map(|e| e.ids.clone()).collect();
     let batch = Batch::new(&model.spec, &seqs, &model.device)?;
-    let mode = if train.is_some() { Mode::Differentiable } else { Mode::Inference };
+    let mode = if train { Mode::Differentiable } else { Mode::Inference };
     let (rows, _, positions) = scored_rows(examples, batch.seq_len);
     let teacher = distill.map(|d| teacher_out(d, &seqs, &positions)).transpose()?;
     let idx = Tensor::from_vec(rows, positions.iter().map(Vec::len).sum::<usize>(), &model.device)?;
@@ -327,27 +328,10 @@ fn micro_batch_losses(
     })
 }
 
-/// How the LM head runs in a training pass: frozen (gradient to the rows only) or trained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Head {
-    Frozen,
-    Trained,
-}
-
-impl Head {
-    fn of(t: &dyn Trainable) -> Head {
-        if t.head_trained() {
-            Head::Trained
-        } else {
-            Head::Frozen
-        }
-    }
-}
-
 /// Per-token losses `[N]` from the last layer's output `x: [B, T, hidden]` of `batch` (the examples' ids): the
 /// final norm, the LM head at the scored rows and the objective's token terms (cross-entropy, or the
 /// distillation's CE and KL; hidden-state terms are added by the callers). `train`: differentiable kernels and
-/// the head's matmul (frozen or trained); otherwise [`Model::head`] (a head in a narrower stored dtype upcast a
+/// [`head_objective`] (the head trains when it is a variable); otherwise [`Model::head`] (a head in a narrower stored dtype upcast a
 /// chunk at a time).
 fn losses_from_top(
     model: &Model,
@@ -356,9 +340,9 @@ fn losses_from_top(
     examples: &[&Example],
     distill: Option<&Distill>,
     teacher: Option<&TeacherOut>,
-    train: Option<Head>,
+    train: bool,
 ) -> Result<Tensor> {
-    let mode = if train.is_some() { Mode::Differentiable } else { Mode::Inference };
+    let mode = if train { Mode::Differentiable } else { Mode::Inference };
     let fin = model.final_norm(x, mode)?;
     let t = batch.seq_len;
     let (rows, targets, _) = scored_rows(examples, t);
@@ -377,7 +361,7 @@ fn losses_from_top(
     } else {
         None
     };
-    if train.is_some() {
+    if train {
         // Chunked over the head: no [N, vocab] logits kept (a trained head keeps their gradient only).
         return Ok(head_objective(&picked, model.weights.lm_head(), &targets, lm_w, kl)?);
     }
@@ -456,8 +440,7 @@ pub fn checkpointed_gradients(
     }
     let after_forward = hook.dropout_state();
     let top = Var::from_tensor(&x)?;
-    let head = Some(Head::of(trainable));
-    let losses = losses_from_top(model, top.as_tensor(), &batch, examples, distill, teacher.as_ref(), head)?;
+    let losses = losses_from_top(model, top.as_tensor(), &batch, examples, distill, teacher.as_ref(), true)?;
     let loss = (losses.sum_all()? / denominator)?;
     let mut loss_value = loss.to_scalar::<f32>()? as f64;
     let vars = trainable.vars();
@@ -512,7 +495,7 @@ fn whole_graph_gradients(
     distill: Option<&Distill>,
     denominator: f64,
 ) -> Result<(f64, Vec<Tensor>)> {
-    let losses = micro_batch_losses(model, hook, examples, distill, Some(Head::of(trainable)))?;
+    let losses = micro_batch_losses(model, hook, examples, distill, true)?;
     let loss = (losses.sum_all()? / denominator)?;
     let store = loss.backward()?;
     let vars = trainable.vars();
@@ -558,11 +541,11 @@ pub fn evaluate(
     let (mut obj, mut ce, mut n) = (0f64, 0f64, 0usize);
     for c in val.chunks(chunk.max(1)) {
         let refs: Vec<&Example> = c.iter().collect();
-        let l = micro_batch_losses(&merged, &hook, &refs, None, None)?;
+        let l = micro_batch_losses(&merged, &hook, &refs, None, false)?;
         ce += l.sum_all()?.to_scalar::<f32>()? as f64;
         n += l.elem_count();
         if distill.is_some() {
-            obj += micro_batch_losses(&merged, &hook, &refs, distill, None)?.sum_all()?.to_scalar::<f32>()? as f64;
+            obj += micro_batch_losses(&merged, &hook, &refs, distill, false)?.sum_all()?.to_scalar::<f32>()? as f64;
         }
     }
     let n = n.max(1) as f64;
@@ -753,7 +736,7 @@ pub fn train(
 pub fn mean_loss(model: &Model, lora: &Lora, examples: &[Example], distill: Option<&Distill>) -> Result<f64> {
     let hook = lora.eval_hook();
     let refs: Vec<&Example> = examples.iter().collect();
-    let l = micro_batch_losses(model, &hook, &refs, distill, None)?;
+    let l = micro_batch_losses(model, &hook, &refs, distill, false)?;
     Ok(l.sum_all()?.to_scalar::<f32>()? as f64 / l.elem_count().max(1) as f64)
 }
 
@@ -761,8 +744,8 @@ pub fn mean_loss(model: &Model, lora: &Lora, examples: &[Example], distill: Opti
 pub fn token_losses(model: &Model, lora: &Lora, examples: &[Example], train: bool, seed: u64) -> Result<Tensor> {
     let refs: Vec<&Example> = examples.iter().collect();
     if train {
-        micro_batch_losses(model, &lora.train_hook(seed), &refs, None, Some(Head::Frozen))
+        micro_batch_losses(model, &lora.train_hook(seed), &refs, None, true)
     } else {
-        micro_batch_losses(model, &lora.eval_hook(), &refs, None, None)
+        micro_batch_losses(model, &lora.eval_hook(), &refs, None, false)
     }
 }

@@ -13,7 +13,8 @@
 #           max(25, steps/6) steps
 #   RECIPE  klhid (default: --train layers on the layers next to the cuts, KL + hidden-state distillation from the
 #           dense model, lr 2e-5), lm (the same layers, next-token loss), head3 (the last 3 layers and the LM head,
-#           KL + hidden), lora (LoRA r 8 on every projection, KL + hidden, lr 1e-4)
+#           KL + hidden), last3 (the last 3 layers alone: the head, tied to the embedding here, stays as it is),
+#           lora (LoRA r 8 on every projection, KL + hidden, lr 1e-4)
 #   LR      a learning rate instead of the recipe's (the run's name gets -lrLR)
 #   DATA    a training file for --data (e.g. the JSONL of `slm distill-data`); default: the LAMBADA windows
 #   LIMIT   documents per task (200), OUT (out/recovery-budget), SLM_BIN (a built slm), SLM_MODEL (the dense GGUF)
@@ -35,8 +36,9 @@ case "$recipe" in
   klhid) flags=(--train layers --objective kl=1,hidden=1 --lr 2e-5) ;;
   lm) flags=(--train layers --objective lm --lr 2e-5) ;;
   head3) flags=(--train layers --layers last:3 --train-head --objective kl=1,hidden=1 --lr 2e-5) ;;
+  last3) flags=(--train layers --layers last:3 --objective kl=1,hidden=1 --lr 2e-5) ;;
   lora) flags=(--train lora --objective kl=1,hidden=1 --lr 1e-4) ;;
-  *) echo "RECIPE must be klhid, lm, head3 or lora, not '$recipe'" >&2; exit 2 ;;
+  *) echo "RECIPE must be klhid, lm, head3, last3 or lora, not '$recipe'" >&2; exit 2 ;;
 esac
 tag="$recipe"
 if [[ -n "${LR:-}" ]]; then

@@ -10,7 +10,7 @@
 #           the parameters; DEPTH+width:RATIO for depth then width (`slm run` with budget 1-RATIO and depth share
 #           0.5: the depth METHOD removes half by whole layers, width the rest), e.g. "slm-dp+width:0.35"
 #   STEPS   space-separated step budgets (default "100 300"); warm-up is a tenth of the steps, validation every
-#           max(25, steps/6) steps
+#           max(25, steps/6) steps; as many epochs as the steps take (`--epochs 1000`: the steps are the cap)
 #   RECIPE  klhid (default: --train layers on the layers next to the cuts, KL + hidden-state distillation from the
 #           dense model, lr 2e-5), lm (the same layers, next-token loss), head3 (the last 3 layers and the LM head,
 #           KL + hidden), last3 (the last 3 layers alone: the head, tied to the embedding here, stays as it is),
@@ -91,7 +91,7 @@ for b in $bases; do
   for steps in $steps_list; do
     name="$pruned-$tag-s$steps" eval_steps=$((steps / 6 > 25 ? steps / 6 : 25))
     [[ -f "$out/$name/merged/slm_plan.json" ]] || "$slm" lora "$base" --out "$out/$name" --merge --resume \
-      --max-steps "$steps" --batch-size 8 --val-size 32 --warmup-steps $((steps / 10)) --eval-steps "$eval_steps" \
+      --max-steps "$steps" --epochs 1000 --batch-size 8 --val-size 32 --warmup-steps $((steps / 10)) --eval-steps "$eval_steps" \
       "${flags[@]}"
     evaluate "$out/$name/merged" "$name"
     names+=("$name")

@@ -208,7 +208,10 @@ impl CustomOp2 for HeadLoss {
         let v = head.dim(0)?;
         match self.kept.get() {
             Some(Kept::RowsGrad(c_w)) => {
-                let dx = par_zip_map(c_w, &expand_rows(&g, h), |a, b| a * b);
+                let mut dx = vec![0f32; n * h];
+                dx.par_chunks_mut(h).zip(c_w.par_chunks(h)).zip(g.par_iter()).for_each(|((d, c), &g)| {
+                    d.iter_mut().zip(c).for_each(|(d, &c)| *d = g * c);
+                });
                 Ok((Some(Tensor::from_vec(dx, (n, h), rows.device())?), None))
             }
             Some(Kept::LogitsGrad(c)) => {
@@ -237,11 +240,6 @@ impl CustomOp2 for HeadLoss {
             None => candle_core::bail!("head-objective: backward through an op that took no gradient"),
         }
     }
-}
-
-/// Each of `g`'s values repeated `h` times.
-fn expand_rows(g: &[f32], h: usize) -> Vec<f32> {
-    g.iter().flat_map(|&x| std::iter::repeat_n(x, h)).collect()
 }
 
 /// The token terms of a training objective at the rows `rows: [N, hidden]` through the LM head `head: [vocab,
